@@ -1,0 +1,790 @@
+"""Gateway configuration: frozen dataclasses and a loader that reports every error at once.
+
+`load(path)` reads YAML, replaces `${VAR}` / `${VAR:-default}` from the environment, validates every
+key of CONTRACT section 2 (unknown keys are errors) and cross references, and returns a `Config`.
+Errors are collected as `path.to.key: message` lines and raised together in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import orjson
+import yaml
+
+from gateway.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# Value objects
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRateConfig:
+    threshold: float = 0.5
+    min_requests: int = 20
+    window_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    reset_timeout_s: float = 300.0
+    half_open_successes: int = 3
+    half_open_max_inflight: int = 1
+    # "connect_error", "timeout" and/or HTTP status codes (ints)
+    failure_on: frozenset[str | int] = frozenset({"connect_error", "timeout", 502, 503, 504})
+    error_rate: ErrorRateConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout_s: float = 1.0
+    timeout_s: float = 30.0
+    max_connections: int = 512
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    name: str
+    key: str                      # ip_address | user_id | client_id | api_key | header:<Name>
+    rate_count: int               # N in "N/period"
+    period_s: float               # the period in seconds
+    burst: int = 0
+    store: str = "local"          # local | redis
+    mode: str = "enforce"         # enforce | shadow
+    on_store_error: str = "local"  # allow | deny | local
+    headers: bool = True
+    rate_text: str = ""           # the rate as written, for display
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self.rate_count / self.period_s
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst + 1)
+
+    @property
+    def header_name(self) -> str | None:
+        return self.key[7:] if self.key.startswith("header:") else None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    upstream: str
+    service: str
+    path_prefix: str = "/"
+    methods: frozenset[str] | None = None
+    host: str | None = None
+    strip_prefix: bool = False
+    limits: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: str = "127.0.0.1:9901"
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_ms: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneConfig:
+    embedded: bool = False
+    config: str = "config/control.yaml"
+    url: str = "http://127.0.0.1:9000"
+    token: str = ""
+    ship_interval_s: float = 10.0
+    spool_dir: str = "var/spool"
+    spool_max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = False
+    path: str = ""                # empty: stderr
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = "127.0.0.1:8080"
+    workers: int = 1
+    drain_s: float = 10.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    redis: RedisConfig | None = None
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    limits: tuple[LimitConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    control_plane: ControlPlaneConfig | None = None
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
+    version: str = ""
+    source: str = ""
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def limit(self, name: str) -> LimitConfig:
+        for lim in self.limits:
+            if lim.name == name:
+                return lim
+        raise KeyError(name)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, with secrets replaced."""
+        doc = asdict(self)
+        if doc["admin"]["token"]:
+            doc["admin"]["token"] = "<redacted>"
+        if doc.get("control_plane") and doc["control_plane"]["token"]:
+            doc["control_plane"]["token"] = "<redacted>"
+        if doc.get("redis"):
+            doc["redis"]["url"] = _redact_url(doc["redis"]["url"])
+        doc["trusted_proxies"] = [str(n) for n in self.trusted_proxies]
+        for u in doc["upstreams"]:
+            u["endpoints"] = [e["url"] for e in u["endpoints"]]
+            u["breaker"]["failure_on"] = sorted(u["breaker"]["failure_on"], key=str)
+        for r in doc["routes"]:
+            r["methods"] = sorted(r["methods"]) if r["methods"] else None
+        return doc
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":<redacted>@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment interpolation
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """Replace ${VAR} and ${VAR:-default}. Returns the text and the names of unset variables."""
+    env = os.environ if env is None else env
+    missing: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                missing.append(name)
+                return ""
+            return default
+        return value
+
+    return _VAR.sub(sub, text), missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers: each takes (value, path, errors) and returns a parsed value or None
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: str, errs: _Errors, allowed: set[str],
+             required: set[str] = frozenset()) -> dict[str, Any] | None:  # type: ignore[assignment]
+    if not isinstance(value, dict):
+        errs.add(path, f"must be a mapping, got {_kind(value)}")
+        return None
+    for key in value:
+        if key not in allowed:
+            hint = _closest(str(key), allowed)
+            errs.add(f"{path}.{key}" if path else str(key),
+                     "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+    for key in sorted(required):
+        if key not in value:
+            errs.add(f"{path}.{key}" if path else key, "is required")
+    return value
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+    found = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _str(value: Any, path: str, errs: _Errors, *, nonempty: bool = True) -> str | None:
+    if not isinstance(value, str):
+        errs.add(path, f"must be a string, got {_kind(value)}")
+        return None
+    if nonempty and not value.strip():
+        errs.add(path, "must not be empty")
+        return None
+    return value
+
+
+def _bool(value: Any, path: str, errs: _Errors) -> bool | None:
+    if not isinstance(value, bool):
+        errs.add(path, f"must be true or false, got {value!r}")
+        return None
+    return value
+
+
+def _int(value: Any, path: str, errs: _Errors, *, minimum: int | None = None,
+         maximum: int | None = None) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        errs.add(path, f"must be an integer, got {value!r}")
+        return None
+    if minimum is not None and value < minimum:
+        errs.add(path, f"must be >= {minimum}, got {value}")
+        return None
+    if maximum is not None and value > maximum:
+        errs.add(path, f"must be <= {maximum}, got {value}")
+        return None
+    return value
+
+
+def _num(value: Any, path: str, errs: _Errors, *, minimum: float | None = None,
+         exclusive_min: bool = False, maximum: float | None = None) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        errs.add(path, f"must be a number, got {value!r}")
+        return None
+    v = float(value)
+    if minimum is not None and (v <= minimum if exclusive_min else v < minimum):
+        errs.add(path, f"must be {'>' if exclusive_min else '>='} {minimum:g}, got {value}")
+        return None
+    if maximum is not None and v > maximum:
+        errs.add(path, f"must be <= {maximum:g}, got {value}")
+        return None
+    return v
+
+
+def _choice(value: Any, path: str, errs: _Errors, choices: tuple[str, ...]) -> str | None:
+    if value not in choices:
+        errs.add(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        return None
+    return value  # type: ignore[no-any-return]
+
+
+def _list(value: Any, path: str, errs: _Errors) -> list[Any] | None:
+    if not isinstance(value, list):
+        errs.add(path, f"must be a list, got {_kind(value)}")
+        return None
+    return value
+
+
+def parse_listen(value: Any, path: str, errs: _Errors) -> str | None:
+    """`host:port` or `[v6]:port`; port 0 means any free port."""
+    s = _str(value, path, errs)
+    if s is None:
+        return None
+    try:
+        split_hostport(s)
+    except ValueError as exc:
+        errs.add(path, str(exc))
+        return None
+    return s
+
+
+def split_hostport(s: str) -> tuple[str, int]:
+    if s.startswith("["):
+        host, sep, port = s[1:].partition("]:")
+    else:
+        host, sep, port = s.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port (e.g. 127.0.0.1:8080), got {s!r}")
+    return host, int(port)
+
+
+_PERIODS = {"second": 1, "sec": 1, "s": 1, "minute": 60, "min": 60, "m": 60,
+            "hour": 3600, "h": 3600, "day": 86400, "d": 86400}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(?:(\d+(?:\.\d+)?)\s*s|([a-z]+))\s*$")
+
+
+def parse_rate(value: Any, path: str, errs: _Errors) -> tuple[int, float] | None:
+    """`N/second|minute|hour|day` or `N/<k>s` -> (N, period seconds)."""
+    if not isinstance(value, str):
+        errs.add(path, f"must be a string like '100/minute', got {value!r}")
+        return None
+    m = _RATE.match(value.lower())
+    if not m:
+        errs.add(path, f"must be N/second|minute|hour|day or N/<k>s, got {value!r}")
+        return None
+    count = int(m.group(1))
+    if m.group(2) is not None:
+        period = float(m.group(2))
+    else:
+        unit = m.group(3)
+        if unit.endswith("s") and unit[:-1] in _PERIODS:
+            unit = unit[:-1]
+        if unit not in _PERIODS:
+            errs.add(path, f"unknown period {m.group(3)!r} (second, minute, hour, day or <k>s)")
+            return None
+        period = float(_PERIODS[unit])
+    if count <= 0:
+        errs.add(path, f"count must be > 0, got {value!r}")
+        return None
+    if period <= 0:
+        errs.add(path, f"period must be > 0, got {value!r}")
+        return None
+    return count, period
+
+
+def parse_endpoint(value: Any, path: str, errs: _Errors) -> Endpoint | None:
+    s = _str(value, path, errs)
+    if s is None:
+        return None
+    parts = urlsplit(s)
+    if parts.scheme != "http":
+        errs.add(path, f"must be an http:// URL (TLS to upstreams is not supported yet), got {s!r}")
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        errs.add(path, f"has an invalid port: {s!r}")
+        return None
+    if not parts.hostname:
+        errs.add(path, f"has no host: {s!r}")
+        return None
+    if parts.path not in ("", "/") or parts.query:
+        errs.add(path, f"must not have a path or query, got {s!r}")
+        return None
+    return Endpoint(url=s.rstrip("/"), scheme=parts.scheme, host=parts.hostname,
+                    port=port or 80)
+
+
+_KEYS = ("ip_address", "user_id", "client_id", "api_key")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+def _name(value: Any, path: str, errs: _Errors) -> str | None:
+    s = _str(value, path, errs)
+    if s is not None and not _NAME.match(s):
+        errs.add(path, f"may contain only letters, digits, '_', '.', ':' and '-', got {s!r}")
+        return None
+    return s
+
+
+def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
+    if value is None:
+        return BreakerConfig()
+    allowed = {"failure_threshold", "reset_timeout_s", "half_open_successes",
+               "half_open_max_inflight", "failure_on", "error_rate"}
+    m = _mapping(value, path, errs, allowed)
+    if m is None:
+        return None
+    d = BreakerConfig()
+    kw: dict[str, Any] = {}
+    ok = True
+    for key, minimum in (("failure_threshold", 1), ("half_open_successes", 1),
+                         ("half_open_max_inflight", 1)):
+        if key in m:
+            v = _int(m[key], f"{path}.{key}", errs, minimum=minimum)
+            ok &= v is not None
+            kw[key] = v
+    if "reset_timeout_s" in m:
+        v2 = _num(m["reset_timeout_s"], f"{path}.reset_timeout_s", errs, minimum=0,
+                  exclusive_min=True)
+        ok &= v2 is not None
+        kw["reset_timeout_s"] = v2
+    if "failure_on" in m:
+        items = _list(m["failure_on"], f"{path}.failure_on", errs)
+        if items is None:
+            ok = False
+        else:
+            out: set[str | int] = set()
+            for i, item in enumerate(items):
+                ipath = f"{path}.failure_on[{i}]"
+                if item in ("connect_error", "timeout"):
+                    out.add(item)
+                elif isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599:
+                    out.add(item)
+                elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 499:
+                    errs.add(ipath, f"4xx statuses are client errors and never count as "
+                                    f"upstream failures, got {item}")
+                    ok = False
+                else:
+                    errs.add(ipath, f"must be connect_error, timeout or a 5xx status, got {item!r}")
+                    ok = False
+            kw["failure_on"] = frozenset(out)
+    if "error_rate" in m and m["error_rate"] is not None:
+        epath = f"{path}.error_rate"
+        em = _mapping(m["error_rate"], epath, errs, {"threshold", "min_requests", "window_s"})
+        if em is None:
+            ok = False
+        else:
+            er = ErrorRateConfig()
+            ekw: dict[str, Any] = {}
+            if "threshold" in em:
+                ekw["threshold"] = _num(em["threshold"], f"{epath}.threshold", errs, minimum=0,
+                                        exclusive_min=True, maximum=1)
+            if "min_requests" in em:
+                ekw["min_requests"] = _int(em["min_requests"], f"{epath}.min_requests", errs,
+                                           minimum=1)
+            if "window_s" in em:
+                ekw["window_s"] = _num(em["window_s"], f"{epath}.window_s", errs, minimum=0,
+                                       exclusive_min=True)
+            if any(v is None for v in ekw.values()):
+                ok = False
+            else:
+                kw["error_rate"] = ErrorRateConfig(**{**asdict(er), **ekw})
+    if not ok:
+        return None
+    return BreakerConfig(**{k: getattr(d, k) for k in d.__slots__ if k not in kw}, **kw)
+
+
+def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | None:
+    allowed = {"name", "endpoints", "connect_timeout_s", "timeout_s", "max_connections", "breaker"}
+    m = _mapping(value, path, errs, allowed, {"name", "endpoints"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    name = _name(m.get("name"), f"{path}.name", errs) if "name" in m else None
+    endpoints: list[Endpoint] = []
+    if "endpoints" in m:
+        eps = _list(m["endpoints"], f"{path}.endpoints", errs)
+        if eps is not None:
+            if not eps:
+                errs.add(f"{path}.endpoints", "must list at least one endpoint")
+            for i, e in enumerate(eps):
+                ep = parse_endpoint(e, f"{path}.endpoints[{i}]", errs)
+                if ep is not None:
+                    endpoints.append(ep)
+    kw: dict[str, Any] = {}
+    if "connect_timeout_s" in m:
+        kw["connect_timeout_s"] = _num(m["connect_timeout_s"], f"{path}.connect_timeout_s", errs,
+                                       minimum=0, exclusive_min=True)
+    if "timeout_s" in m:
+        kw["timeout_s"] = _num(m["timeout_s"], f"{path}.timeout_s", errs, minimum=0,
+                               exclusive_min=True)
+    if "max_connections" in m:
+        kw["max_connections"] = _int(m["max_connections"], f"{path}.max_connections", errs,
+                                     minimum=1)
+    breaker = parse_breaker(m.get("breaker"), f"{path}.breaker", errs)
+    if len(errs.lines) > n0 or name is None:
+        return None
+    return UpstreamConfig(name=name, endpoints=tuple(endpoints), breaker=breaker or BreakerConfig(),
+                          **kw)
+
+
+def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
+    allowed = {"name", "key", "rate", "burst", "store", "mode", "on_store_error", "headers"}
+    m = _mapping(value, path, errs, allowed, {"name", "key", "rate"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    name = _name(m["name"], f"{path}.name", errs) if "name" in m else None
+    key = None
+    if "key" in m:
+        key = m["key"]
+        if not isinstance(key, str) or not (
+                key in _KEYS or (key.startswith("header:") and _TOKEN.match(key[7:] or "-"))):
+            errs.add(f"{path}.key", f"must be one of {', '.join(_KEYS)} or header:<Name>, "
+                                    f"got {key!r}")
+            key = None
+    rate = parse_rate(m["rate"], f"{path}.rate", errs) if "rate" in m else None
+    kw: dict[str, Any] = {}
+    if "burst" in m:
+        kw["burst"] = _int(m["burst"], f"{path}.burst", errs, minimum=0)
+    if "store" in m:
+        kw["store"] = _choice(m["store"], f"{path}.store", errs, ("local", "redis"))
+    if "mode" in m:
+        kw["mode"] = _choice(m["mode"], f"{path}.mode", errs, ("enforce", "shadow"))
+    if "on_store_error" in m:
+        kw["on_store_error"] = _choice(m["on_store_error"], f"{path}.on_store_error", errs,
+                                       ("allow", "deny", "local"))
+    if "headers" in m:
+        kw["headers"] = _bool(m["headers"], f"{path}.headers", errs)
+    if len(errs.lines) > n0 or name is None or key is None or rate is None:
+        return None
+    return LimitConfig(name=name, key=key, rate_count=rate[0], period_s=rate[1],
+                       rate_text=str(m["rate"]), **kw)
+
+
+def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
+    allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits"}
+    m = _mapping(value, path, errs, allowed, {"name", "upstream"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    name = _name(m["name"], f"{path}.name", errs) if "name" in m else None
+    upstream = _str(m["upstream"], f"{path}.upstream", errs) if "upstream" in m else None
+    service = (_name(m["service"], f"{path}.service", errs) if "service" in m
+               else (upstream or name))
+    kw: dict[str, Any] = {}
+    if "match" in m and m["match"] is not None:
+        mpath = f"{path}.match"
+        mm = _mapping(m["match"], mpath, errs, {"path_prefix", "methods", "host"})
+        if mm is not None:
+            if "path_prefix" in mm:
+                p = _str(mm["path_prefix"], f"{mpath}.path_prefix", errs)
+                if p is not None and not p.startswith("/"):
+                    errs.add(f"{mpath}.path_prefix", f"must start with '/', got {p!r}")
+                kw["path_prefix"] = p
+            if "methods" in mm:
+                ms = _list(mm["methods"], f"{mpath}.methods", errs)
+                if ms is not None:
+                    out = set()
+                    for i, meth in enumerate(ms):
+                        if not isinstance(meth, str) or not _TOKEN.match(meth):
+                            errs.add(f"{mpath}.methods[{i}]",
+                                     f"must be an HTTP method, got {meth!r}")
+                        else:
+                            out.add(meth.upper())
+                    if not ms:
+                        errs.add(f"{mpath}.methods", "must not be empty (omit it to match any)")
+                    kw["methods"] = frozenset(out)
+            if "host" in mm:
+                h = _str(mm["host"], f"{mpath}.host", errs)
+                kw["host"] = h.lower() if h else None
+    if "strip_prefix" in m:
+        kw["strip_prefix"] = _bool(m["strip_prefix"], f"{path}.strip_prefix", errs)
+    if "limits" in m:
+        ls = _list(m["limits"], f"{path}.limits", errs)
+        if ls is not None:
+            names = []
+            for i, ln in enumerate(ls):
+                s = _str(ln, f"{path}.limits[{i}]", errs)
+                if s is not None:
+                    if s in names:
+                        errs.add(f"{path}.limits[{i}]", f"lists {s!r} twice")
+                    names.append(s)
+            kw["limits"] = tuple(names)
+    if len(errs.lines) > n0 or name is None or upstream is None or service is None:
+        return None
+    return RouteConfig(name=name, upstream=upstream, service=service, **kw)
+
+
+def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneConfig | None:
+    if value is None:
+        return None
+    allowed = {"embedded", "config", "url", "token", "ship_interval_s", "spool_dir",
+               "spool_max_bytes"}
+    m = _mapping(value, path, errs, allowed)
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    if "embedded" in m:
+        kw["embedded"] = _bool(m["embedded"], f"{path}.embedded", errs)
+    if "config" in m:
+        kw["config"] = _str(m["config"], f"{path}.config", errs)
+    if "url" in m:
+        u = _str(m["url"], f"{path}.url", errs)
+        if u is not None and urlsplit(u).scheme not in ("http", "https"):
+            errs.add(f"{path}.url", f"must be an http(s) URL, got {u!r}")
+        kw["url"] = u
+    if "token" in m:
+        kw["token"] = _str(m["token"], f"{path}.token", errs, nonempty=False)
+    if "ship_interval_s" in m:
+        kw["ship_interval_s"] = _num(m["ship_interval_s"], f"{path}.ship_interval_s", errs,
+                                     minimum=0, exclusive_min=True)
+    if "spool_dir" in m:
+        kw["spool_dir"] = _str(m["spool_dir"], f"{path}.spool_dir", errs)
+    if "spool_max_bytes" in m:
+        kw["spool_max_bytes"] = _int(m["spool_max_bytes"], f"{path}.spool_max_bytes", errs,
+                                     minimum=1024)
+    if len(errs.lines) > n0:
+        return None
+    return ControlPlaneConfig(**kw)
+
+
+TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
+            "limits", "routes", "control_plane", "access_log", "demo_upstream"}
+
+
+def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    errs = _Errors()
+    if doc is None:
+        doc = {}
+    m = _mapping(doc, "", errs, TOP_KEYS, {"upstreams", "routes"})
+    if m is None:
+        raise ConfigError(errs.lines)
+    kw: dict[str, Any] = {}
+    if "listen" in m:
+        kw["listen"] = parse_listen(m["listen"], "listen", errs)
+    if "workers" in m:
+        kw["workers"] = _int(m["workers"], "workers", errs, minimum=1, maximum=256)
+    if "drain_s" in m:
+        kw["drain_s"] = _num(m["drain_s"], "drain_s", errs, minimum=0)
+    if "demo_upstream" in m and m["demo_upstream"] is not None:
+        kw["demo_upstream"] = parse_listen(m["demo_upstream"], "demo_upstream", errs)
+    if "trusted_proxies" in m:
+        nets = []
+        for i, t in enumerate(_list(m["trusted_proxies"], "trusted_proxies", errs) or []):
+            try:
+                nets.append(ipaddress.ip_network(str(t), strict=False))
+            except ValueError:
+                errs.add(f"trusted_proxies[{i}]", f"must be an IP address or CIDR, got {t!r}")
+        kw["trusted_proxies"] = tuple(nets)
+    if "admin" in m:
+        am = _mapping(m["admin"], "admin", errs, {"listen", "token"})
+        if am is not None:
+            akw: dict[str, Any] = {}
+            if "listen" in am:
+                akw["listen"] = parse_listen(am["listen"], "admin.listen", errs)
+            if "token" in am:
+                akw["token"] = _str(am["token"] if am["token"] is not None else "",
+                                    "admin.token", errs, nonempty=False)
+            kw["admin"] = AdminConfig(**{k: v for k, v in akw.items() if v is not None})
+    if "redis" in m and m["redis"] is not None:
+        rm = _mapping(m["redis"], "redis", errs, {"url", "timeout_ms"})
+        if rm is not None:
+            rkw: dict[str, Any] = {}
+            if "url" in rm:
+                u = _str(rm["url"], "redis.url", errs)
+                if u is not None and urlsplit(u).scheme not in ("redis", "rediss", "unix"):
+                    errs.add("redis.url", f"must be a redis://, rediss:// or unix:// URL, got "
+                                          f"{_redact_url(u)!r}")
+                rkw["url"] = u
+            if "timeout_ms" in rm:
+                rkw["timeout_ms"] = _num(rm["timeout_ms"], "redis.timeout_ms", errs, minimum=0,
+                                         exclusive_min=True)
+            kw["redis"] = RedisConfig(**{k: v for k, v in rkw.items() if v is not None})
+    if "access_log" in m and m["access_log"] is not None:
+        lm = m["access_log"]
+        if isinstance(lm, bool):
+            kw["access_log"] = AccessLogConfig(enabled=lm)
+        else:
+            lmm = _mapping(lm, "access_log", errs, {"enabled", "path"})
+            if lmm is not None:
+                lkw: dict[str, Any] = {}
+                if "enabled" in lmm:
+                    lkw["enabled"] = _bool(lmm["enabled"], "access_log.enabled", errs)
+                if "path" in lmm:
+                    lkw["path"] = _str(lmm["path"], "access_log.path", errs, nonempty=False)
+                kw["access_log"] = AccessLogConfig(**{k: v for k, v in lkw.items()
+                                                      if v is not None})
+    kw["control_plane"] = parse_control_plane(m.get("control_plane"), "control_plane", errs)
+
+    upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
+    limits = _parse_named(m, "limits", parse_limit, errs)
+    routes = _parse_named(m, "routes", parse_route, errs)
+
+    # Cross references, reported at the referencing key.
+    up_names = {u.name for u in upstreams}
+    lim_names = {lim.name for lim in limits}
+    if isinstance(m.get("routes"), list):
+        for i, r in enumerate(m["routes"]):
+            if not isinstance(r, dict):
+                continue
+            if isinstance(r.get("upstream"), str) and r["upstream"] not in up_names:
+                if "upstreams" in m:
+                    errs.add(f"routes[{i}].upstream", f"names unknown upstream {r['upstream']!r}"
+                                                      f" (known: {', '.join(sorted(up_names)) or 'none'})")
+            if isinstance(r.get("limits"), list):
+                for j, ln in enumerate(r["limits"]):
+                    if isinstance(ln, str) and ln not in lim_names:
+                        errs.add(f"routes[{i}].limits[{j}]",
+                                 f"names unknown limit {ln!r} "
+                                 f"(known: {', '.join(sorted(lim_names)) or 'none'})")
+    if any(lim.store == "redis" for lim in limits) and "redis" not in m:
+        for i, lim in enumerate(limits):
+            if lim.store == "redis":
+                errs.add(f"limits[{i}].store", "is redis but no redis: section is configured")
+                break
+    if not routes and not errs.lines and isinstance(m.get("routes"), list):
+        errs.add("routes", "must list at least one route")
+
+    if errs.lines:
+        raise ConfigError(errs.lines)
+    kw = {k: v for k, v in kw.items() if v is not None or k == "control_plane"}
+    version = hashlib.sha256(raw or orjson.dumps(doc, default=str)).hexdigest()[:12]
+    return Config(upstreams=tuple(upstreams), limits=tuple(limits), routes=tuple(routes),
+                  version=version, source=source, **kw)
+
+
+def _parse_named(m: dict[str, Any], key: str, parse: Callable[[Any, str, _Errors], Any],
+                 errs: _Errors) -> list[Any]:
+    if key not in m:
+        return []
+    items = _list(m[key], key, errs)
+    if items is None:
+        return []
+    out = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = f"{key}[{i}]"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            name = item["name"]
+            if name in seen:
+                errs.add(f"{path}.name", f"duplicate name {name!r} (also {key}[{seen[name]}])")
+            else:
+                seen[name] = i
+        parsed = parse(item, path, errs)
+        if parsed is not None:
+            out.append(parsed)
+    return out
+
+
+def load_text(text: str, *, source: str = "<string>", env: dict[str, str] | None = None) -> Config:
+    """Parse and validate config text (after environment interpolation)."""
+    expanded, missing = interpolate(text, env)
+    errors = [f"${{{name}}}: environment variable is not set (use ${{{name}:-default}})"
+              for name in dict.fromkeys(missing)]
+    try:
+        doc = yaml.safe_load(expanded)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(errors + [f"<yaml>: {where}: {getattr(exc, 'problem', exc)}"]) from None
+    try:
+        cfg = parse_config(doc, source=source, raw=expanded.encode())
+    except ConfigError as exc:
+        raise ConfigError(errors + exc.errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a gateway config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"<file>: cannot read {str(p)!r}: {exc.strerror}"]) from None
+    return load_text(text, source=str(p), env=env)
