@@ -705,8 +705,10 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     routes = _parse_named(m, "routes", parse_route, errs)
 
     # Cross references, reported at the referencing key.
-    up_names = {u.name for u in upstreams}
-    lim_names = {lim.name for lim in limits}
+    # Against the names declared, even by entries with errors of their own, so one mistake is
+    # reported once rather than again at every reference.
+    up_names = _declared_names(m.get("upstreams"))
+    lim_names = _declared_names(m.get("limits"))
     if isinstance(m.get("routes"), list):
         for i, r in enumerate(m["routes"]):
             if not isinstance(r, dict):
@@ -735,6 +737,12 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     version = hashlib.sha256(raw or orjson.dumps(doc, default=str)).hexdigest()[:12]
     return Config(upstreams=tuple(upstreams), limits=tuple(limits), routes=tuple(routes),
                   version=version, source=source, **kw)
+
+
+def _declared_names(items: Any) -> set[str]:
+    if not isinstance(items, list):
+        return set()
+    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
 def _parse_named(m: dict[str, Any], key: str, parse: Callable[[Any, str, _Errors], Any],

@@ -1,0 +1,382 @@
+"""One gateway process: builds runtimes from configs, serves the proxy and admin listeners,
+reloads atomically, drains on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import admin as admin_api
+from gateway import config as config_mod
+from gateway import metrics
+from gateway.breaker import BreakerSet
+from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.config import Config, ConfigError, split_hostport
+from gateway.eventloop import new_loop
+from gateway.proxy import Proxy, Runtime, UpstreamRuntime
+from gateway.ratelimit import Limiter
+from gateway.routing import Router
+from gateway.signals import LoopLagMonitor, Signals
+from gateway.upstream import EndpointPool
+
+log = logging.getLogger("gateway")
+
+
+def bind_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
+    host, port = split_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _pool_key(upstream: Any, url: str) -> tuple[Any, ...]:
+    return (url, upstream.connect_timeout_s, upstream.timeout_s, upstream.max_connections)
+
+
+class GatewayServer:
+    """A gateway process (the only one with `workers: 1`, or one worker of a supervisor).
+
+    Implements `admin.AdminBackend`, so the same admin API serves it directly.
+    """
+
+    def __init__(self, config_path: str, cfg: Config, *, clock: Clock = SYSTEM_CLOCK,
+                 worker_index: int | None = None, admin_unix: str | None = None,
+                 listen_sock: socket.socket | None = None) -> None:
+        self.config_path = config_path
+        self.clock = clock
+        self.worker_index = worker_index
+        self.admin_unix = admin_unix
+        self._listen_sock = listen_sock
+        self.signals = Signals(clock)
+        self.lag = LoopLagMonitor(self.signals)
+        self._pools: dict[tuple[Any, ...], EndpointPool] = {}
+        self.runtime = self._build_runtime(cfg, None)
+        self.access_log = self._make_access_log(cfg)
+        self.proxy = Proxy(self.runtime, self.signals, self.access_log)
+        # A worker's admin socket is private to its supervisor (0700 directory): no token there.
+        self.token = "" if admin_unix else cfg.admin.token
+        self.state = "starting"
+        self._server: web.Server | None = None
+        self._listener: asyncio.base_events.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._shipper: Any = None
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.runtime.cfg
+
+    # -- runtime construction -------------------------------------------------------------
+
+    def _build_runtime(self, cfg: Config, previous: Runtime | None) -> Runtime:
+        breakers = BreakerSet(cfg.upstreams, self.clock,
+                              previous.breakers if previous else None)
+        breakers.add_listener(self._on_breaker_transition)
+        limiter = Limiter(cfg, clock=self.clock, previous=previous.limiter if previous else None)
+        limiter.add_listener(self.signals.record_limit)
+        upstreams: dict[str, UpstreamRuntime] = {}
+        for u in cfg.upstreams:
+            pools = []
+            for ep in u.endpoints:
+                key = _pool_key(u, ep.url)
+                pool = self._pools.get(key)
+                if pool is None:
+                    pool = EndpointPool(ep, connect_timeout_s=u.connect_timeout_s,
+                                        timeout_s=u.timeout_s, max_connections=u.max_connections)
+                    self._pools[key] = pool
+                pools.append(pool)
+            upstreams[u.name] = UpstreamRuntime(u, pools, breakers.selector(u.name),
+                                                breakers.breaker(u.name))
+        self.signals.clear_pool_sources()
+        for name, ur in upstreams.items():
+            self.signals.add_pool_source(name, ur.pool_use)
+            self.signals.set_breaker_state(name, ur.breaker.state)
+        return Runtime(cfg, Router(cfg.routes), upstreams, limiter, breakers)
+
+    def _on_breaker_transition(self, upstream: str, old: str, new: str, reason: str) -> None:
+        self.signals.record_breaker_transition(upstream, old, new, reason)
+        self.signals.set_breaker_state(upstream, new)
+
+    @staticmethod
+    def _make_access_log(cfg: Config) -> Any:
+        if not cfg.access_log.enabled:
+            return None
+        from gateway.accesslog import AccessLog
+        return AccessLog(cfg.access_log.path)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        await self.runtime.limiter.start()
+        await self.lag.start()
+        if self.access_log is not None:
+            await self.access_log.start()
+        self._server = web.Server(self.proxy.handle, access_log=None,
+                                  max_field_size=16384, max_line_size=16384)
+        sock = self._listen_sock or bind_socket(cfg.listen, reuse_port=cfg.workers > 1)
+        self._listener = await loop.create_server(self._server, sock=sock, backlog=2048)
+        self.proxy_address = sock.getsockname()[:2]
+        admin_app = admin_api.make_app(self)
+        self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        if self.admin_unix:
+            site: web.BaseSite = web.UnixSite(self._admin_runner, self.admin_unix)
+        else:
+            site = web.SockSite(self._admin_runner, bind_socket(cfg.admin.listen))
+        await site.start()
+        if not self.admin_unix:
+            srv = site._server  # the bound socket tells the real port when 0 was asked
+            assert srv is not None
+            self.admin_address = srv.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        if cfg.control_plane is not None:
+            self._start_shipper(cfg)
+        self.state = "ready"
+        log.info("gateway started", extra={
+            "listen": _fmt(self.proxy_address), "admin": self.admin_unix or _fmt(self.admin_address),
+            "config": self.config_path, "version": cfg.version, "worker": self.worker_index,
+            "pid": os.getpid(), "routes": len(cfg.routes), "upstreams": len(cfg.upstreams)})
+
+    def _start_shipper(self, cfg: Config) -> None:
+        from gateway.shipper import Shipper
+        assert cfg.control_plane is not None
+        gateway_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+        if self.worker_index is not None:
+            gateway_id += f"-w{self.worker_index}"
+        self._shipper = Shipper(cfg.control_plane, lambda: self.signals.swap().to_wire(),
+                                gateway_id=gateway_id, clock=self.clock,
+                                on_result=self.signals.record_shipper,
+                                on_spooled=self.signals.set_spooled)
+        asyncio.get_running_loop().create_task(self._shipper.start())
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_s), flush, close."""
+        self.state = "draining"
+        drain_s = self.cfg.drain_s
+        log.info("draining", extra={"inflight": self.signals.inflight, "drain_s": drain_s})
+        if self._listener is not None:
+            self._listener.close()
+        if self._server is not None:
+            await self._server.shutdown(drain_s)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        if self._shipper is not None:
+            await self._shipper.stop()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.lag.stop()
+        if self.access_log is not None:
+            await self.access_log.close()
+        await self.runtime.limiter.close()
+        for task in list(self._retiring):
+            task.cancel()
+        for pool in self._pools.values():
+            await pool.close()
+        log.info("stopped", extra={"inflight": self.signals.inflight})
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def reload(self) -> str:
+        """Re-read the config file and swap atomically; ConfigError keeps the old one."""
+        async with self._reload_lock:
+            try:
+                cfg = config_mod.load(self.config_path)
+                self._check_reloadable(cfg)
+            except ConfigError as exc:
+                self.signals.record_reload("failure")
+                log.error("reload rejected; the old config keeps serving",
+                          extra={"errors": exc.errors, "version": self.cfg.version})
+                raise
+            old = self.runtime
+            new = self._build_runtime(cfg, old)
+            await new.limiter.start()
+            self.runtime = new
+            self.proxy.runtime = new
+            self.token = "" if self.admin_unix else cfg.admin.token
+            old.retired = True
+            if old.inflight == 0:
+                old.drained.set()
+            task = asyncio.get_running_loop().create_task(self._retire(old, new))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            self.signals.record_reload("success")
+            log.info("config reloaded", extra={"version": cfg.version, "previous": old.cfg.version})
+            return cfg.version
+
+    def _check_reloadable(self, cfg: Config) -> None:
+        """Keys that need a restart are refused on reload, naming the key."""
+        errors = []
+        cur = self.cfg
+        for key in ("listen", "workers"):
+            if getattr(cfg, key) != getattr(cur, key):
+                errors.append(f"{key}: cannot change on reload (restart the gateway); "
+                              f"running {getattr(cur, key)!r}, file has {getattr(cfg, key)!r}")
+        if cfg.admin.listen != cur.admin.listen:
+            errors.append("admin.listen: cannot change on reload (restart the gateway)")
+        if errors:
+            raise ConfigError(errors)
+
+    async def _retire(self, old: Runtime, new: Runtime) -> None:
+        """Close what only the old runtime used, once its last request finished."""
+        longest = max((u.timeout_s for u in old.cfg.upstreams), default=30.0)
+        try:
+            await asyncio.wait_for(old.drained.wait(), timeout=longest + old.cfg.drain_s)
+        except asyncio.TimeoutError:
+            log.warning("retired config still had requests in flight; closing it anyway",
+                        extra={"version": old.cfg.version, "inflight": old.inflight})
+        live = {id(p) for u in new.upstreams.values() for p in u.pools}
+        for key, pool in list(self._pools.items()):
+            if id(pool) not in live:
+                del self._pools[key]
+                await pool.close()
+        await old.limiter.close()
+
+    # -- AdminBackend ---------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        return self.state == "ready", self.state
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return metrics.render(self.signals), metrics.CONTENT_TYPE
+
+    async def breakers(self) -> list[dict[str, Any]]:
+        return self.runtime.breakers.snapshot()
+
+    async def reset_breaker(self, upstream: str) -> dict[str, Any] | None:
+        ur = self.runtime.upstreams.get(upstream)
+        if ur is None:
+            return None
+        ur.breaker.reset("admin reset")
+        return ur.breaker.snapshot()
+
+    async def limits_test(self, limit: str, key: str, requests: int) -> dict[str, Any]:
+        return await self.runtime.limiter.test(limit, key, requests)
+
+    def effective_config(self) -> dict[str, Any]:
+        return {"version": self.cfg.version, "config": self.cfg.redacted()}
+
+
+def _fmt(addr: tuple[str, int] | None) -> str | None:
+    if addr is None:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: the demo upstream and the embedded control plane run as children of the top process
+
+
+def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes]]:
+    children = []
+    if cfg.demo_upstream:
+        host, port = split_hostport(cfg.demo_upstream)
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream]))
+        log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
+                                                  "pid": children[-1].pid})
+    cp = cfg.control_plane
+    if cp is not None and cp.embedded:
+        path = Path(cp.config)
+        if not path.is_absolute() and not path.exists():
+            path = Path(config_path).resolve().parent.parent / cp.config
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway", "control", "--config", str(path)]))
+        log.info("embedded control plane started", extra={"config": str(path),
+                                                           "pid": children[-1].pid})
+    return children
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+async def serve(server: GatewayServer) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    async def reload_from_signal() -> None:
+        try:
+            await server.reload()
+        except ConfigError:
+            pass  # logged by reload(); the old config keeps serving
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_from_signal()))
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+def run(config_path: str) -> int:
+    """`gateway run`: one process, or a supervisor of `workers` processes."""
+    try:
+        cfg = config_mod.load(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 2
+    if cfg.workers > 1:
+        from gateway.supervisor import Supervisor
+        return Supervisor(config_path, cfg).run()
+    children = spawn_children(cfg, config_path)
+    loop = new_loop()
+    try:
+        loop.run_until_complete(serve(GatewayServer(config_path, cfg)))
+    finally:
+        stop_children(children)
+        loop.close()
+    return 0
+
+
+def run_worker(config_path: str, index: int, port: int, admin_unix: str) -> int:
+    """A worker of a supervisor: same as a single process, admin on a private unix socket."""
+    try:
+        cfg = config_mod.load(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 2
+    host, _ = split_hostport(cfg.listen)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = bind_socket(listen, reuse_port=True)
+    loop = new_loop()
+    try:
+        loop.run_until_complete(serve(GatewayServer(config_path, cfg, worker_index=index,
+                                                    admin_unix=admin_unix, listen_sock=sock)))
+    finally:
+        loop.close()
+    return 0
+
+

@@ -1,0 +1,182 @@
+"""Control plane configuration (`config/control.yaml`): frozen dataclasses and a strict loader.
+
+Keys: `listen` (default 127.0.0.1:9000), `database` (SQLite file, default var/control.db, relative
+to the working directory), `tokens: [{name, role, token}]`, and `slos`, `cost_models`, `budgets`,
+`notifications`, which are accepted and kept (validated shallowly) for features of later issues.
+`${VAR}` / `${VAR:-default}` are replaced from the environment. Unknown keys are errors; every error
+is a `path.to.key: message` line, all raised together in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.config import _Errors, _kind, _mapping, _name, _str, interpolate, parse_listen
+from gateway.errors import ConfigError
+
+ROLES = ("admin", "monitor", "reader", "gateway")
+
+TOP_KEYS = {"listen", "database", "tokens", "slos", "cost_models", "budgets", "notifications"}
+_GATEWAY_ONLY_KEYS = {"upstreams", "routes"}
+_CONTROL_ONLY_KEYS = {"tokens", "database", "slos", "cost_models", "budgets", "notifications"}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    name: str       # the actor written to the audit log
+    role: str       # admin | monitor | reader | gateway
+    token: str
+
+    def __repr__(self) -> str:  # never print a secret by accident
+        return f"TokenConfig(name={self.name!r}, role={self.role!r}, token='<redacted>')"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    listen: str = "127.0.0.1:9000"
+    database: str = "var/control.db"
+    tokens: tuple[TokenConfig, ...] = ()
+    # Accepted and stored for later issues (SLOs, costs, budgets, notifications); not acted on yet.
+    slos: tuple[dict[str, Any], ...] = ()
+    cost_models: Any = field(default_factory=dict)
+    budgets: tuple[dict[str, Any], ...] = ()
+    notifications: Any = field(default_factory=dict)
+    version: str = ""
+    source: str = ""
+
+
+def is_control_config(doc: Any) -> bool:
+    """True when a parsed YAML document looks like a control plane config (for `gateway check`)."""
+    if not isinstance(doc, dict):
+        return False
+    keys = set(doc)
+    return not (keys & _GATEWAY_ONLY_KEYS) and bool(keys & _CONTROL_ONLY_KEYS)
+
+
+def _list_of_mappings(value: Any, path: str, errs: _Errors) -> tuple[dict[str, Any], ...] | None:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        errs.add(path, f"must be a list, got {_kind(value)}")
+        return None
+    ok = True
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            errs.add(f"{path}[{i}]", f"must be a mapping, got {_kind(item)}")
+            ok = False
+    return tuple(value) if ok else None
+
+
+def _list_or_mapping(value: Any, path: str, errs: _Errors) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return _list_of_mappings(value, path, errs)
+    errs.add(path, f"must be a list or a mapping, got {_kind(value)}")
+    return None
+
+
+def parse_tokens(value: Any, path: str, errs: _Errors) -> tuple[TokenConfig, ...]:
+    if not isinstance(value, list):
+        errs.add(path, f"must be a list, got {_kind(value)}")
+        return ()
+    if not value:
+        errs.add(path, "must list at least one token")
+        return ()
+    out: list[TokenConfig] = []
+    names: dict[str, int] = {}
+    secrets: dict[str, int] = {}
+    for i, item in enumerate(value):
+        ipath = f"{path}[{i}]"
+        m = _mapping(item, ipath, errs, {"name", "role", "token"}, {"name", "role", "token"})
+        if m is None:
+            continue
+        n0 = len(errs.lines)
+        name = _name(m["name"], f"{ipath}.name", errs) if "name" in m else None
+        role = m.get("role")
+        if "role" in m and role not in ROLES:
+            errs.add(f"{ipath}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        token = _str(m["token"], f"{ipath}.token", errs) if "token" in m else None
+        if token is not None and token != token.strip():
+            errs.add(f"{ipath}.token", "must not start or end with whitespace")
+        if name is not None:
+            if name in names:
+                errs.add(f"{ipath}.name", f"duplicate name {name!r} (also {path}[{names[name]}])")
+            else:
+                names[name] = i
+        if token is not None:
+            if token in secrets:  # never echo the secret itself
+                errs.add(f"{ipath}.token", f"the same token as {path}[{secrets[token]}] "
+                                           f"(each token must map to one name and role)")
+            else:
+                secrets[token] = i
+        if len(errs.lines) == n0 and name and token and role in ROLES:
+            out.append(TokenConfig(name=name, role=role, token=token))
+    return tuple(out)
+
+
+def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> ControlConfig:
+    """Validate a parsed control.yaml document; raise ConfigError listing every problem."""
+    errs = _Errors()
+    if doc is None:
+        doc = {}
+    m = _mapping(doc, "", errs, TOP_KEYS, {"tokens"})
+    if m is None:
+        raise ConfigError(errs.lines)
+    kw: dict[str, Any] = {}
+    if "listen" in m:
+        kw["listen"] = parse_listen(m["listen"], "listen", errs)
+    if "database" in m:
+        kw["database"] = _str(m["database"], "database", errs)
+    if "tokens" in m:
+        kw["tokens"] = parse_tokens(m["tokens"], "tokens", errs)
+    for key in ("slos", "budgets"):
+        if key in m:
+            kw[key] = _list_of_mappings(m[key], key, errs)
+    for key in ("cost_models", "notifications"):
+        if key in m:
+            kw[key] = _list_or_mapping(m[key], key, errs)
+    if errs.lines:
+        raise ConfigError(errs.lines)
+    version = hashlib.sha256(raw or repr(sorted(m.items(), key=str)).encode()).hexdigest()[:12]
+    return ControlConfig(version=version, source=source,
+                         **{k: v for k, v in kw.items() if v is not None})
+
+
+def load_text(text: str, *, source: str = "<string>",
+              env: dict[str, str] | None = None) -> ControlConfig:
+    """Parse and validate control config text (after environment interpolation)."""
+    expanded, missing = interpolate(text, env)
+    errors = [f"${{{name}}}: environment variable is not set (use ${{{name}:-default}})"
+              for name in dict.fromkeys(missing)]
+    try:
+        doc = yaml.safe_load(expanded)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(errors + [f"<yaml>: {where}: {getattr(exc, 'problem', exc)}"]) from None
+    try:
+        cfg = parse_control_config(doc, source=source, raw=expanded.encode())
+    except ConfigError as exc:
+        raise ConfigError(errors + exc.errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> ControlConfig:
+    """Read, interpolate and validate a control plane config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"<file>: cannot read {str(p)!r}: {exc.strerror}"]) from None
+    return load_text(text, source=str(p), env=env)

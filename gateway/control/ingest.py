@@ -1,0 +1,364 @@
+"""`POST /v1/ingest`: bounded body reading (gzip-bomb safe) and validation of the wire format.
+
+The wire document (schema 1) is produced by `gateway/signals.py` and completed by the shipper:
+
+    {batch_id, gateway_id, seq, schema: 1, interval_start, interval_end,
+     series: [{route, upstream, service, method, code, count, bytes_in, bytes_out, latency_us_hdr}],
+     upstreams: [{upstream, latency_us_hdr | null, breaker_state, pool_in_use_max, pool_max}],
+     limits: [{policy, decision, count}],
+     breaker_transitions: [{upstream, from, to, at, reason}],
+     saturation: {inflight_max, loop_lag_max_s, cpu_percent, rss_bytes}}
+
+`series` is required (may be empty); the other sections default to empty. Unknown keys are ignored
+so that a newer gateway can add fields without its batches being dropped. Strings are data: they
+are stored verbatim through parameterised queries and never interpreted.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from hdrh.histogram import HdrHistogram
+
+from gateway.control import histogram
+
+MAX_BODY_BYTES = 8 * 1024 * 1024       # decompressed, and raw
+MAX_SERIES = 20_000
+MAX_ITEMS = 10_000
+MAX_NAME = 256
+MAX_TEXT = 2048
+MAX_INT = (1 << 53) - 1                  # exact in JSON doubles and far below SQLite's int64 sums
+LATE_LIMIT_S = 86_400.0                  # batches whose interval started up to 1 day ago
+FUTURE_SKEW_S = 300.0                    # tolerated clock skew of a gateway
+MAX_INTERVAL_S = 3_600.0
+BREAKER_STATES = ("closed", "half_open", "open")
+DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+
+
+class IngestError(Exception):
+    """The request cannot be ingested; `status` 400/413/415 and every `field: message` line."""
+
+    def __init__(self, status: int, errors: list[str]) -> None:
+        super().__init__(errors[0] if errors else "invalid batch")
+        self.status = status
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    route: str
+    upstream: str
+    service: str
+    method: str
+    code: int
+    count: int
+    bytes_in: int
+    bytes_out: int
+    latency_us_hdr: str
+    hist: HdrHistogram
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReport:
+    upstream: str
+    breaker_state: str
+    pool_in_use_max: int
+    pool_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCount:
+    policy: str
+    decision: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    upstream: str
+    from_state: str
+    to_state: str
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    inflight_max: int = 0
+    loop_lag_max_s: float = 0.0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: str
+    gateway_id: str
+    seq: int
+    interval_start: float
+    interval_end: float
+    series: tuple[Series, ...]
+    upstreams: tuple[UpstreamReport, ...]
+    limits: tuple[LimitCount, ...]
+    breaker_transitions: tuple[BreakerTransition, ...]
+    saturation: Saturation
+
+
+# ---------------------------------------------------------------------------------------------
+# Body
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, gunzipped when `Content-Encoding: gzip`, never more than `limit` bytes
+    in memory: the compressed stream is inflated in bounded steps, so a gzip bomb costs at most
+    `limit` bytes before it is refused with 413."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip"):
+        raise IngestError(415, [f"Content-Encoding: unsupported {encoding!r} (gzip or none)"])
+    if request.content_length is not None and request.content_length > limit:
+        raise IngestError(413, [f"body: larger than {limit} bytes"])
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding != "identity" else None
+    raw_total = 0
+    out = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw_total += len(chunk)
+        if raw_total > limit:
+            raise IngestError(413, [f"body: larger than {limit} bytes"])
+        if inflater is None:
+            out += chunk
+            continue
+        data = chunk
+        while data:
+            try:
+                piece = inflater.decompress(data, limit + 1 - len(out))
+            except zlib.error:
+                raise IngestError(400, ["body: invalid gzip data"]) from None
+            out += piece
+            if len(out) > limit:
+                raise IngestError(413, [f"body: larger than {limit} bytes once decompressed"])
+            data = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+    if inflater is not None:
+        if not inflater.eof:
+            raise IngestError(400, ["body: truncated gzip data"])
+        if inflater.unused_data:
+            raise IngestError(400, ["body: trailing data after the gzip stream"])
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+class _V:
+    """Collects `field: message` errors; each check returns the value or None."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def obj(self, doc: Any, path: str) -> dict[str, Any] | None:
+        if not isinstance(doc, dict):
+            self.err(path, "must be an object")
+            return None
+        return doc
+
+    def req(self, doc: dict[str, Any], key: str, path: str) -> Any:
+        if key not in doc:
+            self.err(f"{path}{key}", "is required")
+            return _MISSING
+        return doc[key]
+
+    def string(self, value: Any, path: str, *, max_len: int = MAX_NAME,
+               empty: bool = False) -> str | None:
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str):
+            self.err(path, "must be a string")
+            return None
+        if not empty and not value:
+            self.err(path, "must not be empty")
+            return None
+        if len(value) > max_len:
+            self.err(path, f"must be at most {max_len} characters")
+            return None
+        if "\x00" in value:
+            self.err(path, "must not contain NUL characters")
+            return None
+        return value
+
+    def count(self, value: Any, path: str, *, maximum: int = MAX_INT) -> int | None:
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > maximum:
+            self.err(path, "must be a non-negative integer"
+                     + (f" <= {maximum}" if isinstance(value, int) and value > maximum else ""))
+            return None
+        return value
+
+    def number(self, value: Any, path: str, *, minimum: float = 0.0,
+               maximum: float = 1e15) -> float | None:
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not minimum <= value <= maximum:
+            self.err(path, f"must be a number between {minimum:g} and {maximum:g}")
+            return None
+        return float(value)
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str | None:
+        if value is _MISSING:
+            return None
+        if value not in choices:
+            self.err(path, f"must be one of {', '.join(choices)}")
+            return None
+        return value  # type: ignore[no-any-return]
+
+    def items(self, doc: dict[str, Any], key: str, *, required: bool,
+              limit: int = MAX_ITEMS) -> list[Any]:
+        if key not in doc:
+            if required:
+                self.err(key, "is required")
+            return []
+        value = doc[key]
+        if not isinstance(value, list):
+            self.err(key, "must be a list")
+            return []
+        if len(value) > limit:
+            self.err(key, f"must have at most {limit} items")
+            return []
+        return value
+
+
+_MISSING = object()
+
+
+def parse_batch(body: bytes, *, now: float) -> Batch:
+    """Parse and validate one wire document; raise IngestError(400, [every error]) if invalid."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise IngestError(400, [f"body: invalid JSON ({exc})"]) from None
+    v = _V()
+    if v.obj(doc, "body") is None:
+        raise IngestError(400, v.errors)
+
+    batch_id = v.string(v.req(doc, "batch_id", ""), "batch_id")
+    gateway_id = v.string(v.req(doc, "gateway_id", ""), "gateway_id")
+    seq = v.count(v.req(doc, "seq", ""), "seq")
+    schema = v.req(doc, "schema", "")
+    if schema is not _MISSING and (schema != 1 or isinstance(schema, bool)):
+        v.err("schema", "must be 1")
+    start = v.number(v.req(doc, "interval_start", ""), "interval_start", maximum=1e11)
+    end = v.number(v.req(doc, "interval_end", ""), "interval_end", maximum=1e11)
+    if start is not None and end is not None:
+        if end < start:
+            v.err("interval_end", "must not be before interval_start")
+        elif end - start > MAX_INTERVAL_S:
+            v.err("interval_end", f"interval longer than {MAX_INTERVAL_S:g} s")
+        if start < now - LATE_LIMIT_S:
+            v.err("interval_start", "older than 1 day (late batches are accepted up to 1 day)")
+        if end > now + FUTURE_SKEW_S:
+            v.err("interval_end", f"more than {FUTURE_SKEW_S:g} s in the future")
+
+    series: list[Series] = []
+    for i, item in enumerate(v.items(doc, "series", required=True, limit=MAX_SERIES)):
+        p = f"series[{i}]"
+        if v.obj(item, p) is None:
+            continue
+        n0 = len(v.errors)
+        route = v.string(v.req(item, "route", p + "."), f"{p}.route")
+        upstream = v.string(v.req(item, "upstream", p + "."), f"{p}.upstream")
+        service = v.string(v.req(item, "service", p + "."), f"{p}.service")
+        method = v.string(v.req(item, "method", p + "."), f"{p}.method", max_len=32)
+        code = v.req(item, "code", p + ".")
+        if code is not _MISSING and (isinstance(code, bool) or not isinstance(code, int)
+                                     or not 100 <= code <= 599):
+            v.err(f"{p}.code", "must be an HTTP status code (100-599)")
+        count = v.count(v.req(item, "count", p + "."), f"{p}.count")
+        bytes_in = v.count(v.req(item, "bytes_in", p + "."), f"{p}.bytes_in")
+        bytes_out = v.count(v.req(item, "bytes_out", p + "."), f"{p}.bytes_out")
+        hdr = v.req(item, "latency_us_hdr", p + ".")
+        hist = None
+        if hdr is not _MISSING:
+            try:
+                hist = histogram.decode(hdr)
+            except histogram.HistogramError as exc:
+                v.err(f"{p}.latency_us_hdr", str(exc))
+        if len(v.errors) == n0:
+            series.append(Series(route, upstream, service, method, code, count,  # type: ignore[arg-type]
+                                 bytes_in, bytes_out, hdr, hist))  # type: ignore[arg-type]
+
+    upstreams: list[UpstreamReport] = []
+    for i, item in enumerate(v.items(doc, "upstreams", required=False)):
+        p = f"upstreams[{i}]"
+        if v.obj(item, p) is None:
+            continue
+        n0 = len(v.errors)
+        name = v.string(v.req(item, "upstream", p + "."), f"{p}.upstream")
+        hdr = item.get("latency_us_hdr")
+        if hdr is not None:
+            try:
+                histogram.decode(hdr)
+            except histogram.HistogramError as exc:
+                v.err(f"{p}.latency_us_hdr", str(exc))
+        state = v.choice(v.req(item, "breaker_state", p + "."), f"{p}.breaker_state",
+                         BREAKER_STATES)
+        in_use = v.count(v.req(item, "pool_in_use_max", p + "."), f"{p}.pool_in_use_max")
+        pool_max = v.count(v.req(item, "pool_max", p + "."), f"{p}.pool_max")
+        if len(v.errors) == n0:
+            upstreams.append(UpstreamReport(name, state, in_use, pool_max))  # type: ignore[arg-type]
+
+    limits: list[LimitCount] = []
+    for i, item in enumerate(v.items(doc, "limits", required=False)):
+        p = f"limits[{i}]"
+        if v.obj(item, p) is None:
+            continue
+        n0 = len(v.errors)
+        policy = v.string(v.req(item, "policy", p + "."), f"{p}.policy")
+        decision = v.choice(v.req(item, "decision", p + "."), f"{p}.decision", DECISIONS)
+        count = v.count(v.req(item, "count", p + "."), f"{p}.count")
+        if len(v.errors) == n0:
+            limits.append(LimitCount(policy, decision, count))  # type: ignore[arg-type]
+
+    transitions: list[BreakerTransition] = []
+    for i, item in enumerate(v.items(doc, "breaker_transitions", required=False)):
+        p = f"breaker_transitions[{i}]"
+        if v.obj(item, p) is None:
+            continue
+        n0 = len(v.errors)
+        name = v.string(v.req(item, "upstream", p + "."), f"{p}.upstream")
+        frm = v.choice(v.req(item, "from", p + "."), f"{p}.from", BREAKER_STATES)
+        to = v.choice(v.req(item, "to", p + "."), f"{p}.to", BREAKER_STATES)
+        at = v.number(v.req(item, "at", p + "."), f"{p}.at", maximum=1e11)
+        reason = v.string(v.req(item, "reason", p + "."), f"{p}.reason", max_len=MAX_TEXT,
+                          empty=True)
+        if len(v.errors) == n0:
+            transitions.append(BreakerTransition(name, frm, to, at, reason))  # type: ignore[arg-type]
+
+    sat = Saturation()
+    if "saturation" in doc:
+        sm = v.obj(doc["saturation"], "saturation")
+        if sm is not None:
+            n0 = len(v.errors)
+            inflight = v.count(sm.get("inflight_max", 0), "saturation.inflight_max")
+            lag = v.number(sm.get("loop_lag_max_s", 0.0), "saturation.loop_lag_max_s",
+                           maximum=86_400.0)
+            cpu = v.number(sm.get("cpu_percent", 0.0), "saturation.cpu_percent",
+                           maximum=100_000.0)
+            rss = v.count(sm.get("rss_bytes", 0), "saturation.rss_bytes")
+            if len(v.errors) == n0:
+                sat = Saturation(inflight, lag, cpu, rss)  # type: ignore[arg-type]
+
+    if v.errors:
+        raise IngestError(400, v.errors)
+    return Batch(batch_id, gateway_id, seq, start, end,  # type: ignore[arg-type]
+                 tuple(series), tuple(upstreams), tuple(limits), tuple(transitions), sat)

@@ -1,0 +1,384 @@
+"""THE hot path: match -> limits -> breaker -> forward -> record.
+
+One `Proxy.handle` per request, reading top to bottom. Everything a config version needs lives in
+a `Runtime`, swapped atomically on reload: a request keeps the runtime it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.routing import strip
+from gateway.errors import (
+    PROBLEM_CONTENT_TYPE,
+    REDUCED_CAPACITY,
+    UpstreamError,
+    problem_body,
+)
+
+if TYPE_CHECKING:
+    from gateway.accesslog import AccessLog
+    from gateway.breaker import BreakerSet, CircuitBreaker, EndpointSelector
+    from gateway.config import Config, UpstreamConfig
+    from gateway.ratelimit import Limiter
+    from gateway.routing import Router
+    from gateway.signals import Signals
+    from gateway.upstream import EndpointPool
+
+# RFC 9110 §7.6.1 connection-specific fields, plus framing the upstream client sets itself.
+HOP_BY_HOP = frozenset({
+    "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade",
+    "trailer", "proxy-authenticate", "proxy-authorization",
+})
+_REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
+                              "x-forwarded-host", "host", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+
+SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
+SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
+
+
+class UpstreamRuntime:
+    """One upstream of one config version: pools per endpoint, selector, breaker."""
+
+    __slots__ = ("name", "cfg", "pools", "selector", "breaker")
+
+    def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
+                 selector: EndpointSelector, breaker: CircuitBreaker) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.pools = pools
+        self.selector = selector
+        self.breaker = breaker
+
+    def pool_use(self) -> tuple[int, int]:
+        return (sum(p.in_use for p in self.pools), sum(p.max_connections for p in self.pools))
+
+
+class Runtime:
+    """Everything one config version serves with. Immutable after construction but for
+    `inflight`, which tells when a retired runtime has no request left."""
+
+    __slots__ = ("cfg", "router", "upstreams", "limiter", "breakers", "inflight", "retired",
+                 "drained")
+
+    def __init__(self, cfg: Config, router: Router, upstreams: dict[str, UpstreamRuntime],
+                 limiter: Limiter, breakers: BreakerSet) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.upstreams = upstreams
+        self.limiter = limiter
+        self.breakers = breakers
+        self.inflight = 0
+        self.retired = False
+        self.drained = asyncio.Event()
+
+
+class ClientGone(Exception):
+    """The downstream client went away while we were reading its body or writing ours."""
+
+
+def _problem(status: int, detail: str, type_: str = "about:blank",
+             headers: dict[str, str] | None = None, **extra: object) -> web.Response:
+    resp = web.Response(status=status, body=problem_body(status, detail, type_, **extra),
+                        headers=headers)
+    resp.content_type = PROBLEM_CONTENT_TYPE
+    return resp
+
+
+class Proxy:
+    """The request handler given to aiohttp's low-level server."""
+
+    def __init__(self, runtime: Runtime, signals: Signals,
+                 access_log: AccessLog | None = None) -> None:
+        self.runtime = runtime
+        self.signals = signals
+        self.access_log = access_log
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(6).hex()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt = self.runtime
+        rt.inflight += 1
+        signals = self.signals
+        signals.inflight += 1
+        try:
+            return await self._handle(rt, request)
+        finally:
+            signals.inflight -= 1
+            rt.inflight -= 1
+            if rt.retired and rt.inflight == 0:
+                rt.drained.set()
+
+    async def _handle(self, rt: Runtime, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = perf_counter()
+        method = request.method
+        target = request.raw_path
+        q = target.find("?")
+        path = target if q < 0 else target[:q]
+
+        # 1. match
+        route = rt.router.match(method, request.host, path)
+        if route is None:
+            resp = _problem(404, f"no route matches {method} {path}")
+            self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
+            return resp
+
+        # 2. limits
+        extra_headers: tuple[tuple[str, str], ...] = ()
+        limit_decision = "-"
+        if route.limits:
+            outcome = await rt.limiter.check(route, request)
+            limit_decision = outcome.decision
+            if not outcome.allowed:
+                resp = web.Response(status=outcome.status, body=outcome.body)
+                for name, value in outcome.headers:
+                    resp.headers[name] = value
+                self._record(route.name, route.upstream, route.service, method, outcome.status,
+                             t0, None, 0, 0, request, limit_decision, "-")
+                return resp
+            extra_headers = outcome.headers
+
+        # 3. breaker
+        up = rt.upstreams[route.upstream]
+        breaker = up.breaker
+        if not breaker.acquire():
+            retry = breaker.retry_after_s()
+            resp = _problem(503, f"upstream {up.name!r} is unavailable (circuit {breaker.state});"
+                                 f" retry in {retry}s", REDUCED_CAPACITY,
+                            {"Retry-After": str(retry)}, upstream=up.name)
+            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
+                         request, limit_decision, breaker.state)
+            return resp
+
+        # 4. forward
+        index = up.selector.pick()
+        pool = up.pools[index]
+        if route.strip_prefix:
+            target = strip(route.path_prefix, target)
+        headers, request_id = self._upstream_headers(request, pool.endpoint.authority,
+                                                     rt.cfg)
+        body_counter = [0]
+        body: bytes | AsyncIterator[bytes] | None
+        content_length = request.content_length
+        if not request.body_exists:
+            body = None
+        elif content_length is not None and content_length <= SMALL_BODY:
+            try:
+                body = await request.read()
+            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                breaker.release()
+                self._record(route.name, up.name, route.service, method, 499, t0, None, 0, 0,
+                             request, limit_decision, breaker.state)
+                _cut(request)
+                return web.Response(status=499)
+            body_counter[0] = len(body)
+        else:
+            body = _stream_body(request, body_counter)
+
+        t_up = perf_counter()
+        try:
+            uresp = await pool.request(method, target, headers, body,
+                                       content_length=content_length)
+        except UpstreamError as exc:
+            breaker.on_result(exc.kind)
+            up.selector.on_result(index, True)
+            self._record(route.name, up.name, route.service, method, exc.status, t0,
+                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                         breaker.state)
+            return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
+        except ClientGone:
+            breaker.release()
+            self._record(route.name, up.name, route.service, method, 499, t0,
+                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                         breaker.state)
+            _cut(request)
+            return web.Response(status=499)
+
+        status = uresp.status
+        resp_headers: CIMultiDict[str] = CIMultiDict()
+        connection_listed = ()
+        for name, value in uresp.headers:
+            lname = name.lower()
+            if lname in _RESPONSE_DROP:
+                if lname == "connection":
+                    connection_listed = tuple(v.strip().lower() for v in value.split(","))
+                elif lname in ("server", "date"):
+                    resp_headers.add(name, value)
+                continue
+            resp_headers.add(name, value)
+        for name in connection_listed:
+            resp_headers.popall(name, None)
+        if "x-request-id" not in resp_headers:
+            resp_headers["X-Request-Id"] = request_id
+        for name, value in extra_headers:
+            resp_headers[name] = value
+
+        # 5. respond (small known-length bodies in one write; the rest streamed)
+        bytes_out = 0
+        resp: web.StreamResponse | None = None
+        try:
+            if not uresp.has_body:
+                if method == "HEAD" and uresp.content_length is not None:
+                    resp_headers["Content-Length"] = str(uresp.content_length)
+                uresp.release()
+                resp = web.Response(status=status, reason=uresp.reason, headers=resp_headers)
+            elif uresp.content_length is not None and uresp.content_length <= SMALL_RESPONSE:
+                data = await uresp.read_all(SMALL_RESPONSE)
+                uresp.release()
+                bytes_out = len(data)
+                resp = web.Response(status=status, reason=uresp.reason, body=data,
+                                    headers=resp_headers)
+            else:
+                resp = web.StreamResponse(status=status, reason=uresp.reason,
+                                          headers=resp_headers)
+                if uresp.content_length is not None:
+                    resp.content_length = uresp.content_length
+                try:
+                    await resp.prepare(request)
+                    while True:
+                        chunk = await uresp.read()
+                        if not chunk:
+                            break
+                        bytes_out += len(chunk)
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                except UpstreamError:
+                    raise
+                except (ConnectionError, OSError) as exc:
+                    raise ClientGone(str(exc)) from exc
+                uresp.release()
+        except UpstreamError as exc:
+            uresp.abort()
+            breaker.on_result(exc.kind)
+            up.selector.on_result(index, True)
+            self._record(route.name, up.name, route.service, method, exc.status, t0,
+                         perf_counter() - t_up, body_counter[0], bytes_out, request,
+                         limit_decision, breaker.state)
+            if resp is not None and resp.prepared:
+                # The status line is gone already: cut the connection so the client sees a
+                # truncated body rather than a complete-looking one.
+                _cut(request)
+                return resp
+            return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
+        except ClientGone:
+            uresp.abort()
+            breaker.release()
+            self._record(route.name, up.name, route.service, method, 499, t0,
+                         perf_counter() - t_up, body_counter[0], bytes_out, request,
+                         limit_decision, breaker.state)
+            _cut(request)
+            return resp if resp is not None else web.Response(status=499)
+
+        breaker.on_result(status)
+        up.selector.on_result(index, status in up.cfg.breaker.failure_on)
+        self._record(route.name, up.name, route.service, method, status, t0,
+                     perf_counter() - t_up, body_counter[0], bytes_out, request,
+                     limit_decision, breaker.state)
+        return resp
+
+    def _upstream_headers(self, request: web.BaseRequest, authority: str,
+                          cfg: Config) -> tuple[list[tuple[str, str]], str]:
+        out: list[tuple[str, str]] = []
+        connection_listed: tuple[str, ...] = ()
+        xff = proto = fwd_host = request_id = host = None
+        for raw_name, raw_value in request.raw_headers:
+            name = raw_name.decode("latin-1")
+            lname = name.lower()
+            if lname in _REQUEST_DROP:
+                value = raw_value.decode("latin-1")
+                if lname == "x-forwarded-for":
+                    xff = value if xff is None else f"{xff}, {value}"
+                elif lname == "host":
+                    host = value
+                elif lname == "x-forwarded-proto":
+                    proto = value
+                elif lname == "x-forwarded-host":
+                    fwd_host = value
+                elif lname == "connection":
+                    connection_listed += tuple(v.strip().lower() for v in value.split(","))
+                continue
+            value = raw_value.decode("latin-1")
+            if lname == "x-request-id":
+                request_id = value
+            out.append((name, value))
+        if connection_listed:
+            out = [(n, v) for n, v in out if n.lower() not in connection_listed]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer_ip = peer[0] if peer else "unknown"
+        trusted = _is_trusted(peer_ip, cfg)
+        out.append(("Host", host or authority))
+        out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
+        out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
+        out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
+        if request_id is None:
+            request_id = f"{self._id_prefix}{next(self._ids):010x}"
+            out.append(("X-Request-Id", request_id))
+        return out, request_id
+
+    def _record(self, route: str, upstream: str, service: str, method: str, status: int,
+                t0: float, upstream_s: float | None, bytes_in: int, bytes_out: int,
+                request: web.BaseRequest, limit: str, breaker: str) -> None:
+        duration = perf_counter() - t0
+        self.signals.record(route, upstream, service, method, status, duration, upstream_s,
+                            bytes_in, bytes_out)
+        log = self.access_log
+        if log is not None:
+            path = request.raw_path.split("?", 1)[0]
+            log.log(request_id=request.headers.get("X-Request-Id", ""), method=method,
+                    path=path, route=route, upstream=upstream, status=status,
+                    duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
+                    bytes_out=bytes_out, limit=limit, breaker=breaker)
+
+
+def _cut(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+_TRUST_CACHE: dict[tuple[int, str], bool] = {}
+
+
+def _is_trusted(ip: str, cfg: Config) -> bool:
+    if not cfg.trusted_proxies:
+        return False
+    key = (id(cfg), ip)
+    hit = _TRUST_CACHE.get(key)
+    if hit is None:
+        import ipaddress
+        try:
+            addr = ipaddress.ip_address(ip)
+            hit = any(addr in net for net in cfg.trusted_proxies)
+        except ValueError:
+            hit = False
+        if len(_TRUST_CACHE) > 4096:
+            _TRUST_CACHE.clear()
+        _TRUST_CACHE[key] = hit
+    return hit
+
+
+async def _stream_body(request: web.BaseRequest, counter: list[int]) -> AsyncIterator[bytes]:
+    content = request.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
+        except Exception as exc:  # aiohttp's payload errors when the client cuts the body
+            if type(exc).__name__ in ("ClientPayloadError", "PayloadEncodingError",
+                                      "ContentLengthError", "TransferEncodingError"):
+                raise ClientGone(str(exc)) from exc
+            raise
+        if not chunk:
+            return
+        counter[0] += len(chunk)
+        yield chunk

@@ -1,0 +1,669 @@
+"""Golden signals of the data plane, recorded once per request.
+
+Every request ends in one `Signals.record()` call: a counter, bytes, and an HDR histogram bucket
+per (route, upstream, service, method, code) series, plus the upstream's own latency histogram.
+Two readers share that one recording:
+
+* the shipper calls `swap()` every interval and gets the interval's `Aggregates` (frozen), while
+  recording carries on into fresh dicts. The event loop is single-threaded and `record()` never
+  awaits, so replacing the dict references *is* the atomic hand-over: no locks on the hot path.
+* `/metrics` calls `totals()` at scrape time: cumulative-since-start totals (every swapped interval
+  folded in) plus the live interval, so Prometheus counters never go backwards across swaps.
+
+Saturation (in-flight requests, event-loop lag, CPU, RSS, upstream pool use) is sampled, not
+recorded per request: `LoopLagMonitor` ticks every 0.5 s and samples the pools too.
+
+All methods must be called from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import compress
+from typing import Any
+
+import psutil
+from hdrh.histogram import HdrHistogram
+
+from gateway.clock import SYSTEM_CLOCK, Clock
+
+WIRE_SCHEMA = 1
+NO_UPSTREAM = "-"
+"""Route/upstream/service label of gateway-generated responses that matched no route."""
+
+HDR_LOWEST_US = 1
+HDR_HIGHEST_US = 60_000_000
+HDR_SIGNIFICANT_FIGURES = 2
+"""The wire histogram: HdrHistogram(1, 60_000_000, 2) in microseconds. Two significant figures
+(<= 1/128 relative error) keep a series' counts array at 2,560 slots; three would make it 17,408
+for no gain in recording cost and a 7x larger swap, scrape and memory bill."""
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+OTHER_METHOD = "OTHER"
+_METHOD_LABEL = {m: m for m in METHODS}
+
+LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+RELOAD_RESULTS = ("success", "failure")
+SHIPPER_RESULTS = ("success", "failure", "spooled", "dropped")
+
+# The layout of HdrHistogram(1, 60_000_000, 2), inlined as literals in record() because a global
+# or attribute load per use costs more than the whole index computation. Checked against hdrh
+# at import time below, so a different hdrh layout fails loudly instead of mis-bucketing.
+_PROTO = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_SIGNIFICANT_FIGURES)
+COUNTS_LEN: int = _PROTO.counts_len
+MAX_TRACKABLE_US: int = _PROTO.get_highest_equivalent_value(
+    _PROTO.get_value_from_index(COUNTS_LEN - 1))
+
+
+def counts_index(us: int) -> int:
+    """Index of the HDR counts slot holding `us` microseconds (0 <= us <= MAX_TRACKABLE_US)."""
+    b = (us | 255).bit_length() - 8
+    return ((b + 1) << 7) + (us >> b) - 128
+
+
+if (_PROTO.sub_bucket_mask, _PROTO.sub_bucket_half_count_magnitude, _PROTO.unit_magnitude,
+        COUNTS_LEN, MAX_TRACKABLE_US) != (255, 7, 0, 2560, 67_108_863) or any(
+        counts_index(v) != _PROTO._counts_index_for(v)
+        for v in (0, 1, 127, 128, 255, 256, 257, 1000, 65_535, 1_000_000, MAX_TRACKABLE_US)):
+    raise RuntimeError("hdrh's counts layout changed; update gateway.signals.record()")
+
+
+def _clamp_us(us: int) -> int:
+    return 0 if us < 0 else MAX_TRACKABLE_US
+
+
+def _new_counts() -> list[int]:
+    return [0] * COUNTS_LEN
+
+
+def _add_counts(into: list[int], counts: list[int]) -> None:
+    # Only the few non-zero slots: compress() skips the zeros at C speed.
+    for i in compress(range(COUNTS_LEN), counts):
+        into[i] += counts[i]
+
+
+def hdr_from_counts(counts: Sequence[int]) -> HdrHistogram:
+    """An hdrh HdrHistogram(1, 60_000_000, 2) holding these counts (microseconds)."""
+    h = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_SIGNIFICANT_FIGURES)
+    total = sum(counts)
+    if total:
+        h.counts[0:COUNTS_LEN] = list(counts)
+        nonzero = list(compress(range(COUNTS_LEN), counts))
+        h.set_internal_tacking_values(nonzero[0], nonzero[-1], total)
+    return h
+
+
+def encode_counts(counts: Sequence[int]) -> str:
+    """The wire form: hdrh's V2 compressed payload, base64, as ASCII text."""
+    return str(hdr_from_counts(counts).encode().decode("ascii"))
+
+
+def count_le(counts: Sequence[int], bounds_us: Sequence[int]) -> list[int]:
+    """Cumulative count of recorded values <= each bound (bounds ascending).
+
+    Exact for values outside the HDR slot containing a bound; a value up to one slot width
+    (< 1/128 of the bound) above it counts as <= the bound, i.e. within the histogram's precision.
+    """
+    out: list[int] = []
+    total = 0
+    start = 0
+    for bound in bounds_us:
+        end = counts_index(min(max(bound, 0), MAX_TRACKABLE_US)) + 1
+        if end > start:
+            total += sum(counts[start:end])
+            start = end
+        out.append(total)
+    return out
+
+
+class _Dist:
+    """A latency distribution: HDR counts in microseconds, count and exact sum of seconds."""
+
+    __slots__ = ("counts", "count", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = _new_counts()
+        self.count = 0
+        self.sum_s = 0.0
+
+    def add(self, counts: list[int], count: int, sum_s: float) -> None:
+        _add_counts(self.counts, counts)
+        self.count += count
+        self.sum_s += sum_s
+
+
+class _Series:
+    """One (route, upstream, service, method, code) of the live interval."""
+
+    __slots__ = ("counts", "count", "sum_s", "bytes_in", "bytes_out", "up")
+
+    def __init__(self, up: _Dist) -> None:
+        self.counts = _new_counts()
+        self.count = 0
+        self.sum_s = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.up = up
+
+
+# ---------------------------------------------------------------------------------------------
+# The interval's aggregates, handed to the shipper by swap()
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesAggregate:
+    route: str
+    upstream: str
+    service: str
+    method: str
+    code: int
+    count: int
+    bytes_in: int
+    bytes_out: int
+    sum_s: float
+    counts: Sequence[int]   # HDR counts (microseconds); see hdr_from_counts()
+
+    def histogram(self) -> HdrHistogram:
+        return hdr_from_counts(self.counts)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAggregate:
+    upstream: str
+    count: int                      # requests that reached the upstream and got an answer timed
+    sum_s: float
+    counts: Sequence[int] | None    # None when nothing was timed upstream this interval
+    breaker_state: str
+    pool_in_use_max: int
+    pool_max: int
+
+    def histogram(self) -> HdrHistogram | None:
+        return None if self.counts is None else hdr_from_counts(self.counts)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitAggregate:
+    policy: str
+    decision: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    upstream: str
+    from_state: str
+    to_state: str
+    at: float       # unix seconds
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    inflight_max: int
+    loop_lag_max_s: float
+    cpu_percent: float      # of one core, averaged over the interval
+    rss_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregates:
+    """One interval's signals. Immutable once swap() returns it (nothing else references its
+    lists any more)."""
+
+    interval_start: float
+    interval_end: float
+    series: tuple[SeriesAggregate, ...]
+    upstreams: tuple[UpstreamAggregate, ...]
+    limits: tuple[LimitAggregate, ...]
+    breaker_transitions: tuple[BreakerTransition, ...]
+    saturation: Saturation
+
+    @property
+    def request_count(self) -> int:
+        return sum(s.count for s in self.series)
+
+    @property
+    def is_empty(self) -> bool:
+        """No requests, limit decisions or transitions (saturation alone is not worth a batch)."""
+        return not (self.series or self.limits or self.breaker_transitions)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ingest document without batch_id/gateway_id/seq (the shipper adds those)."""
+        return {
+            "schema": WIRE_SCHEMA,
+            "interval_start": self.interval_start,
+            "interval_end": self.interval_end,
+            "series": [
+                {"route": s.route, "upstream": s.upstream, "service": s.service,
+                 "method": s.method, "code": s.code, "count": s.count,
+                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+                 "latency_us_hdr": encode_counts(s.counts)}
+                for s in self.series],
+            "upstreams": [
+                {"upstream": u.upstream,
+                 "latency_us_hdr": None if u.counts is None else encode_counts(u.counts),
+                 "breaker_state": u.breaker_state,
+                 "pool_in_use_max": u.pool_in_use_max, "pool_max": u.pool_max}
+                for u in self.upstreams],
+            "limits": [{"policy": lim.policy, "decision": lim.decision, "count": lim.count}
+                       for lim in self.limits],
+            "breaker_transitions": [
+                {"upstream": t.upstream, "from": t.from_state, "to": t.to_state, "at": t.at,
+                 "reason": t.reason}
+                for t in self.breaker_transitions],
+            "saturation": {"inflight_max": self.saturation.inflight_max,
+                           "loop_lag_max_s": self.saturation.loop_lag_max_s,
+                           "cpu_percent": self.saturation.cpu_percent,
+                           "rss_bytes": self.saturation.rss_bytes},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Cumulative totals, read by /metrics at scrape time
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramTotal:
+    count: int
+    sum_s: float
+    le_counts: tuple[int, ...]      # cumulative count <= each requested bound, in bound order
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Everything since process start (all swapped intervals plus the live one)."""
+
+    requests: dict[tuple[str, str, str, int], int]          # (route, upstream, method, code)
+    bytes_in: dict[tuple[str, str], int]                    # (route, upstream)
+    bytes_out: dict[tuple[str, str], int]
+    durations: dict[tuple[str, str], HistogramTotal]        # (route, upstream)
+    upstream_durations: dict[str, HistogramTotal]
+    limits: dict[tuple[str, str], int]                      # (policy, decision)
+    breaker_transitions: dict[tuple[str, str, str], int]    # (upstream, from, to)
+    breaker_states: dict[str, str]
+    reloads: dict[str, int]
+    shipper: dict[str, int]
+    spooled: int
+    inflight: int
+    inflight_max: int           # since the last swap
+    loop_lag_s: float           # last sample
+    loop_lag_max_s: float       # since the last swap
+    pools: dict[str, tuple[int, int]]   # upstream -> (in_use, max) now
+    cpu_percent: float          # of one core, since the previous scrape
+    cpu_seconds: float
+    rss_bytes: int
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Signals:
+    """The process's golden signals. See the module docstring for the design."""
+
+    __slots__ = (
+        "clock", "_inflight", "_inflight_max", "loop_lag_s", "loop_lag_max_s",
+        "_series", "_upstreams", "_limits", "_transitions", "_interval_start",
+        "_cum_requests", "_cum_bytes_in", "_cum_bytes_out", "_cum_durations", "_cum_upstream",
+        "_cum_limits", "_cum_transitions", "_breaker_states", "_reloads", "_shipper", "_spooled",
+        "_pool_sources", "_pool_in_use_max", "_pool_max", "_proc_interval", "_proc_scrape",
+    )
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self._inflight = 0
+        self._inflight_max = 0
+        self.loop_lag_s = 0.0
+        self.loop_lag_max_s = 0.0
+        self._series: dict[tuple[str, str, str, str, int], _Series] = {}
+        self._upstreams: dict[str, _Dist] = {}
+        self._limits: dict[tuple[str, str], int] = {}
+        self._transitions: list[BreakerTransition] = []
+        self._interval_start = clock.time()
+        self._cum_requests: dict[tuple[str, str, str, int], int] = {}
+        self._cum_bytes_in: dict[tuple[str, str], int] = {}
+        self._cum_bytes_out: dict[tuple[str, str], int] = {}
+        self._cum_durations: dict[tuple[str, str], _Dist] = {}
+        self._cum_upstream: dict[str, _Dist] = {}
+        self._cum_limits: dict[tuple[str, str], int] = {}
+        self._cum_transitions: dict[tuple[str, str, str], int] = {}
+        self._breaker_states: dict[str, str] = {}
+        self._reloads: dict[str, int] = {}
+        self._shipper: dict[str, int] = {}
+        self._spooled = 0
+        self._pool_sources: dict[str, Callable[[], tuple[int, int]]] = {}
+        self._pool_in_use_max: dict[str, int] = {}
+        self._pool_max: dict[str, int] = {}
+        # Two Process handles: cpu_percent() measures since the *same handle's* previous call,
+        # so the shipper's interval and the scraper's interval must not steal from each other.
+        self._proc_interval = psutil.Process()
+        self._proc_scrape = psutil.Process()
+        self._proc_interval.cpu_percent(None)
+        self._proc_scrape.cpu_percent(None)
+
+    # -- in-flight ------------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight. The proxy does `signals.inflight += 1` / `-= 1`; the setter keeps
+        the interval's maximum."""
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, n: int) -> None:
+        self._inflight = n
+        if n > self._inflight_max:
+            self._inflight_max = n
+
+    @property
+    def inflight_max(self) -> int:
+        return self._inflight_max
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def record(self, route: str, upstream: str, service: str, method: str, code: int,
+               duration_s: float, upstream_s: float | None, bytes_in: int, bytes_out: int) -> None:
+        """Record one finished request (proxied or gateway-generated; `upstream_s` None when no
+        upstream answer was timed). Methods outside the standard set are recorded as OTHER."""
+        key = (route, upstream, service, _METHOD_LABEL.get(method, "OTHER"), code)
+        s = self._series.get(key)
+        if s is None:
+            s = self._add_series(key)
+        us = int(duration_s * 1_000_000.0)
+        if not 0 <= us <= 67_108_863:
+            us = _clamp_us(us)
+        b = (us | 255).bit_length() - 8
+        s.counts[((b + 1) << 7) + (us >> b) - 128] += 1
+        s.count += 1
+        s.sum_s += duration_s
+        s.bytes_in += bytes_in
+        s.bytes_out += bytes_out
+        if upstream_s is not None:
+            u = s.up
+            us = int(upstream_s * 1_000_000.0)
+            if not 0 <= us <= 67_108_863:
+                us = _clamp_us(us)
+            b = (us | 255).bit_length() - 8
+            u.counts[((b + 1) << 7) + (us >> b) - 128] += 1
+            u.count += 1
+            u.sum_s += upstream_s
+
+    def _add_series(self, key: tuple[str, str, str, str, int]) -> _Series:
+        up = self._upstreams.get(key[1])
+        if up is None:
+            up = self._upstreams[key[1]] = _Dist()
+        s = self._series[key] = _Series(up)
+        return s
+
+    def record_limit(self, policy: str, decision: str) -> None:
+        """One rate-limit decision: allowed | limited | shadow_limited | store_error."""
+        key = (policy, decision)
+        n = self._limits.get(key)
+        if n is None:
+            if decision not in LIMIT_DECISIONS:
+                raise ValueError(f"limit decision {decision!r} is not one of {LIMIT_DECISIONS}")
+            n = 0
+        self._limits[key] = n + 1
+
+    # -- rare events ----------------------------------------------------------------------------
+
+    def record_breaker_transition(self, upstream: str, old: str, new: str, reason: str) -> None:
+        """A breaker changed state; also sets the upstream's current state to `new`."""
+        _check_state(old)
+        _check_state(new)
+        self._transitions.append(BreakerTransition(upstream, old, new, self.clock.time(), reason))
+        key = (upstream, old, new)
+        self._cum_transitions[key] = self._cum_transitions.get(key, 0) + 1
+        self._breaker_states[upstream] = new
+
+    def set_breaker_state(self, upstream: str, state: str) -> None:
+        """The current state ("closed" | "half_open" | "open"), e.g. at startup or reload."""
+        _check_state(state)
+        self._breaker_states[upstream] = state
+
+    def add_pool_source(self, upstream: str, fn: Callable[[], tuple[int, int]]) -> None:
+        """`fn()` -> (connections in use, max connections), summed over the upstream's
+        endpoints. Sampled by the loop-lag tick, at swap and at scrape."""
+        self._pool_sources[upstream] = fn
+
+    def clear_pool_sources(self) -> None:
+        self._pool_sources.clear()
+
+    def sample_pools(self) -> dict[str, tuple[int, int]]:
+        """Read every pool source now, keeping the interval's maximum in use."""
+        now: dict[str, tuple[int, int]] = {}
+        for upstream, fn in list(self._pool_sources.items()):
+            try:
+                in_use, mx = fn()
+            except Exception:   # a broken source must not break the scrape or the ship
+                continue
+            now[upstream] = (in_use, mx)
+            if in_use > self._pool_in_use_max.get(upstream, -1):
+                self._pool_in_use_max[upstream] = in_use
+            self._pool_max[upstream] = mx
+        return now
+
+    def observe_loop_lag(self, lag_s: float) -> None:
+        self.loop_lag_s = lag_s
+        if lag_s > self.loop_lag_max_s:
+            self.loop_lag_max_s = lag_s
+
+    def record_reload(self, result: str) -> None:
+        """A config reload: "success" | "failure"."""
+        if result not in RELOAD_RESULTS:
+            raise ValueError(f"reload result {result!r} is not one of {RELOAD_RESULTS}")
+        self._reloads[result] = self._reloads.get(result, 0) + 1
+
+    def record_shipper(self, result: str) -> None:
+        """A shipped batch: "success" | "failure" | "spooled" | "dropped"."""
+        if result not in SHIPPER_RESULTS:
+            raise ValueError(f"shipper result {result!r} is not one of {SHIPPER_RESULTS}")
+        self._shipper[result] = self._shipper.get(result, 0) + 1
+
+    def set_spooled(self, n: int) -> None:
+        """Batches waiting in the spool directory."""
+        self._spooled = n
+
+    # -- readers --------------------------------------------------------------------------------
+
+    def swap(self) -> Aggregates:
+        """Hand over the interval's aggregates and start a fresh interval.
+
+        Replacing the dict references is atomic with respect to record() (same thread, no
+        awaits), so nothing is lost or counted twice. The interval is also folded into the
+        cumulative totals that /metrics reads.
+        """
+        series, self._series = self._series, {}
+        upstreams, self._upstreams = self._upstreams, {}
+        limits, self._limits = self._limits, {}
+        transitions, self._transitions = self._transitions, []
+        start = self._interval_start
+        end = self._interval_start = self.clock.time()
+        self.sample_pools()
+        pool_in_use_max, self._pool_in_use_max = self._pool_in_use_max, {}
+        inflight_max, self._inflight_max = self._inflight_max, self._inflight
+        lag_max, self.loop_lag_max_s = self.loop_lag_max_s, 0.0
+        saturation = Saturation(inflight_max=inflight_max, loop_lag_max_s=lag_max,
+                                cpu_percent=_cpu_percent(self._proc_interval),
+                                rss_bytes=_rss(self._proc_interval))
+
+        self._fold(series, upstreams, limits)
+
+        names = {k[1] for k in series if k[1] != NO_UPSTREAM}
+        names.update(upstreams.keys() - {NO_UPSTREAM}, self._breaker_states, pool_in_use_max)
+        ups = []
+        for name in sorted(names):
+            d = upstreams.get(name)
+            timed = d is not None and d.count > 0
+            ups.append(UpstreamAggregate(
+                upstream=name, count=d.count if timed else 0,
+                sum_s=d.sum_s if timed else 0.0, counts=d.counts if timed else None,
+                breaker_state=self._breaker_states.get(name, "closed"),
+                pool_in_use_max=max(pool_in_use_max.get(name, 0), 0),
+                pool_max=self._pool_max.get(name, 0)))
+        return Aggregates(
+            interval_start=start, interval_end=end,
+            series=tuple(SeriesAggregate(k[0], k[1], k[2], k[3], k[4], s.count, s.bytes_in,
+                                         s.bytes_out, s.sum_s, s.counts)
+                         for k, s in series.items()),
+            upstreams=tuple(ups),
+            limits=tuple(LimitAggregate(p, d, n) for (p, d), n in limits.items()),
+            breaker_transitions=tuple(transitions),
+            saturation=saturation)
+
+    def _fold(self, series: dict[tuple[str, str, str, str, int], _Series],
+              upstreams: dict[str, _Dist], limits: dict[tuple[str, str], int]) -> None:
+        for (route, upstream, _service, method, code), s in series.items():
+            rk = (route, upstream, method, code)
+            self._cum_requests[rk] = self._cum_requests.get(rk, 0) + s.count
+            dk = (route, upstream)
+            self._cum_bytes_in[dk] = self._cum_bytes_in.get(dk, 0) + s.bytes_in
+            self._cum_bytes_out[dk] = self._cum_bytes_out.get(dk, 0) + s.bytes_out
+            d = self._cum_durations.get(dk)
+            if d is None:
+                d = self._cum_durations[dk] = _Dist()
+            d.add(s.counts, s.count, s.sum_s)
+        for name, u in upstreams.items():
+            if u.count:
+                d = self._cum_upstream.get(name)
+                if d is None:
+                    d = self._cum_upstream[name] = _Dist()
+                d.add(u.counts, u.count, u.sum_s)
+        for key, n in limits.items():
+            self._cum_limits[key] = self._cum_limits.get(key, 0) + n
+
+    def totals(self, bounds_s: Sequence[float]) -> Totals:
+        """Cumulative totals since start plus the live interval, with latency histograms counted
+        at these bucket bounds (seconds, ascending). Does not disturb the interval."""
+        bounds_us = [round(b * 1_000_000) for b in bounds_s]
+        requests = dict(self._cum_requests)
+        bytes_in = dict(self._cum_bytes_in)
+        bytes_out = dict(self._cum_bytes_out)
+        # per label set: [count, sum, le counts...], starting from the cumulative part
+        dur: dict[tuple[str, str], list[Any]] = {
+            k: [d.count, d.sum_s, count_le(d.counts, bounds_us)]
+            for k, d in self._cum_durations.items()}
+        for (route, upstream, _service, method, code), s in self._series.items():
+            rk = (route, upstream, method, code)
+            requests[rk] = requests.get(rk, 0) + s.count
+            dk = (route, upstream)
+            bytes_in[dk] = bytes_in.get(dk, 0) + s.bytes_in
+            bytes_out[dk] = bytes_out.get(dk, 0) + s.bytes_out
+            _accumulate(dur, dk, s.count, s.sum_s, count_le(s.counts, bounds_us))
+        up: dict[str, list[Any]] = {
+            k: [d.count, d.sum_s, count_le(d.counts, bounds_us)]
+            for k, d in self._cum_upstream.items()}
+        for name, u in self._upstreams.items():
+            if u.count:
+                _accumulate(up, name, u.count, u.sum_s, count_le(u.counts, bounds_us))
+        limits = dict(self._cum_limits)
+        for key, n in self._limits.items():
+            limits[key] = limits.get(key, 0) + n
+        pools = self.sample_pools()
+        return Totals(
+            requests=requests, bytes_in=bytes_in, bytes_out=bytes_out,
+            durations={k: HistogramTotal(v[0], v[1], tuple(v[2])) for k, v in dur.items()},
+            upstream_durations={k: HistogramTotal(v[0], v[1], tuple(v[2])) for k, v in up.items()},
+            limits=limits, breaker_transitions=dict(self._cum_transitions),
+            breaker_states=dict(self._breaker_states), reloads=dict(self._reloads),
+            shipper=dict(self._shipper), spooled=self._spooled, inflight=self._inflight,
+            inflight_max=self._inflight_max, loop_lag_s=self.loop_lag_s,
+            loop_lag_max_s=self.loop_lag_max_s, pools=pools,
+            cpu_percent=_cpu_percent(self._proc_scrape), cpu_seconds=_cpu_seconds(self._proc_scrape),
+            rss_bytes=_rss(self._proc_scrape))
+
+
+def _accumulate(into: dict[Any, list[Any]], key: Any, count: int, sum_s: float,
+                le: list[int]) -> None:
+    cur = into.get(key)
+    if cur is None:
+        into[key] = [count, sum_s, le]
+    else:
+        cur[0] += count
+        cur[1] += sum_s
+        cur[2] = [a + b for a, b in zip(cur[2], le, strict=True)]
+
+
+def _check_state(state: str) -> None:
+    if state not in BREAKER_STATES:
+        raise ValueError(f"breaker state {state!r} is not one of {tuple(BREAKER_STATES)}")
+
+
+def _cpu_percent(proc: psutil.Process) -> float:
+    try:
+        return float(proc.cpu_percent(None))
+    except psutil.Error:
+        return 0.0
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        t = proc.cpu_times()
+        return float(t.user + t.system)
+    except psutil.Error:
+        return 0.0
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return int(proc.memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def percentile_s(counts: Iterable[int], q: float) -> float:
+    """The q-th percentile (0..100) of HDR counts, in seconds (hdrh's highest equivalent value)."""
+    h = hdr_from_counts(list(counts))
+    if not h.get_total_count():
+        return math.nan
+    return float(h.get_value_at_percentile(q)) / 1_000_000.0
+
+
+class LoopLagMonitor:
+    """Samples event-loop lag on a timer: how late a sleep of `interval_s` wakes up.
+
+    Each tick also samples the upstream pools, so their interval maximum sees more than the
+    moments of swap and scrape.
+    """
+
+    def __init__(self, signals: Signals, interval_s: float = 0.5) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
+        self._signals = signals
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def last_lag_s(self) -> float:
+        return self._signals.loop_lag_s
+
+    @property
+    def max_lag_s(self) -> float:
+        """The largest lag since the last swap."""
+        return self._signals.loop_lag_max_s
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        signals = self._signals
+        mono = signals.clock.monotonic
+        interval = self._interval_s
+        while True:
+            t0 = mono()
+            await asyncio.sleep(interval)
+            lag = mono() - t0 - interval
+            signals.observe_loop_lag(lag if lag > 0.0 else 0.0)
+            signals.sample_pools()
