@@ -177,6 +177,8 @@ class GatewayServer:
         if self._listener is not None:
             self._listener.close()
         if self._server is not None:
+            # Idle keep-alive connections close now; busy ones after their current response.
+            self._server.pre_shutdown()
             await self._server.shutdown(drain_s)
         if self._listener is not None:
             await self._listener.wait_closed()
@@ -297,14 +299,25 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
                                                   "pid": children[-1].pid})
     cp = cfg.control_plane
     if cp is not None and cp.embedded:
-        path = Path(cp.config)
-        if not path.is_absolute() and not path.exists():
-            path = Path(config_path).resolve().parent.parent / cp.config
+        path = _resolve_beside(cp.config, config_path)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gateway", "control", "--config", str(path)]))
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
     return children
+
+
+def _resolve_beside(name: str, config_path: str) -> Path:
+    """A relative path from a config file: from the working directory if it is there, else
+    beside the config file (as in a container with everything under /etc/gateway)."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    here = Path(config_path).resolve().parent
+    for candidate in (here / path, here / path.name):
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:

@@ -63,65 +63,67 @@ def _iso(wall: float | None) -> str | None:
 
 
 class _ErrorRate:
-    """Requests and failures over a sliding window of `_BUCKETS` time buckets."""
+    """Requests and failures over a sliding window of `_BUCKETS` time buckets.
 
-    __slots__ = (
-        "_cur",
-        "_fail",
-        "_inv_width",
-        "_req",
-        "failures",
-        "min_requests",
-        "requests",
-        "threshold",
-        "window_s",
-    )
+    The current bucket is two plain counters (`cur_req`, `cur_fail`), so recording a request is
+    a comparison and an increment; the `_BUCKETS - 1` completed buckets of the window sit in a
+    ring with running sums, updated once per bucket boundary.
+    """
+
+    __slots__ = ("_idx", "_inv_width", "_old_fail", "_old_req", "_pos", "_ring_fail",
+                 "_ring_req", "cur_fail", "cur_req", "end", "min_requests", "threshold",
+                 "window_s")
 
     def __init__(self, threshold: float, min_requests: int, window_s: float) -> None:
         self.threshold = threshold
         self.min_requests = min_requests
         self.window_s = window_s
         self._inv_width = _BUCKETS / window_s
-        self._req = [0] * _BUCKETS
-        self._fail = [0] * _BUCKETS
-        self._cur = -(1 << 62)    # index of the newest bucket; far past means "all empty"
-        self.requests = 0         # totals over the live buckets
-        self.failures = 0
+        self._ring_req = [0] * (_BUCKETS - 1)
+        self._ring_fail = [0] * (_BUCKETS - 1)
+        self._pos = 0
+        self._old_req = self._old_fail = 0      # sums over the ring
+        self.cur_req = self.cur_fail = 0        # the current bucket
+        self._idx = -(1 << 62)                  # the current bucket's number: far past, empty
+        self.end = float("-inf")                # monotonic time the current bucket ends
 
-    def record(self, now: float, failed: bool) -> None:
-        idx = int(now * self._inv_width)
-        if idx != self._cur:
-            self._advance(idx)
-        slot = idx % _BUCKETS
-        self._req[slot] += 1
-        self.requests += 1
-        if failed:
-            self._fail[slot] += 1
-            self.failures += 1
+    @property
+    def requests(self) -> int:
+        return self._old_req + self.cur_req
 
-    def _advance(self, idx: int) -> None:
-        if idx < self._cur:       # a monotonic clock never does this; stay in the newest bucket
-            return
-        if idx - self._cur >= _BUCKETS:
+    @property
+    def failures(self) -> int:
+        return self._old_fail + self.cur_fail
+
+    def advance(self, now: float) -> None:
+        """Move the current bucket to the one holding `now` (called when `now >= end`)."""
+        # float rounding may put `now` at the boundary yet in the old bucket: step at least once
+        idx = max(int(now * self._inv_width), self._idx + 1)
+        steps = idx - self._idx
+        if steps >= _BUCKETS:
             self.clear()
         else:
-            # Expire the buckets skipped since the last record: at most _BUCKETS of them.
-            req, fail = self._req, self._fail
-            for k in range(self._cur + 1, idx + 1):
-                s = k % _BUCKETS
-                self.requests -= req[s]
-                self.failures -= fail[s]
-                req[s] = fail[s] = 0
-        self._cur = idx
+            ring_req, ring_fail, n = self._ring_req, self._ring_fail, _BUCKETS - 1
+            req, fail = self.cur_req, self.cur_fail
+            for _ in range(steps):              # at most _BUCKETS - 1 steps
+                pos = self._pos = (self._pos + 1) % n
+                self._old_req += req - ring_req[pos]
+                self._old_fail += fail - ring_fail[pos]
+                ring_req[pos], ring_fail[pos] = req, fail
+                req = fail = 0
+            self.cur_req = self.cur_fail = 0
+        self._idx = idx
+        self.end = (idx + 1) / self._inv_width
 
     def tripped(self) -> bool:
-        return (self.requests >= self.min_requests
-                and self.failures >= self.threshold * self.requests)
+        requests = self._old_req + self.cur_req
+        return (requests >= self.min_requests
+                and self._old_fail + self.cur_fail >= self.threshold * requests)
 
     def clear(self) -> None:
-        for s in range(_BUCKETS):
-            self._req[s] = self._fail[s] = 0
-        self.requests = self.failures = 0
+        for s in range(_BUCKETS - 1):
+            self._ring_req[s] = self._ring_fail[s] = 0
+        self._old_req = self._old_fail = self.cur_req = self.cur_fail = 0
 
 
 class CircuitBreaker:
@@ -154,7 +156,9 @@ class CircuitBreaker:
         self.cfg = cfg
         self._clock = clock
         self._state = CLOSED
-        self._failure_on = cfg.failure_on
+        # The loader rejects 4xx in failure_on; a config built in code must not count them either.
+        self._failure_on = frozenset(o for o in cfg.failure_on
+                                     if not (isinstance(o, int) and 400 <= o <= 499))
         self._threshold = cfg.failure_threshold
         self._reset_timeout = cfg.reset_timeout_s
         self._failures = 0            # consecutive failures (closed); kept while open for display
@@ -194,8 +198,12 @@ class CircuitBreaker:
                 self.release()
         elif self._state is CLOSED:
             self._failures = 0
-            if self._rate is not None:
-                self._rate.record(self._clock.monotonic(), False)
+            rate = self._rate
+            if rate is not None:
+                now = self._clock.monotonic()
+                if now >= rate.end:
+                    rate.advance(now)
+                rate.cur_req += 1
         else:
             self._on_success_slow()
 
@@ -287,7 +295,11 @@ class CircuitBreaker:
             self._failures += 1
             rate = self._rate
             if rate is not None:
-                rate.record(self._clock.monotonic(), True)
+                now = self._clock.monotonic()
+                if now >= rate.end:
+                    rate.advance(now)
+                rate.cur_req += 1
+                rate.cur_fail += 1
             if self._failures >= self._threshold:
                 self._transition(OPEN, f"{self._failures} consecutive failures (last: {outcome})")
             elif rate is not None and rate.tripped():

@@ -27,7 +27,7 @@ from gateway.errors import (
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
     from gateway.breaker import BreakerSet, CircuitBreaker, EndpointSelector
-    from gateway.config import Config, UpstreamConfig
+    from gateway.config import Config, RouteConfig, UpstreamConfig
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
     from gateway.signals import Signals
@@ -159,7 +159,21 @@ class Proxy:
                          request, limit_decision, breaker.state)
             return resp
 
-        # 4. forward
+        # 4. forward: every exit from here gives the breaker a verdict or releases its slot
+        verdict = [False]
+        try:
+            return await self._forward(rt, request, route, up, t0, method, target,
+                                       extra_headers, limit_decision, verdict)
+        except BaseException:
+            if not verdict[0]:
+                breaker.release()
+            raise
+
+    async def _forward(self, rt: Runtime, request: web.BaseRequest, route: RouteConfig,
+                       up: UpstreamRuntime, t0: float, method: str, target: str,
+                       extra_headers: tuple[tuple[str, str], ...], limit_decision: str,
+                       verdict: list[bool]) -> web.StreamResponse:
+        breaker = up.breaker
         index = up.selector.pick()
         pool = up.pools[index]
         if route.strip_prefix:
@@ -175,6 +189,7 @@ class Proxy:
             try:
                 body = await request.read()
             except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                verdict[0] = True
                 breaker.release()
                 self._record(route.name, up.name, route.service, method, 499, t0, None, 0, 0,
                              request, limit_decision, breaker.state)
@@ -189,6 +204,7 @@ class Proxy:
             uresp = await pool.request(method, target, headers, body,
                                        content_length=content_length)
         except UpstreamError as exc:
+            verdict[0] = True
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
             self._record(route.name, up.name, route.service, method, exc.status, t0,
@@ -196,6 +212,7 @@ class Proxy:
                          breaker.state)
             return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
         except ClientGone:
+            verdict[0] = True
             breaker.release()
             self._record(route.name, up.name, route.service, method, 499, t0,
                          perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
@@ -257,6 +274,7 @@ class Proxy:
                     raise ClientGone(str(exc)) from exc
                 uresp.release()
         except UpstreamError as exc:
+            verdict[0] = True
             uresp.abort()
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
@@ -270,6 +288,7 @@ class Proxy:
                 return resp
             return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
         except ClientGone:
+            verdict[0] = True
             uresp.abort()
             breaker.release()
             self._record(route.name, up.name, route.service, method, 499, t0,
@@ -278,8 +297,9 @@ class Proxy:
             _cut(request)
             return resp if resp is not None else web.Response(status=499)
 
+        verdict[0] = True
         breaker.on_result(status)
-        up.selector.on_result(index, status in up.cfg.breaker.failure_on)
+        up.selector.on_result(index, breaker.is_failure(status))
         self._record(route.name, up.name, route.service, method, status, t0,
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)

@@ -1,7 +1,8 @@
 -- Token buckets for every Redis-backed policy of one route: refill, decide, take — atomically.
 --
--- KEYS[i]   the bucket of policy i for this client (a hash: t = tokens, s = stamp in seconds)
--- ARGV[1]   now in seconds, or "" to use the Redis server's clock (TIME). Production always sends
+-- KEYS[i]   the bucket of policy i for this client (a hash: t = tokens, s = stamp in whole
+--           microseconds: exact in a double, so elapsed times carry no rounding at 1.7e9 s)
+-- ARGV[1]   now in microseconds, or "" to use the Redis server's clock (TIME). Production sends
 --           "": every gateway shares one clock, so skew between gateway hosts cannot mint tokens.
 --           Tests send a fake time; then expiry is stretched to >= 60 s because key expiry runs
 --           on the server's real clock, not on the fake one.
@@ -24,7 +25,7 @@ if fake then
   now = tonumber(ARGV[1])
 else
   local t = redis.call("TIME")
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local cost = tonumber(ARGV[2])
 local consume = ARGV[3] == "1"
@@ -44,7 +45,7 @@ for i = 1, n do
     tok = tonumber(state[1])
     stamp = tonumber(state[2])
     if now > stamp then
-      tok = math.min(cap, tok + (now - stamp) * rate)
+      tok = math.min(cap, tok + (now - stamp) / 1000000 * rate)
       stamp = now
     end
   end

@@ -23,11 +23,10 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any
 
-import psutil
-from hdrh.histogram import HdrHistogram
+import psutil  # type: ignore[import-untyped]
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 
@@ -81,21 +80,29 @@ def _new_counts() -> list[int]:
     return [0] * COUNTS_LEN
 
 
-def _add_counts(into: list[int], counts: list[int]) -> None:
-    # Only the few non-zero slots: compress() skips the zeros at C speed.
-    for i in compress(range(COUNTS_LEN), counts):
-        into[i] += counts[i]
-
-
 def hdr_from_counts(counts: Sequence[int]) -> HdrHistogram:
     """An hdrh HdrHistogram(1, 60_000_000, 2) holding these counts (microseconds)."""
     h = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_SIGNIFICANT_FIGURES)
-    total = sum(counts)
-    if total:
-        h.counts[0:COUNTS_LEN] = list(counts)
-        nonzero = list(compress(range(COUNTS_LEN), counts))
+    nonzero = _nonzero(counts)
+    if nonzero:
+        hc = h.counts    # a fresh, zeroed ctypes array: set only the few used slots
+        total = 0
+        for i in nonzero:
+            c = counts[i]
+            hc[i] = c
+            total += c
         h.set_internal_tacking_values(nonzero[0], nonzero[-1], total)
     return h
+
+
+def _nonzero(counts: Sequence[int]) -> list[int]:
+    """Indexes of the non-zero slots, skipping empty 64-slot runs at C speed."""
+    out: list[int] = []
+    for start in range(0, len(counts), 64):
+        chunk = counts[start:start + 64]
+        if chunk.count(0) != len(chunk):
+            out.extend(start + i for i, c in enumerate(chunk) if c)
+    return out
 
 
 def encode_counts(counts: Sequence[int]) -> str:
@@ -103,36 +110,68 @@ def encode_counts(counts: Sequence[int]) -> str:
     return str(hdr_from_counts(counts).encode().decode("ascii"))
 
 
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Default cumulative latency buckets (seconds), exposed as the Prometheus histograms' `le`:
+sub-millisecond loopback hops up to the 60 s ceiling. 0.5 and 2.0 are the seed's p95
+warning/critical thresholds, so histogram_quantile() is exact at the alert boundaries."""
+
+
+def bucket_ends(bounds_us: Sequence[int]) -> tuple[int, ...]:
+    """For each bound, one past the last HDR slot holding values <= it."""
+    return tuple(counts_index(min(max(b, 0), MAX_TRACKABLE_US)) + 1 for b in bounds_us)
+
+
 def count_le(counts: Sequence[int], bounds_us: Sequence[int]) -> list[int]:
-    """Cumulative count of recorded values <= each bound (bounds ascending).
+    """Cumulative count of recorded values <= each bound (microseconds, ascending).
 
     Exact for values outside the HDR slot containing a bound; a value up to one slot width
     (< 1/128 of the bound) above it counts as <= the bound, i.e. within the histogram's precision.
     """
+    return _count_le(counts, bucket_ends(bounds_us))
+
+
+def _count_le(counts: Sequence[int], ends: Sequence[int]) -> list[int]:
     out: list[int] = []
     total = 0
     start = 0
-    for bound in bounds_us:
-        end = counts_index(min(max(bound, 0), MAX_TRACKABLE_US)) + 1
+    for end in ends:
         if end > start:
-            total += sum(counts[start:end])
+            chunk = counts[start:end]
+            # most buckets are empty: count(0) compares pointers, far cheaper than sum()
+            if chunk.count(0) != end - start:
+                total += sum(chunk)
             start = end
         out.append(total)
     return out
 
 
 class _Dist:
-    """A latency distribution: HDR counts in microseconds, count and exact sum of seconds."""
+    """A latency distribution of the live interval: HDR counts in microseconds, count and
+    exact sum of seconds."""
 
-    __slots__ = ("counts", "count", "sum_s")
+    __slots__ = ("count", "counts", "sum_s")
 
     def __init__(self) -> None:
         self.counts = _new_counts()
         self.count = 0
         self.sum_s = 0.0
 
-    def add(self, counts: list[int], count: int, sum_s: float) -> None:
-        _add_counts(self.counts, counts)
+
+class _Cum:
+    """A cumulative latency histogram, kept as counts <= each bucket bound: folding an interval
+    in costs a few slice sums instead of a pass over 2,560 HDR slots."""
+
+    __slots__ = ("count", "le", "sum_s")
+
+    def __init__(self, n: int) -> None:
+        self.le = [0] * n
+        self.count = 0
+        self.sum_s = 0.0
+
+    def add(self, le: list[int], count: int, sum_s: float) -> None:
+        self.le = [a + b for a, b in zip(self.le, le, strict=True)]
         self.count += count
         self.sum_s += sum_s
 
@@ -140,7 +179,7 @@ class _Dist:
 class _Series:
     """One (route, upstream, service, method, code) of the live interval."""
 
-    __slots__ = ("counts", "count", "sum_s", "bytes_in", "bytes_out", "up")
+    __slots__ = ("bytes_in", "bytes_out", "count", "counts", "sum_s", "up")
 
     def __init__(self, up: _Dist) -> None:
         self.counts = _new_counts()
@@ -271,13 +310,14 @@ class Aggregates:
 class HistogramTotal:
     count: int
     sum_s: float
-    le_counts: tuple[int, ...]      # cumulative count <= each requested bound, in bound order
+    le_counts: tuple[int, ...]      # cumulative count <= each of Totals.buckets_s
 
 
 @dataclass(frozen=True, slots=True)
 class Totals:
     """Everything since process start (all swapped intervals plus the live one)."""
 
+    buckets_s: tuple[float, ...]                            # the histograms' bucket bounds
     requests: dict[tuple[str, str, str, int], int]          # (route, upstream, method, code)
     bytes_in: dict[tuple[str, str], int]                    # (route, upstream)
     bytes_out: dict[tuple[str, str], int]
@@ -306,15 +346,43 @@ class Signals:
     """The process's golden signals. See the module docstring for the design."""
 
     __slots__ = (
-        "clock", "_inflight", "_inflight_max", "loop_lag_s", "loop_lag_max_s",
-        "_series", "_upstreams", "_limits", "_transitions", "_interval_start",
-        "_cum_requests", "_cum_bytes_in", "_cum_bytes_out", "_cum_durations", "_cum_upstream",
-        "_cum_limits", "_cum_transitions", "_breaker_states", "_reloads", "_shipper", "_spooled",
-        "_pool_sources", "_pool_in_use_max", "_pool_max", "_proc_interval", "_proc_scrape",
+        "_breaker_states",
+        "_cum_bytes_in",
+        "_cum_bytes_out",
+        "_cum_durations",
+        "_cum_limits",
+        "_cum_requests",
+        "_cum_transitions",
+        "_cum_upstream",
+        "_ends",
+        "_inflight",
+        "_inflight_max",
+        "_interval_start",
+        "_limits",
+        "_pool_in_use_max",
+        "_pool_max",
+        "_pool_sources",
+        "_proc_interval",
+        "_proc_scrape",
+        "_reloads",
+        "_series",
+        "_shipper",
+        "_spooled",
+        "_transitions",
+        "_upstreams",
+        "buckets_s",
+        "clock",
+        "loop_lag_max_s",
+        "loop_lag_s",
     )
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, *,
+                 buckets_s: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        if list(buckets_s) != sorted(set(buckets_s)) or not buckets_s or buckets_s[0] <= 0:
+            raise ValueError(f"buckets_s must be positive and ascending, got {buckets_s!r}")
         self.clock = clock
+        self.buckets_s = tuple(float(b) for b in buckets_s)
+        self._ends = bucket_ends([round(b * 1_000_000) for b in self.buckets_s])
         self._inflight = 0
         self._inflight_max = 0
         self.loop_lag_s = 0.0
@@ -327,8 +395,8 @@ class Signals:
         self._cum_requests: dict[tuple[str, str, str, int], int] = {}
         self._cum_bytes_in: dict[tuple[str, str], int] = {}
         self._cum_bytes_out: dict[tuple[str, str], int] = {}
-        self._cum_durations: dict[tuple[str, str], _Dist] = {}
-        self._cum_upstream: dict[str, _Dist] = {}
+        self._cum_durations: dict[tuple[str, str], _Cum] = {}
+        self._cum_upstream: dict[str, _Cum] = {}
         self._cum_limits: dict[tuple[str, str], int] = {}
         self._cum_transitions: dict[tuple[str, str, str], int] = {}
         self._breaker_states: dict[str, str] = {}
@@ -356,8 +424,7 @@ class Signals:
     @inflight.setter
     def inflight(self, n: int) -> None:
         self._inflight = n
-        if n > self._inflight_max:
-            self._inflight_max = n
+        self._inflight_max = max(self._inflight_max, n)
 
     @property
     def inflight_max(self) -> int:
@@ -439,7 +506,7 @@ class Signals:
         for upstream, fn in list(self._pool_sources.items()):
             try:
                 in_use, mx = fn()
-            except Exception:   # a broken source must not break the scrape or the ship
+            except Exception:  # noqa: BLE001, S112 - a broken source must not break a scrape
                 continue
             now[upstream] = (in_use, mx)
             if in_use > self._pool_in_use_max.get(upstream, -1):
@@ -449,8 +516,7 @@ class Signals:
 
     def observe_loop_lag(self, lag_s: float) -> None:
         self.loop_lag_s = lag_s
-        if lag_s > self.loop_lag_max_s:
-            self.loop_lag_max_s = lag_s
+        self.loop_lag_max_s = max(self.loop_lag_max_s, lag_s)
 
     def record_reload(self, result: str) -> None:
         """A config reload: "success" | "failure"."""
@@ -498,10 +564,11 @@ class Signals:
         ups = []
         for name in sorted(names):
             d = upstreams.get(name)
-            timed = d is not None and d.count > 0
+            if d is not None and d.count == 0:
+                d = None    # routed there but never answered (breaker open, connect error)
             ups.append(UpstreamAggregate(
-                upstream=name, count=d.count if timed else 0,
-                sum_s=d.sum_s if timed else 0.0, counts=d.counts if timed else None,
+                upstream=name, count=0 if d is None else d.count,
+                sum_s=0.0 if d is None else d.sum_s, counts=None if d is None else d.counts,
                 breaker_state=self._breaker_states.get(name, "closed"),
                 pool_in_use_max=max(pool_in_use_max.get(name, 0), 0),
                 pool_max=self._pool_max.get(name, 0)))
@@ -523,49 +590,47 @@ class Signals:
             dk = (route, upstream)
             self._cum_bytes_in[dk] = self._cum_bytes_in.get(dk, 0) + s.bytes_in
             self._cum_bytes_out[dk] = self._cum_bytes_out.get(dk, 0) + s.bytes_out
-            d = self._cum_durations.get(dk)
-            if d is None:
-                d = self._cum_durations[dk] = _Dist()
-            d.add(s.counts, s.count, s.sum_s)
+            c = self._cum_durations.get(dk)
+            if c is None:
+                c = self._cum_durations[dk] = _Cum(len(self._ends))
+            c.add(_count_le(s.counts, self._ends), s.count, s.sum_s)
         for name, u in upstreams.items():
             if u.count:
-                d = self._cum_upstream.get(name)
-                if d is None:
-                    d = self._cum_upstream[name] = _Dist()
-                d.add(u.counts, u.count, u.sum_s)
+                c = self._cum_upstream.get(name)
+                if c is None:
+                    c = self._cum_upstream[name] = _Cum(len(self._ends))
+                c.add(_count_le(u.counts, self._ends), u.count, u.sum_s)
         for key, n in limits.items():
             self._cum_limits[key] = self._cum_limits.get(key, 0) + n
 
-    def totals(self, bounds_s: Sequence[float]) -> Totals:
-        """Cumulative totals since start plus the live interval, with latency histograms counted
-        at these bucket bounds (seconds, ascending). Does not disturb the interval."""
-        bounds_us = [round(b * 1_000_000) for b in bounds_s]
+    def totals(self) -> Totals:
+        """Cumulative totals since start plus the live interval, latency histograms counted at
+        `buckets_s`. Does not disturb the interval."""
+        ends = self._ends
         requests = dict(self._cum_requests)
         bytes_in = dict(self._cum_bytes_in)
         bytes_out = dict(self._cum_bytes_out)
         # per label set: [count, sum, le counts...], starting from the cumulative part
         dur: dict[tuple[str, str], list[Any]] = {
-            k: [d.count, d.sum_s, count_le(d.counts, bounds_us)]
-            for k, d in self._cum_durations.items()}
+            k: [c.count, c.sum_s, c.le] for k, c in self._cum_durations.items()}
         for (route, upstream, _service, method, code), s in self._series.items():
             rk = (route, upstream, method, code)
             requests[rk] = requests.get(rk, 0) + s.count
             dk = (route, upstream)
             bytes_in[dk] = bytes_in.get(dk, 0) + s.bytes_in
             bytes_out[dk] = bytes_out.get(dk, 0) + s.bytes_out
-            _accumulate(dur, dk, s.count, s.sum_s, count_le(s.counts, bounds_us))
+            _accumulate(dur, dk, s.count, s.sum_s, _count_le(s.counts, ends))
         up: dict[str, list[Any]] = {
-            k: [d.count, d.sum_s, count_le(d.counts, bounds_us)]
-            for k, d in self._cum_upstream.items()}
+            k: [c.count, c.sum_s, c.le] for k, c in self._cum_upstream.items()}
         for name, u in self._upstreams.items():
             if u.count:
-                _accumulate(up, name, u.count, u.sum_s, count_le(u.counts, bounds_us))
+                _accumulate(up, name, u.count, u.sum_s, _count_le(u.counts, ends))
         limits = dict(self._cum_limits)
         for key, n in self._limits.items():
             limits[key] = limits.get(key, 0) + n
         pools = self.sample_pools()
         return Totals(
-            requests=requests, bytes_in=bytes_in, bytes_out=bytes_out,
+            buckets_s=self.buckets_s, requests=requests, bytes_in=bytes_in, bytes_out=bytes_out,
             durations={k: HistogramTotal(v[0], v[1], tuple(v[2])) for k, v in dur.items()},
             upstream_durations={k: HistogramTotal(v[0], v[1], tuple(v[2])) for k, v in up.items()},
             limits=limits, breaker_transitions=dict(self._cum_transitions),
@@ -665,5 +730,5 @@ class LoopLagMonitor:
             t0 = mono()
             await asyncio.sleep(interval)
             lag = mono() - t0 - interval
-            signals.observe_loop_lag(lag if lag > 0.0 else 0.0)
+            signals.observe_loop_lag(max(0.0, lag))
             signals.sample_pools()

@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# The gateway on a slim Python base, as a non-root user, configured from /etc/gateway.
+#   docker build -t gateway .
+#   docker run -p 8080:8080 -v $PWD/config:/etc/gateway:ro gateway
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY config /etc/gateway
+WORKDIR /var/lib/gateway
+USER gateway
+# The shipped config reads these; inside a container the listeners must not be loopback-only.
+ENV GATEWAY_LISTEN=0.0.0.0:8080 \
+    PYTHONUNBUFFERED=1
+EXPOSE 8080 9901
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["gateway", "run"]
+CMD ["--config", "/etc/gateway/gateway.yaml"]

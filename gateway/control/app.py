@@ -1,0 +1,478 @@
+"""The control plane HTTP service: aiohttp app (`create_app`) and the blocking entry point (`run`).
+
+Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
+
+  POST /v1/ingest                 ingest     a gateway's batch (gzip optional); idempotent by batch_id
+  GET  /v1/signals                signals    rolled-up rows (window=1m|5m|1h|1d, since, until,
+                                             service, route; no route = the service totals)
+  GET  /v1/health/overview        health     per-service golden signals + health_status
+  GET  /v1/limits                 limits     limit decisions per policy and bucket
+  GET  /v1/breakers               breakers   breaker states as last reported + recent transitions
+  GET  /v1/audit                  audit      the audit log (admin)
+  POST /v1/admin/retention/run    admin      run the retention job now (audited)
+  GET  /healthz, GET /metrics, GET /          no auth
+
+SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
+loop stays responsive and the store sees one caller at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.config import split_hostport
+from gateway.control import health, rollup
+from gateway.control.auth import Authenticator, Principal, allowed
+from gateway.control.config import ControlConfig, load
+from gateway.control.ingest import IngestError, parse_batch, read_body
+from gateway.control.store import Store
+from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
+
+log = logging.getLogger("gateway.control")
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_SIGNAL_ROWS = 100_000
+DEFAULT_SPAN_BUCKETS = 60      # default since = until - 60 buckets (1m: the last hour)
+INGEST_RESULTS = ("accepted", "duplicate", "invalid", "too_large", "unsupported", "error")
+
+
+class Database:
+    """The Store behind a single worker thread: `await db.call(fn, store, ...)`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-db")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.store.close()
+
+
+class Metrics:
+    """The control plane's own Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, db: Database) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter("control_ingest_batches_total", "Ingest requests by result",
+                               ["result"], registry=self.registry)
+        for result in INGEST_RESULTS:
+            self.batches.labels(result)
+        self.duration = Histogram("control_ingest_duration_seconds",
+                                  "Time to read, validate and store one ingest batch",
+                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                  registry=self.registry)
+        self.series = Counter("control_ingest_series_total", "Series rows accepted",
+                              registry=self.registry)
+        pending = Gauge("control_pending_histograms",
+                        "Ingested histograms not yet merged into rollups", registry=self.registry)
+        pending.set_function(db.store.pending_count)
+
+
+CONFIG = web.AppKey("config", ControlConfig)
+CLOCK = web.AppKey("clock", Clock)
+DB = web.AppKey("db", Database)
+AUTH = web.AppKey("auth", Authenticator)
+METRICS = web.AppKey("metrics", Metrics)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, auth
+
+
+def problem(status: int, detail: str, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="control"'} if status == 401 else None
+    return web.Response(status=status, body=problem_body(status, detail, **extra),
+                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+def requires(permission: str) -> Callable[[Handler], Handler]:
+    """Mark a handler with the permission (see auth.ACCESS) a caller's role must hold."""
+    def mark(handler: Handler) -> Handler:
+        handler.permission = permission
+        return handler
+    return mark
+
+
+class BadParam(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    permission = getattr(handler, "permission", None)
+    if permission is not None or request.path.startswith("/v1/") or request.path == "/v1":
+        principal = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        if principal is None:
+            return problem(401, "a valid bearer token is required")
+        if permission is not None and not allowed(principal, permission):
+            return problem(403, f"role {principal.role!r} may not do this ({permission})")
+        request[PRINCIPAL] = principal
+    try:
+        return await handler(request)
+    except BadParam as exc:
+        return problem(400, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem(exc.status, exc.reason)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return problem(500, "internal error")
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+def parse_time(name: str, value: str) -> float:
+    """Unix seconds or ISO-8601 (naive means UTC)."""
+    try:
+        t = float(value)
+    except ValueError:
+        try:
+            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            raise BadParam(name, f"must be unix seconds or ISO-8601, got {value!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    if not math.isfinite(t):
+        raise BadParam(name, f"must be a finite number, got {value!r}")
+    return t
+
+
+def _window(request: web.Request) -> tuple[str, int, float, float]:
+    q = request.query
+    name = q.get("window", "1m")
+    if name not in rollup.WINDOWS:
+        raise BadParam("window", f"must be one of {', '.join(rollup.WINDOWS)}, got {name!r}")
+    win = rollup.WINDOWS[name]
+    now = request.app[CLOCK].time()
+    until = parse_time("until", q["until"]) if "until" in q else now + win
+    since = (parse_time("since", q["since"]) if "since" in q
+             else rollup.bucket_start(now, win) - (DEFAULT_SPAN_BUCKETS - 1) * win)
+    if since > until:
+        raise BadParam("since", "must not be after until")
+    return name, win, since, until
+
+
+def _limit(request: web.Request, default: int, maximum: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise BadParam("limit", f"must be an integer from 1 to {maximum}, got {raw!r}")
+    return int(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text="<!doctype html><title>gateway control plane</title>"
+                             "<h1>gateway control plane</h1><p>The dashboard arrives in a later "
+                             "release. API: <code>/v1/health/overview</code>, "
+                             "<code>/v1/signals</code>.</p>", content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _ingest_sync(store: Store, body: bytes, now: float) -> tuple[bool, str, int]:
+    batch = parse_batch(body, now=now)
+    return rollup.apply(store, batch, now), batch.batch_id, len(batch.series)
+
+
+@requires("ingest")
+async def ingest(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS]
+    started = time.perf_counter()
+    try:
+        body = await read_body(request)
+        stored, batch_id, n_series = await app[DB].call(
+            _ingest_sync, app[DB].store, body, app[CLOCK].time())
+    except IngestError as exc:
+        result = {400: "invalid", 413: "too_large", 415: "unsupported"}.get(exc.status, "invalid")
+        m.batches.labels(result).inc()
+        resp = problem(exc.status, exc.errors[0] if exc.errors else "invalid batch",
+                       errors=exc.errors[:50])
+        # (A too-large body is not closed on at once: aiohttp's lingering close reads and
+        # discards the rest for up to 10 s so that the client gets this answer, not a reset.)
+        return resp
+    except Exception:
+        m.batches.labels("error").inc()
+        raise
+    m.duration.observe(time.perf_counter() - started)
+    m.batches.labels("accepted" if stored else "duplicate").inc()
+    if stored:
+        m.series.inc(n_series)
+    return _json({"accepted": True, "duplicate": not stored, "batch_id": batch_id,
+                  "directives": {}})
+
+
+def _signal_row(r: dict[str, Any]) -> dict[str, Any]:
+    n = r["request_count"]
+    return {
+        "bucket_start": r["bucket_start"],
+        "service": r["service"],
+        "route": r["route"],
+        "request_count": n,
+        "error_count_4xx": r["error_count_4xx"],
+        "error_count_5xx": r["error_count_5xx"],
+        "error_rate": r["error_count_5xx"] / n if n else 0.0,
+        "4xx_rate": r["error_count_4xx"] / n if n else 0.0,
+        "rate_limited": r["rate_limited"],
+        "latency_p50_ms": None if r["p50_us"] is None else r["p50_us"] / 1000.0,
+        "latency_p95_ms": None if r["p95_us"] is None else r["p95_us"] / 1000.0,
+        "latency_p99_ms": None if r["p99_us"] is None else r["p99_us"] / 1000.0,
+        "saturation": {"cpu_percent": r["cpu_percent"], "loop_lag_ms": r["loop_lag_ms"],
+                       "inflight_max": r["inflight_max"], "rss_bytes": r["rss_bytes"]},
+        "bytes_in": r["bytes_in"],
+        "bytes_out": r["bytes_out"],
+    }
+
+
+def _signals_sync(store: Store, win: int, since: float, until: float, service: str | None,
+                  route: str) -> list[dict[str, Any]]:
+    rollup.compact(store)
+    rows = store.signals(win, since, until, service=service, route=route,
+                         limit=MAX_SIGNAL_ROWS + 1)
+    return [_signal_row(r) for r in rows]
+
+
+@requires("signals:read")
+async def signals(request: web.Request) -> web.Response:
+    name, win, since, until = _window(request)
+    service = request.query.get("service") or None
+    route = request.query.get("route") or rollup.TOTAL
+    rows = await request.app[DB].call(_signals_sync, request.app[DB].store, win, since, until,
+                                      service, route)
+    truncated = len(rows) > MAX_SIGNAL_ROWS
+    return _json({"window": name, "since": since, "until": until, "service": service,
+                  "route": route, "truncated": truncated, "rows": rows[:MAX_SIGNAL_ROWS]})
+
+
+def _overview_sync(store: Store, now: float) -> dict[str, Any]:
+    rollup.compact(store)
+    win = health.windows(now)
+    rows_now = store.service_buckets(60, win["since"], win["until"])
+    rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
+    rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
+    return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
+                           store.service_upstreams(), win, now)
+
+
+@requires("health:read")
+async def overview(request: web.Request) -> web.Response:
+    now = request.app[CLOCK].time()
+    doc = await request.app[DB].call(_overview_sync, request.app[DB].store, now)
+    return _json(doc)
+
+
+@requires("limits:read")
+async def limits(request: web.Request) -> web.Response:
+    name, win, since, until = _window(request)
+    policy = request.query.get("policy") or None
+    rows = await request.app[DB].call(request.app[DB].store.limit_counts, win, since, until,
+                                      policy)
+    return _json({"window": name, "since": since, "until": until, "rows": rows})
+
+
+@requires("breakers:read")
+async def breakers(request: web.Request) -> web.Response:
+    store = request.app[DB].store
+    now = request.app[CLOCK].time()
+    since = parse_time("since", request.query["since"]) if "since" in request.query \
+        else now - 86_400
+    states = await request.app[DB].call(store.upstream_states)
+    transitions = await request.app[DB].call(store.breaker_transitions, since,
+                                             _limit(request, 100, 1000))
+    gateways = await request.app[DB].call(store.gateways)
+    return _json({"breakers": states, "transitions": transitions, "gateways": gateways})
+
+
+@requires("audit:read")
+async def audit(request: web.Request) -> web.Response:
+    q = request.query
+    since = parse_time("since", q["since"]) if "since" in q else None
+    rows = await request.app[DB].call(
+        request.app[DB].store.audit_entries, since=since, actor=q.get("actor") or None,
+        action=q.get("action") or None, limit=_limit(request, 100, 1000))
+    return _json({"entries": rows})
+
+
+async def _reason(request: web.Request) -> str:
+    if not request.can_read_body:
+        return ""
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadParam("body", "must be JSON") from None
+    reason = doc.get("reason", "") if isinstance(doc, dict) else None
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise BadParam("reason", "must be a string of at most 2000 characters")
+    return reason
+
+
+def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[str, int]:
+    deleted = rollup.run_retention(store, now)
+    store.audit(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
+    return deleted
+
+
+@requires("admin:write")
+async def retention_run(request: web.Request) -> web.Response:
+    principal: Principal = request[PRINCIPAL]
+    reason = await _reason(request)
+    now = request.app[CLOCK].time()
+    deleted = await request.app[DB].call(_retention_sync, request.app[DB].store, now,
+                                         principal.name, reason)
+    return _json({"deleted": deleted})
+
+
+# ---------------------------------------------------------------------------------------------
+# Application
+
+
+def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
+               compact_interval_s: float = 2.0,
+               retention_interval_s: float = 900.0) -> web.Application:
+    """The control plane application. Opens (and migrates) the database at startup."""
+    app = web.Application(middlewares=[middleware], client_max_size=1024 ** 2)
+    app[CONFIG] = cfg
+    app[CLOCK] = clock
+    app[AUTH] = Authenticator(cfg.tokens)
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        db = Database(Store(cfg.database, clock=clock))
+        app[DB] = db
+        app[METRICS] = Metrics(db)
+        jobs = [asyncio.create_task(_every(compact_interval_s, "compact",
+                                           lambda: db.call(rollup.compact, db.store))),
+                asyncio.create_task(_every(retention_interval_s, "retention",
+                                           lambda: db.call(rollup.run_retention, db.store,
+                                                           clock.time())))]
+        try:
+            yield
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            try:
+                await db.call(rollup.compact, db.store)
+            finally:
+                db.close()
+
+    app.cleanup_ctx.append(database)
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/ingest", ingest)
+    app.router.add_get("/v1/signals", signals)
+    app.router.add_get("/v1/health/overview", overview)
+    app.router.add_get("/v1/limits", limits)
+    app.router.add_get("/v1/breakers", breakers)
+    app.router.add_get("/v1/audit", audit)
+    app.router.add_post("/v1/admin/retention/run", retention_run)
+    return app
+
+
+async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[Any]]) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("periodic job failed", extra={"job": name})
+
+
+async def serve(cfg: ControlConfig, stop: asyncio.Event) -> None:
+    """Listen on cfg.listen until `stop` is set, then shut down gracefully."""
+    runner = web.AppRunner(create_app(cfg), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        host, port = split_hostport(cfg.listen)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0] if runner.addresses else (host, port)
+        log.info("control plane listening",
+                 extra={"event": "control_started", "listen": f"{bound[0]}:{bound[1]}",
+                        "database": cfg.database, "config": cfg.source,
+                        "config_version": cfg.version})
+        await stop.wait()
+        log.info("control plane stopping", extra={"event": "control_stopping"})
+    finally:
+        await runner.cleanup()
+
+
+def _setup_logging() -> None:
+    try:
+        from gateway import logs
+        logs.setup()
+    except Exception:  # the shared JSON log setup is optional here
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format='{"time":"%(asctime)s","level":"%(levelname)s",'
+                                   '"logger":"%(name)s","msg":"%(message)s"}')
+
+
+def run(config_path: str) -> int:
+    """`gateway control --config PATH`: blocking; uvloop; SIGTERM/SIGINT stop it gracefully.
+    Returns the exit status (0 ok, 2 invalid config, 1 cannot start)."""
+    try:
+        cfg = load(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 2
+    _setup_logging()
+    import uvloop
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(cfg, stop)
+        except OSError as exc:
+            log.error("control plane cannot start", extra={"error": str(exc),
+                                                           "listen": cfg.listen})
+            return 1
+        return 0
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())

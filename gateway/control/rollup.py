@@ -1,0 +1,147 @@
+"""Rollups: 1m / 5m / 1h / 1d buckets per (service, route) and per service (route '*').
+
+* A batch's `interval_start` decides its bucket in every window (so late batches, accepted up to
+  one day old, land where they belong): bucket_start = floor(interval_start / w) * w.
+* Counts are added and saturation maxima kept at ingest, in the batch's one transaction, for all
+  four windows at once (`apply`). Status 429 counts in `rate_limited`, 4xx (other than 429) in
+  `error_count_4xx`, 5xx in `error_count_5xx`; every status counts in `request_count`.
+* Latency histograms are exact merges: each series' HDR histogram is queued in `pending_hist` by
+  `apply` and folded into the 4 windows x (route, service total) buckets by `compact`, which
+  decodes each bucket's stored histogram once per pass, adds, re-encodes and stores p50/p95/p99.
+  Readers call `compact` first, so what they see is always complete; a periodic job keeps the
+  queue short. This keeps ingest cheap (no histogram decode/encode per batch per window).
+* Retention (`run_retention`): 1m 1 day, 5m 7 days, 1h 30 days, 1d 365 days (by bucket_start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+from gateway.control import histogram
+from gateway.control.ingest import Batch
+from gateway.control.store import BucketRow, HistKey, Store
+
+log = logging.getLogger("gateway.control.rollup")
+
+WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "1h": 3_600, "1d": 86_400}
+RETENTION_S: dict[int, int] = {60: 86_400, 300: 7 * 86_400, 3_600: 30 * 86_400,
+                               86_400: 365 * 86_400}
+BATCH_ID_RETENTION_S = 2 * 86_400      # > the 1-day late limit: replays are always recognised
+REPORT_RETENTION_S = 30 * 86_400       # breaker transitions, stale gateway/upstream reports
+TOTAL = "*"                            # the route of a service's total row
+
+
+def bucket_start(t: float, win_s: int) -> int:
+    return int(t // win_s) * win_s
+
+
+def classify(code: int) -> tuple[int, int, int]:
+    """(is_4xx_error, is_5xx_error, is_rate_limited) for a status code."""
+    if code == 429:
+        return 0, 0, 1
+    if 400 <= code < 500:
+        return 1, 0, 0
+    if 500 <= code < 600:
+        return 0, 1, 0
+    return 0, 0, 0
+
+
+def apply(store: Store, batch: Batch, received_at: float) -> bool:
+    """Store a validated batch in one transaction; False (nothing changed) for a replay."""
+    t0 = batch.interval_start
+    sat = batch.saturation
+    lag_ms = sat.loop_lag_max_s * 1000.0
+
+    # Sum the batch per (service, route) and per service first: one upsert per key per window.
+    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+    pending: list[tuple[int, str, str, str]] = []
+    links: dict[tuple[str, str], None] = {}
+    b1m = bucket_start(t0, 60)
+    for s in batch.series:
+        e4, e5, rl = classify(s.code)
+        for key in ((s.service, s.route), (s.service, TOTAL)):
+            acc = sums[key]
+            acc[0] += s.count
+            acc[1] += e4 * s.count
+            acc[2] += e5 * s.count
+            acc[3] += rl * s.count
+            acc[4] += s.bytes_in
+            acc[5] += s.bytes_out
+        if s.hist.total_count:
+            pending.append((b1m, s.service, s.route, s.latency_us_hdr))
+        if s.upstream != "-":
+            links[(s.service, s.upstream)] = None
+
+    rows: list[BucketRow] = []
+    limit_rows: list[tuple[int, int, str, str, int]] = []
+    limit_sums: dict[tuple[str, str], int] = defaultdict(int)
+    for lim in batch.limits:
+        limit_sums[(lim.policy, lim.decision)] += lim.count
+    for win in WINDOWS.values():
+        bs = bucket_start(t0, win)
+        for (service, route), a in sums.items():
+            rows.append((win, bs, service, route, a[0], a[1], a[2], a[3], a[4], a[5],
+                         sat.cpu_percent, lag_ms, sat.inflight_max, sat.rss_bytes))
+        for (policy, decision), n in limit_sums.items():
+            limit_rows.append((win, bs, policy, decision, n))
+
+    with store.transaction():
+        if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
+                                  batch.interval_end, received_at):
+            return False
+        store.add_buckets(rows)
+        store.add_pending_hists(pending)
+        store.add_limit_counts(limit_rows)
+        store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
+                                 u.pool_in_use_max, u.pool_max, batch.interval_end)
+                                for u in batch.upstreams])
+        store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
+        store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
+                                t.reason) for t in batch.breaker_transitions])
+        store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
+                             lag_ms, sat.inflight_max, sat.rss_bytes)
+    return True
+
+
+def compact(store: Store, *, chunk: int = 20_000) -> int:
+    """Fold queued series histograms into their buckets; return how many were folded."""
+    done = 0
+    while True:
+        with store.transaction():
+            pending = store.pending_hists(chunk)
+            if not pending:
+                return done
+            targets: dict[HistKey, list[Any]] = defaultdict(list)
+            for _id, b1m, service, route, encoded in pending:
+                h = histogram.decode_trusted(encoded)
+                for win in WINDOWS.values():
+                    bs = bucket_start(b1m, win)
+                    targets[(win, bs, service, route)].append(h)
+                    targets[(win, bs, service, TOTAL)].append(h)
+            updates = []
+            for key, parts in targets.items():
+                acc = histogram.decode_trusted(store.bucket_hist(key))
+                for h in parts:
+                    acc.add(h)
+                p50, p95, p99 = histogram.percentiles(acc)
+                updates.append((histogram.encode(acc), p50, p95, p99) + key)
+            store.set_bucket_hists(updates)
+            store.delete_pending_through(pending[-1][0])
+        done += len(pending)
+        if len(pending) < chunk:
+            return done
+
+
+def run_retention(store: Store, now: float) -> dict[str, int]:
+    """Delete what is past retention (compacting first); return deleted row counts."""
+    compact(store)
+    deleted: dict[str, int] = {}
+    for name, win in WINDOWS.items():
+        deleted[name] = store.delete_buckets_before(win, now - RETENTION_S[win])
+    deleted["batch_ids"] = store.delete_batches_before(now - BATCH_ID_RETENTION_S)
+    deleted["reports"] = store.delete_reports_before(now - REPORT_RETENTION_S)
+    if any(deleted.values()):
+        log.info("retention", extra={"deleted": deleted})
+    return deleted

@@ -1,0 +1,445 @@
+"""SQLite persistence of the control plane: the only module with SQL (parameterised queries only).
+
+WAL mode, one connection guarded by a lock (the app calls it from one worker thread), versioned
+schema migrations recorded in `schema_version` and applied at open. Methods are synchronous;
+the app runs them off the event loop.
+
+Tables (migration 1):
+  batches            ingested batch ids (idempotency), kept 2 days
+  buckets            rollups per (win_s, service, route, bucket_start); route '*' = service total.
+                     Counts and saturation maxima are added at ingest; the merged HDR histogram
+                     (`hist`, hdrh base64 encoding) and its p50/p95/p99 are folded in by compaction
+                     from `pending_hist` (see rollup.compact).
+  pending_hist       the latency histograms of ingested series not yet merged into `buckets`
+  limit_counts       limit decisions per (win_s, policy, decision, bucket_start)
+  upstream_state     breaker state and pool use per (gateway_id, upstream), as last reported
+  service_upstreams  which upstreams serve which service (seen in series)
+  breaker_transitions, gateways, audit
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.clock import SYSTEM_CLOCK, Clock
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE batches (
+             batch_id TEXT PRIMARY KEY,
+             gateway_id TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             interval_start REAL NOT NULL,
+             interval_end REAL NOT NULL,
+             received_at REAL NOT NULL)""",
+        "CREATE INDEX batches_received ON batches(received_at)",
+        """CREATE TABLE buckets (
+             win_s INTEGER NOT NULL,
+             bucket_start INTEGER NOT NULL,
+             service TEXT NOT NULL,
+             route TEXT NOT NULL,
+             request_count INTEGER NOT NULL DEFAULT 0,
+             error_count_4xx INTEGER NOT NULL DEFAULT 0,
+             error_count_5xx INTEGER NOT NULL DEFAULT 0,
+             rate_limited INTEGER NOT NULL DEFAULT 0,
+             bytes_in INTEGER NOT NULL DEFAULT 0,
+             bytes_out INTEGER NOT NULL DEFAULT 0,
+             hist BLOB,
+             p50_us INTEGER,
+             p95_us INTEGER,
+             p99_us INTEGER,
+             cpu_percent REAL NOT NULL DEFAULT 0,
+             loop_lag_ms REAL NOT NULL DEFAULT 0,
+             inflight_max INTEGER NOT NULL DEFAULT 0,
+             rss_bytes INTEGER NOT NULL DEFAULT 0,
+             PRIMARY KEY (win_s, service, route, bucket_start)) WITHOUT ROWID""",
+        "CREATE INDEX buckets_by_route_time ON buckets(win_s, route, bucket_start)",
+        """CREATE TABLE pending_hist (
+             id INTEGER PRIMARY KEY,
+             bucket_start INTEGER NOT NULL,
+             service TEXT NOT NULL,
+             route TEXT NOT NULL,
+             hist TEXT NOT NULL)""",
+        """CREATE TABLE limit_counts (
+             win_s INTEGER NOT NULL,
+             bucket_start INTEGER NOT NULL,
+             policy TEXT NOT NULL,
+             decision TEXT NOT NULL,
+             count INTEGER NOT NULL,
+             PRIMARY KEY (win_s, policy, decision, bucket_start)) WITHOUT ROWID""",
+        """CREATE TABLE upstream_state (
+             gateway_id TEXT NOT NULL,
+             upstream TEXT NOT NULL,
+             breaker_state TEXT NOT NULL,
+             pool_in_use_max INTEGER NOT NULL,
+             pool_max INTEGER NOT NULL,
+             reported_at REAL NOT NULL,
+             PRIMARY KEY (gateway_id, upstream)) WITHOUT ROWID""",
+        """CREATE TABLE service_upstreams (
+             service TEXT NOT NULL,
+             upstream TEXT NOT NULL,
+             last_seen REAL NOT NULL,
+             PRIMARY KEY (service, upstream)) WITHOUT ROWID""",
+        """CREATE TABLE breaker_transitions (
+             id INTEGER PRIMARY KEY,
+             gateway_id TEXT NOT NULL,
+             upstream TEXT NOT NULL,
+             from_state TEXT NOT NULL,
+             to_state TEXT NOT NULL,
+             at REAL NOT NULL,
+             reason TEXT NOT NULL)""",
+        "CREATE INDEX breaker_transitions_at ON breaker_transitions(at)",
+        """CREATE TABLE gateways (
+             gateway_id TEXT PRIMARY KEY,
+             last_seq INTEGER NOT NULL,
+             last_seen REAL NOT NULL,
+             cpu_percent REAL NOT NULL,
+             loop_lag_ms REAL NOT NULL,
+             inflight_max INTEGER NOT NULL,
+             rss_bytes INTEGER NOT NULL)""",
+        """CREATE TABLE audit (
+             id INTEGER PRIMARY KEY,
+             at REAL NOT NULL,
+             actor TEXT NOT NULL,
+             action TEXT NOT NULL,
+             target TEXT NOT NULL,
+             reason TEXT NOT NULL,
+             details TEXT NOT NULL)""",
+        "CREATE INDEX audit_at ON audit(at)",
+    ]),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_SIGNAL_COLUMNS = ("bucket_start", "service", "route", "request_count", "error_count_4xx",
+                   "error_count_5xx", "rate_limited", "bytes_in", "bytes_out", "p50_us",
+                   "p95_us", "p99_us", "cpu_percent", "loop_lag_ms", "inflight_max", "rss_bytes")
+
+# A row for `add_buckets`: win_s, bucket_start, service, route, request_count, error_count_4xx,
+# error_count_5xx, rate_limited, bytes_in, bytes_out, cpu_percent, loop_lag_ms, inflight_max,
+# rss_bytes
+BucketRow = tuple[int, int, str, str, int, int, int, int, int, int, float, float, int, int]
+HistKey = tuple[int, int, str, str]   # win_s, bucket_start, service, route
+
+
+class Store:
+    """The control plane database. Open with `Store(path)`; `close()` when done."""
+
+    def __init__(self, path: str | Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.path = str(path)
+        self.clock = clock
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -----------------------------------------------------------------------------------------
+    # Transactions and migrations
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error). Nested uses join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    def schema_version(self) -> int:
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                             "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            return int(row[0] or 0)
+
+    def migrate(self) -> int:
+        """Apply every migration newer than the database's schema_version; return the version."""
+        with self._lock:
+            current = self.schema_version()
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                with self.transaction():
+                    for sql in statements:
+                        self._db.execute(sql)
+                    self._db.execute("INSERT INTO schema_version(version, applied_at) "
+                                     "VALUES (?, ?)", (version, self.clock.time()))
+                current = version
+            return current
+
+    # -----------------------------------------------------------------------------------------
+    # Ingest
+
+    def insert_batch(self, batch_id: str, gateway_id: str, seq: int, interval_start: float,
+                     interval_end: float, received_at: float) -> bool:
+        """Record a batch id; False if it was already ingested (the caller then rolls back)."""
+        cur = self._db.execute(
+            "INSERT INTO batches(batch_id, gateway_id, seq, interval_start, interval_end, "
+            "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(batch_id) DO NOTHING",
+            (batch_id, gateway_id, seq, interval_start, interval_end, received_at))
+        return cur.rowcount == 1
+
+    def add_buckets(self, rows: Iterable[BucketRow]) -> None:
+        self._db.executemany(
+            "INSERT INTO buckets(win_s, bucket_start, service, route, request_count, "
+            "error_count_4xx, error_count_5xx, rate_limited, bytes_in, bytes_out, cpu_percent, "
+            "loop_lag_ms, inflight_max, rss_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET "
+            "request_count = request_count + excluded.request_count, "
+            "error_count_4xx = error_count_4xx + excluded.error_count_4xx, "
+            "error_count_5xx = error_count_5xx + excluded.error_count_5xx, "
+            "rate_limited = rate_limited + excluded.rate_limited, "
+            "bytes_in = bytes_in + excluded.bytes_in, "
+            "bytes_out = bytes_out + excluded.bytes_out, "
+            "cpu_percent = max(cpu_percent, excluded.cpu_percent), "
+            "loop_lag_ms = max(loop_lag_ms, excluded.loop_lag_ms), "
+            "inflight_max = max(inflight_max, excluded.inflight_max), "
+            "rss_bytes = max(rss_bytes, excluded.rss_bytes)", rows)
+
+    def add_pending_hists(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
+        """(bucket_start of the 1m bucket, service, route, encoded histogram) rows."""
+        self._db.executemany("INSERT INTO pending_hist(bucket_start, service, route, hist) "
+                             "VALUES (?, ?, ?, ?)", rows)
+
+    def add_limit_counts(self, rows: Iterable[tuple[int, int, str, str, int]]) -> None:
+        self._db.executemany(
+            "INSERT INTO limit_counts(win_s, bucket_start, policy, decision, count) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(win_s, policy, decision, bucket_start) "
+            "DO UPDATE SET count = count + excluded.count", rows)
+
+    def report_upstreams(self, rows: Iterable[tuple[str, str, str, int, int, float]]) -> None:
+        """(gateway_id, upstream, breaker_state, pool_in_use_max, pool_max, reported_at);
+        an older (late) report never overwrites a newer one."""
+        self._db.executemany(
+            "INSERT INTO upstream_state(gateway_id, upstream, breaker_state, pool_in_use_max, "
+            "pool_max, reported_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(gateway_id, upstream) DO UPDATE SET "
+            "breaker_state = excluded.breaker_state, pool_in_use_max = excluded.pool_in_use_max, "
+            "pool_max = excluded.pool_max, reported_at = excluded.reported_at "
+            "WHERE excluded.reported_at >= upstream_state.reported_at", rows)
+
+    def link_service_upstreams(self, rows: Iterable[tuple[str, str, float]]) -> None:
+        self._db.executemany(
+            "INSERT INTO service_upstreams(service, upstream, last_seen) VALUES (?, ?, ?) "
+            "ON CONFLICT(service, upstream) DO UPDATE SET "
+            "last_seen = max(last_seen, excluded.last_seen)", rows)
+
+    def add_transitions(self, rows: Iterable[tuple[str, str, str, str, float, str]]) -> None:
+        self._db.executemany(
+            "INSERT INTO breaker_transitions(gateway_id, upstream, from_state, to_state, at, "
+            "reason) VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def report_gateway(self, gateway_id: str, seq: int, seen: float, cpu_percent: float,
+                       loop_lag_ms: float, inflight_max: int, rss_bytes: int) -> None:
+        self._db.execute(
+            "INSERT INTO gateways(gateway_id, last_seq, last_seen, cpu_percent, loop_lag_ms, "
+            "inflight_max, rss_bytes) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(gateway_id) DO UPDATE SET last_seq = excluded.last_seq, "
+            "last_seen = excluded.last_seen, cpu_percent = excluded.cpu_percent, "
+            "loop_lag_ms = excluded.loop_lag_ms, inflight_max = excluded.inflight_max, "
+            "rss_bytes = excluded.rss_bytes WHERE excluded.last_seen >= gateways.last_seen",
+            (gateway_id, seq, seen, cpu_percent, loop_lag_ms, inflight_max, rss_bytes))
+
+    # -----------------------------------------------------------------------------------------
+    # Compaction (histograms)
+
+    def pending_hists(self, limit: int) -> list[tuple[int, int, str, str, str]]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT id, bucket_start, service, route, hist FROM pending_hist "
+                "ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM pending_hist").fetchone()[0])
+
+    def delete_pending_through(self, last_id: int) -> None:
+        self._db.execute("DELETE FROM pending_hist WHERE id <= ?", (last_id,))
+
+    def bucket_hist(self, key: HistKey) -> bytes | None:
+        row = self._db.execute(
+            "SELECT hist FROM buckets WHERE win_s = ? AND bucket_start = ? AND service = ? "
+            "AND route = ?", key).fetchone()
+        return row[0] if row else None
+
+    def set_bucket_hists(self, rows: Iterable[tuple[bytes, int | None, int | None, int | None,
+                                                    int, int, str, str]]) -> None:
+        """(hist, p50_us, p95_us, p99_us, win_s, bucket_start, service, route) rows."""
+        self._db.executemany(
+            "UPDATE buckets SET hist = ?, p50_us = ?, p95_us = ?, p99_us = ? "
+            "WHERE win_s = ? AND bucket_start = ? AND service = ? AND route = ?", rows)
+
+    # -----------------------------------------------------------------------------------------
+    # Queries
+
+    def signals(self, win_s: int, since: float, until: float, *, service: str | None,
+                route: str, limit: int) -> list[dict[str, Any]]:
+        """Bucket rows with since <= bucket_start < until, oldest first."""
+        sql = ("SELECT " + ", ".join(_SIGNAL_COLUMNS) + " FROM buckets "
+               "WHERE win_s = ? AND route = ? AND bucket_start >= ? AND bucket_start < ?")
+        args: list[Any] = [win_s, route, since, until]
+        if service is not None:
+            sql += " AND service = ?"
+            args.append(service)
+        sql += " ORDER BY bucket_start, service LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(_SIGNAL_COLUMNS, r)) for r in rows]
+
+    def service_buckets(self, win_s: int, since: float, until: float
+                        ) -> list[dict[str, Any]]:
+        """Service-total rows (with the histogram) in [since, until), for the health overview."""
+        cols = _SIGNAL_COLUMNS + ("hist",)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT " + ", ".join(cols) + " FROM buckets WHERE win_s = ? AND route = '*' "
+                "AND bucket_start >= ? AND bucket_start < ? ORDER BY service, bucket_start",
+                (win_s, since, until)).fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def upstream_states(self) -> list[dict[str, Any]]:
+        cols = ("gateway_id", "upstream", "breaker_state", "pool_in_use_max", "pool_max",
+                "reported_at")
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM upstream_state "
+                                    "ORDER BY upstream, gateway_id").fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def service_upstreams(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return self._db.execute("SELECT service, upstream FROM service_upstreams "
+                                    "ORDER BY service, upstream").fetchall()
+
+    def limit_counts(self, win_s: int, since: float, until: float,
+                     policy: str | None) -> list[dict[str, Any]]:
+        sql = ("SELECT bucket_start, policy, decision, count FROM limit_counts "
+               "WHERE win_s = ? AND bucket_start >= ? AND bucket_start < ?")
+        args: list[Any] = [win_s, since, until]
+        if policy is not None:
+            sql += " AND policy = ?"
+            args.append(policy)
+        sql += " ORDER BY bucket_start, policy, decision"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(("bucket_start", "policy", "decision", "count"), r)) for r in rows]
+
+    def breaker_transitions(self, since: float, limit: int) -> list[dict[str, Any]]:
+        cols = ("gateway_id", "upstream", "from_state", "to_state", "at", "reason")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT " + ", ".join(cols) + " FROM breaker_transitions WHERE at >= ? "
+                "ORDER BY at DESC, id DESC LIMIT ?", (since, limit)).fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def gateways(self) -> list[dict[str, Any]]:
+        cols = ("gateway_id", "last_seq", "last_seen", "cpu_percent", "loop_lag_ms",
+                "inflight_max", "rss_bytes")
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM gateways "
+                                    "ORDER BY gateway_id").fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def table_counts(self) -> dict[str, int]:
+        """Row counts of every data table (tests and diagnostics)."""
+        names = ("batches", "buckets", "pending_hist", "limit_counts", "upstream_state",
+                 "service_upstreams", "breaker_transitions", "gateways", "audit")
+        with self._lock:
+            # Table names come from the constant tuple above, never from input.
+            return {n: int(self._db.execute(f"SELECT COUNT(*) FROM {n}").fetchone()[0])
+                    for n in names}
+
+    # -----------------------------------------------------------------------------------------
+    # Retention
+
+    def delete_buckets_before(self, win_s: int, cutoff: float) -> int:
+        with self.transaction():
+            n = self._db.execute("DELETE FROM buckets WHERE win_s = ? AND bucket_start < ?",
+                                 (win_s, cutoff)).rowcount
+            n += self._db.execute("DELETE FROM limit_counts WHERE win_s = ? AND bucket_start < ?",
+                                  (win_s, cutoff)).rowcount
+            return int(n)
+
+    def delete_batches_before(self, cutoff: float) -> int:
+        with self.transaction():
+            return int(self._db.execute("DELETE FROM batches WHERE received_at < ?",
+                                        (cutoff,)).rowcount)
+
+    def delete_reports_before(self, cutoff: float) -> int:
+        """Stale per-gateway reports: breaker transitions, upstream states, gateways."""
+        with self.transaction():
+            n = self._db.execute("DELETE FROM breaker_transitions WHERE at < ?",
+                                 (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM upstream_state WHERE reported_at < ?",
+                                  (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM gateways WHERE last_seen < ?", (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM service_upstreams WHERE last_seen < ?",
+                                  (cutoff,)).rowcount
+            return int(n)
+
+    # -----------------------------------------------------------------------------------------
+    # Audit
+
+    def audit(self, actor: str, action: str, target: str, reason: str = "",
+              details: dict[str, Any] | None = None, *, at: float | None = None) -> int:
+        """Record a change (create/update/delete/ack/resolve/reset/...): who, what, why."""
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO audit(at, actor, action, target, reason, details) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (self.clock.time() if at is None else at, actor, action, target, reason or "",
+                 orjson.dumps(details or {}).decode()))
+            return int(cur.lastrowid or 0)
+
+    def audit_entries(self, *, since: float | None = None, actor: str | None = None,
+                      action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first."""
+        sql = "SELECT id, at, actor, action, target, reason, details FROM audit WHERE 1 = 1"
+        args: list[Any] = []
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(since)
+        if actor is not None:
+            sql += " AND actor = ?"
+            args.append(actor)
+        if action is not None:
+            sql += " AND action = ?"
+            args.append(action)
+        sql += " ORDER BY at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [{"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "target": r[4],
+                 "reason": r[5], "details": orjson.loads(r[6])} for r in rows]
+

@@ -1,0 +1,272 @@
+"""Prometheus exposition of the golden signals: every metric name defined once, here.
+
+Nothing on the hot path touches prometheus_client. `/metrics` renders a custom Collector that
+reads `Signals.totals()` at scrape time: the request is recorded once (into the signals), and the
+histogram buckets below are counted from the HDR histograms when scraped.
+
+With several worker processes each worker renders its own exposition and the supervisor merges
+them with `merge_expositions()`, so one scrape covers every worker exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from gateway.signals import BREAKER_STATES, LATENCY_BUCKETS_S, HistogramTotal, Signals
+
+CONTENT_TYPE: str = CONTENT_TYPE_LATEST
+
+BUCKETS_S: tuple[float, ...] = LATENCY_BUCKETS_S
+"""The histograms' `le` bounds (seconds), kept by Signals since they are cumulative; see
+gateway.signals.LATENCY_BUCKETS_S for the choice."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    name: str           # as exposed (counters end in _total)
+    type: str           # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    merge: str = "sum"  # how merge_expositions() combines workers' values (gauges only)
+
+
+# The contract's names (CONTRACT section 5) ...
+REQUESTS = MetricDef(
+    "gateway_requests_total", "counter",
+    "Requests answered, proxied or gateway-generated (method outside the standard set: OTHER).",
+    ("route", "upstream", "method", "code"))
+REQUEST_DURATION = MetricDef(
+    "gateway_request_duration_seconds", "histogram",
+    "Total request latency as seen by the gateway, from request received to response sent.",
+    ("route", "upstream"))
+UPSTREAM_DURATION = MetricDef(
+    "gateway_upstream_duration_seconds", "histogram",
+    "Upstream latency: request sent upstream to response received.", ("upstream",))
+INFLIGHT = MetricDef("gateway_inflight_requests", "gauge", "Requests in flight now.")
+RATELIMIT_DECISIONS = MetricDef(
+    "gateway_ratelimit_decisions_total", "counter",
+    "Rate-limit decisions per policy (allowed, limited, shadow_limited, store_error).",
+    ("policy", "decision"))
+BREAKER_STATE = MetricDef(
+    "gateway_circuit_breaker_state", "gauge",
+    "Circuit breaker state per upstream: 0 closed, 1 half_open, 2 open.", ("upstream",),
+    merge="max")
+BREAKER_TRANSITIONS = MetricDef(
+    "gateway_circuit_breaker_transitions_total", "counter",
+    "Circuit breaker state transitions.", ("upstream", "from", "to"))
+LOOP_LAG = MetricDef(
+    "gateway_event_loop_lag_seconds", "gauge",
+    "Event-loop lag at the last sample (how late a timer woke up).", merge="max")
+SHIPPER_BATCHES = MetricDef(
+    "gateway_shipper_batches_total", "counter",
+    "Aggregate batches by shipping result (success, failure, spooled, dropped).", ("result",))
+SHIPPER_SPOOLED = MetricDef(
+    "gateway_shipper_spooled_batches", "gauge",
+    "Batches waiting in the spool directory.",
+    # max, not sum: workers sharing one spool_dir each count the same files
+    merge="max")
+CONFIG_RELOADS = MetricDef(
+    "gateway_config_reloads_total", "counter", "Config reloads by result (success, failure).",
+    ("result",))
+# ... and a few more, all gateway_-prefixed.
+REQUEST_BYTES = MetricDef(
+    "gateway_request_bytes_total", "counter", "Request body bytes received from clients.",
+    ("route", "upstream"))
+RESPONSE_BYTES = MetricDef(
+    "gateway_response_bytes_total", "counter", "Response body bytes sent to clients.",
+    ("route", "upstream"))
+POOL_IN_USE = MetricDef(
+    "gateway_upstream_pool_connections_in_use", "gauge",
+    "Upstream connections in use, over the upstream's endpoints.", ("upstream",))
+POOL_MAX = MetricDef(
+    "gateway_upstream_pool_connections_max", "gauge",
+    "Upstream connection limit, over the upstream's endpoints.", ("upstream",))
+CPU_PERCENT = MetricDef(
+    "gateway_process_cpu_percent", "gauge",
+    "CPU used by the process since the previous scrape, percent of one core (a worker is "
+    "single-threaded: 100 is saturated). Merged over workers: the busiest worker.", merge="max")
+CPU_SECONDS = MetricDef(
+    "gateway_process_cpu_seconds_total", "counter", "User and system CPU time of the process.")
+RSS = MetricDef(
+    "gateway_process_resident_memory_bytes", "gauge", "Resident set size of the process.")
+WORKERS = MetricDef(
+    "gateway_worker_processes", "gauge",
+    "Worker processes covered by this exposition (1 per worker; summed when merged).")
+
+METRICS: tuple[MetricDef, ...] = (
+    REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
+    BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
+    REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
+    RSS, WORKERS)
+_BY_NAME = {m.name: m for m in METRICS}
+
+
+def sample_names() -> frozenset[str]:
+    """Every series name these metrics expose (histograms with _bucket, _sum and _count)."""
+    names: set[str] = set()
+    for m in METRICS:
+        if m.type == "histogram":
+            names.update({m.name + "_bucket", m.name + "_sum", m.name + "_count"})
+        else:
+            names.add(m.name)
+    return frozenset(names)
+
+
+def _go_float(v: float) -> str:
+    return str(floatToGoString(v))   # type: ignore[no-untyped-call]
+
+
+def _counter(m: MetricDef) -> CounterMetricFamily:
+    return CounterMetricFamily(m.name, m.help, labels=m.labels)
+
+
+def _gauge(m: MetricDef) -> GaugeMetricFamily:
+    return GaugeMetricFamily(m.name, m.help, labels=m.labels)
+
+
+def _histogram(family: HistogramMetricFamily, le: tuple[str, ...], labels: list[str],
+               h: HistogramTotal) -> None:
+    buckets = list(zip(le, (*h.le_counts, h.count), strict=True))
+    family.add_metric(labels, buckets, h.sum_s)
+
+
+class SignalsCollector(Collector):
+    """A prometheus-client Collector over a Signals, read at scrape time."""
+
+    def __init__(self, signals: Signals) -> None:
+        self._signals = signals
+
+    def collect(self) -> Iterator[Metric]:
+        t = self._signals.totals()
+        le = (*(_go_float(b) for b in t.buckets_s), "+Inf")
+
+        requests = _counter(REQUESTS)
+        for (route, upstream, method, code), n in sorted(t.requests.items()):
+            requests.add_metric([route, upstream, method, str(code)], n)
+        yield requests
+
+        durations = HistogramMetricFamily(REQUEST_DURATION.name, REQUEST_DURATION.help,
+                                          labels=REQUEST_DURATION.labels)
+        for (route, upstream), h in sorted(t.durations.items()):
+            _histogram(durations, le, [route, upstream], h)
+        yield durations
+
+        upstream_durations = HistogramMetricFamily(UPSTREAM_DURATION.name, UPSTREAM_DURATION.help,
+                                                   labels=UPSTREAM_DURATION.labels)
+        for name, h in sorted(t.upstream_durations.items()):
+            _histogram(upstream_durations, le, [name], h)
+        yield upstream_durations
+
+        for m, values in ((REQUEST_BYTES, t.bytes_in), (RESPONSE_BYTES, t.bytes_out)):
+            c = _counter(m)
+            for (route, upstream), n in sorted(values.items()):
+                c.add_metric([route, upstream], n)
+            yield c
+
+        yield GaugeMetricFamily(INFLIGHT.name, INFLIGHT.help, value=t.inflight)
+
+        limits = _counter(RATELIMIT_DECISIONS)
+        for (policy, decision), n in sorted(t.limits.items()):
+            limits.add_metric([policy, decision], n)
+        yield limits
+
+        state = _gauge(BREAKER_STATE)
+        for upstream, s in sorted(t.breaker_states.items()):
+            state.add_metric([upstream], BREAKER_STATES[s])
+        yield state
+
+        transitions = _counter(BREAKER_TRANSITIONS)
+        for (upstream, old, new), n in sorted(t.breaker_transitions.items()):
+            transitions.add_metric([upstream, old, new], n)
+        yield transitions
+
+        yield GaugeMetricFamily(LOOP_LAG.name, LOOP_LAG.help, value=t.loop_lag_s)
+
+        for m, values2 in ((SHIPPER_BATCHES, t.shipper), (CONFIG_RELOADS, t.reloads)):
+            c = _counter(m)
+            for result, n in sorted(values2.items()):
+                c.add_metric([result], n)
+            yield c
+        yield GaugeMetricFamily(SHIPPER_SPOOLED.name, SHIPPER_SPOOLED.help, value=t.spooled)
+
+        in_use, mx = _gauge(POOL_IN_USE), _gauge(POOL_MAX)
+        for upstream, (u, x) in sorted(t.pools.items()):
+            in_use.add_metric([upstream], u)
+            mx.add_metric([upstream], x)
+        yield in_use
+        yield mx
+
+        yield GaugeMetricFamily(CPU_PERCENT.name, CPU_PERCENT.help, value=t.cpu_percent)
+        yield CounterMetricFamily(CPU_SECONDS.name, CPU_SECONDS.help, value=t.cpu_seconds)
+        yield GaugeMetricFamily(RSS.name, RSS.help, value=t.rss_bytes)
+        yield GaugeMetricFamily(WORKERS.name, WORKERS.help, value=1)
+
+
+def render(signals: Signals) -> bytes:
+    """This process's Prometheus text exposition (serve with CONTENT_TYPE). Loop thread only."""
+    return generate_latest(SignalsCollector(signals))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _combine(rule: str, a: float, b: float) -> float:
+    if rule == "max":
+        return max(a, b)
+    if rule == "min":
+        return min(a, b)
+    return a + b
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """Merge several workers' text expositions into one, counting each worker once.
+
+    Counters and histograms (buckets, _sum, _count) are summed. Gauges follow their MetricDef's
+    merge rule: sum (in-flight, pool use, RSS, worker count) or max (event-loop lag, breaker
+    state = the most open, CPU percent = the busiest worker, spooled batches); gauges not
+    defined here are summed.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode("utf-8")):
+            merged = families.get(fam.name)
+            if merged is None:
+                merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                     fam.unit)
+                values[fam.name] = {}
+            elif merged.type != fam.type:
+                raise ValueError(f"metric {fam.name!r} is a {merged.type} in one exposition "
+                                 f"and a {fam.type} in another")
+            exposed = fam.name + "_total" if fam.type == "counter" else fam.name
+            d = _BY_NAME.get(exposed)
+            rule = d.merge if (fam.type == "gauge" and d is not None) else "sum"
+            vals = values[fam.name]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                old = vals.get(key)
+                vals[key] = s.value if old is None else _combine(rule, old, s.value)
+
+    out: list[Metric] = []
+    for name, merged in families.items():
+        for (sample_name, labels), v in values[name].items():
+            merged.add_sample(sample_name, dict(labels), v)
+        out.append(merged)
+
+    class _Merged(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter(out)
+
+    return generate_latest(_Merged())

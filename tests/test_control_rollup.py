@@ -1,0 +1,204 @@
+"""Rollups: exact merged percentiles, 5m/1h/1d windows, late batches, retention (FakeClock)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hdrh.histogram import HdrHistogram
+
+from gateway.control import histogram, rollup
+from gateway.control.ingest import parse_batch
+from gateway.control.store import Store
+from tests.fakes import FakeClock
+from tests.test_control_support import (DAY0, batch, control_plane, get, ingest, series,
+                                        signals, store_of)
+
+
+def _true_percentile(sorted_values: list[int], p: float) -> int:
+    # the smallest value with at least p% of the values at or below it (nearest rank)
+    import math
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+async def test_percentiles_merge_exactly_across_three_gateways(tmp_path):
+    rng = random.Random(7)
+    t = DAY0 + 7_200
+    clock = FakeClock(wall=t + 50)
+    all_values: list[int] = []
+    async with control_plane(tmp_path, clock) as (url, s, app):
+        for g, (lo, hi) in enumerate([(200, 5_000), (1_000, 80_000), (50_000, 2_500_000)]):
+            values = [rng.randint(lo, hi) for _ in range(3_000 + 1_000 * g)]
+            all_values += values
+            # each gateway sends two batches in the same minute, split across two routes
+            for k in range(2):
+                part = values[k::2]
+                doc = batch(f"gw{g}-{k}", t + 20 * k, [series(f"r{k}", "svc", 200,
+                                                              latencies_us=part)],
+                            gateway_id=f"gw{g}", seq=k, length=20)
+                assert (await ingest(s, url, doc))[0] == 200
+
+        reference = HdrHistogram(1, 60_000_000, 2)
+        for v in all_values:
+            reference.record_value(v)
+        expected = reference.get_percentile_to_value_dict([50, 95, 99])
+        exact = sorted(all_values)
+        for window in ("1m", "5m", "1h", "1d"):
+            rows = await signals(s, url, window=window, service="svc")
+            assert len(rows) == 1 and rows[0]["request_count"] == len(all_values)
+            row = rows[0]
+            for p, key in ((50, "latency_p50_ms"), (95, "latency_p95_ms"),
+                           (99, "latency_p99_ms")):
+                # identical to one histogram holding every value ...
+                assert row[key] == expected[p] / 1000.0
+                # ... which is the true percentile within HDR precision (2 significant digits)
+                assert row[key] * 1000 == pytest.approx(_true_percentile(exact, p), rel=0.01)
+
+
+def test_percentiles_helper_matches_hdrh():
+    rng = random.Random(3)
+    h = histogram.new()
+    for _ in range(5_000):
+        h.record_value(rng.randint(1, 50_000_000))
+    ref = h.get_percentile_to_value_dict([50, 95, 99, 100])
+    assert histogram.percentiles(h, (50.0, 95.0, 99.0, 100.0)) == \
+        (ref[50], ref[95], ref[99], ref[100])
+    assert histogram.percentiles(histogram.new()) == (None, None, None)
+
+
+async def test_rollups_into_5m_1h_1d(tmp_path):
+    clock = FakeClock(wall=DAY0 + 86_400 - 30)           # the end of the day
+    async with control_plane(tmp_path, clock) as (url, s, app):
+        # one batch every 10 minutes from 00:00 to 23:50, 3 requests each (2 ok + one 503)
+        for i in range(144):
+            start = DAY0 + 600 * i
+            doc = batch(f"gw-{i}", start, [
+                series("r1", "svc", 200, latencies_us=[1000 + i, 2000 + i]),
+                series("r1", "svc", 503, latencies_us=[9000])], seq=i)
+            assert (await ingest(s, url, doc))[0] == 200, i
+        since, until = DAY0, DAY0 + 86_400
+        one_m = await signals(s, url, window="1m", service="svc", since=since, until=until)
+        five_m = await signals(s, url, window="5m", service="svc", since=since, until=until)
+        hours = await signals(s, url, window="1h", service="svc", since=since, until=until)
+        days = await signals(s, url, window="1d", service="svc", since=since, until=until)
+        assert len(one_m) == 144 and len(five_m) == 144 and len(hours) == 24 and len(days) == 1
+        assert [r["bucket_start"] for r in five_m[:2]] == [DAY0, DAY0 + 600]
+        assert all(r["request_count"] == 3 and r["error_count_5xx"] == 1 for r in five_m)
+        assert all(r["request_count"] == 18 and r["error_count_5xx"] == 6 for r in hours)
+        assert days[0]["request_count"] == 432 and days[0]["error_count_5xx"] == 144
+        assert days[0]["error_rate"] == pytest.approx(1 / 3)
+        assert hours[0]["bucket_start"] == DAY0 and hours[-1]["bucket_start"] == DAY0 + 23 * 3600
+        # the per-route rows roll up the same way
+        route = await signals(s, url, window="1d", service="svc", route="r1", since=since,
+                              until=until)
+        assert route[0]["request_count"] == 432
+        # ISO-8601 bounds work too
+        iso = await signals(s, url, window="1h", service="svc", since="2023-11-15T00:00:00Z",
+                            until="2023-11-15T02:00:00+00:00")
+        assert DAY0 == 1_700_006_400 and [r["bucket_start"] for r in iso] == \
+            [DAY0, DAY0 + 3600]
+        # percentiles of the day row are the merged ones
+        assert days[0]["latency_p99_ms"] == pytest.approx(9.0, rel=0.01)
+
+
+async def test_late_batch_lands_in_its_own_bucket(tmp_path):
+    now = DAY0 + 86_400 + 12 * 3600                       # day 2, noon
+    clock = FakeClock(wall=now)
+    async with control_plane(tmp_path, clock) as (url, s, app):
+        late_start = now - 20 * 3600 + 17                  # 16:00:17 of day 1
+        doc = batch("late-1", late_start, [series("r1", "svc", 200, latencies_us=[5000])])
+        assert (await ingest(s, url, doc))[0] == 200
+        fresh = batch("fresh-1", now - 30, [series("r1", "svc", 200, latencies_us=[7000])])
+        assert (await ingest(s, url, fresh))[0] == 200
+        for window, expect_late in (("1m", late_start - 17), ("5m", late_start - 17),
+                                    ("1h", late_start - 17), ("1d", DAY0)):
+            rows = await signals(s, url, window=window, service="svc", since=DAY0,
+                                 until=now + 86_400)
+            starts = {r["bucket_start"]: r["request_count"] for r in rows}
+            assert starts[expect_late] == 1, (window, starts)
+        days = await signals(s, url, window="1d", service="svc", since=DAY0, until=now + 86_400)
+        assert [(r["bucket_start"], r["request_count"]) for r in days] == \
+            [(DAY0, 1), (DAY0 + 86_400, 1)]
+        # more than a day late: refused, so the shipper drops it instead of retrying forever
+        too_late = batch("late-2", now - 86_400 - 60, [series("r1", "svc", 200)])
+        status, body = await ingest(s, url, too_late)
+        assert status == 400 and body["errors"][0].startswith("interval_start: older than 1 day")
+
+
+def _ingest_direct(store: Store, batch_id: str, start: float, now: float) -> None:
+    import orjson
+    doc = batch(batch_id, start, [series("r1", "svc", 200, latencies_us=[1000])])
+    assert rollup.apply(store, parse_batch(orjson.dumps(doc), now=now), now)
+
+
+def test_retention_job_with_fake_clock(tmp_path):
+    clock = FakeClock(wall=DAY0 + 3600)
+    store = Store(tmp_path / "c.db", clock=clock)
+    try:
+        _ingest_direct(store, "b1", DAY0 + 3600 - 10, clock.time())
+        rollup.compact(store)
+
+        def windows() -> dict[int, int]:
+            return {w: len(store.signals(w, 0, 10 ** 11, service="svc", route="*", limit=100))
+                    for w in rollup.WINDOWS.values()}
+
+        assert windows() == {60: 1, 300: 1, 3600: 1, 86_400: 1}
+        steps = [(86_400, {60: 0, 300: 1, 3600: 1, 86_400: 1}),       # +1 day: 1m gone
+                 (6 * 86_400, {60: 0, 300: 0, 3600: 1, 86_400: 1}),   # +7 days: 5m gone
+                 (23 * 86_400, {60: 0, 300: 0, 3600: 0, 86_400: 1}),  # +30 days: 1h gone
+                 (335 * 86_400, {60: 0, 300: 0, 3600: 0, 86_400: 0})]  # +365 days: 1d gone
+        for advance, expected in steps:
+            assert rollup.run_retention(store, clock.time())["1d"] == 0   # nothing due yet
+            clock.advance(advance)
+            deleted = rollup.run_retention(store, clock.time())
+            assert windows() == expected, (advance, deleted)
+        counts = store.table_counts()
+        assert counts["batches"] == 0 and counts["buckets"] == 0 and counts["pending_hist"] == 0
+    finally:
+        store.close()
+
+
+def test_retention_keeps_what_is_inside_the_window(tmp_path):
+    clock = FakeClock(wall=DAY0 + 86_400)
+    store = Store(tmp_path / "c.db", clock=clock)
+    try:
+        _ingest_direct(store, "old", DAY0 + 30, clock.time())        # 23h59m ago
+        deleted = rollup.run_retention(store, clock.time())
+        assert deleted["1m"] == 0
+        assert len(store.signals(60, 0, 10 ** 11, service="svc", route="*", limit=10)) == 1
+        clock.advance(60)
+        assert rollup.run_retention(store, clock.time())["1m"] == 2    # the route and total rows
+    finally:
+        store.close()
+
+
+def test_migrations_are_versioned_and_idempotent(tmp_path):
+    path = tmp_path / "c.db"
+    s1 = Store(path)
+    assert s1.schema_version() == 1
+    s1.close()
+    s2 = Store(path)                      # reopening applies nothing twice
+    assert s2.migrate() == 1
+    import sqlite3
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+    db.close()
+    s2.close()
+
+
+async def test_limits_are_rolled_up_per_policy(tmp_path):
+    t = DAY0 + 3_600
+    async with control_plane(tmp_path, FakeClock(wall=t + 600)) as (url, s, app):
+        for i in range(3):
+            doc = batch(f"b{i}", t + 100 * i, [], limits=[
+                {"policy": "api", "decision": "allowed", "count": 10},
+                {"policy": "api", "decision": "limited", "count": i},
+                {"policy": "api", "decision": "limited", "count": 1}], seq=i)
+            assert (await ingest(s, url, doc))[0] == 200
+        status, doc = await get(s, url, "/v1/limits", window="1h", role="monitor")
+        assert status == 200
+        assert [(r["decision"], r["count"]) for r in doc["rows"]] == [("allowed", 30),
+                                                                      ("limited", 6)]
+        assert store_of(app).table_counts()["pending_hist"] == 0
