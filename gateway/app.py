@@ -295,6 +295,7 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
         host, port = split_hostport(cfg.demo_upstream)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream]))
+        _wait_listening(host, port, timeout=10.0)
         log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
                                                   "pid": children[-1].pid})
     cp = cfg.control_plane
@@ -305,6 +306,18 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
     return children
+
+
+def _wait_listening(host: str, port: int, timeout: float) -> None:
+    """Block until something accepts on host:port (a child we just started), or time out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    log.warning("child not listening yet", extra={"listen": f"{host}:{port}"})
 
 
 def _resolve_beside(name: str, config_path: str) -> Path:

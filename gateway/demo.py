@@ -69,6 +69,8 @@ async def nbytes(request: web.Request) -> web.StreamResponse:
     resp.content_length = n
     resp.content_type = "application/octet-stream"
     await resp.prepare(request)
+    if request.method == "HEAD":  # aiohttp would send what we write, even for HEAD
+        return resp
     while n > 0:
         part = _CHUNK[: min(n, len(_CHUNK))]
         await resp.write(part)
@@ -83,6 +85,8 @@ async def chunked(request: web.Request) -> web.StreamResponse:
     resp.enable_chunked_encoding()
     resp.content_type = "application/octet-stream"
     await resp.prepare(request)
+    if request.method == "HEAD":
+        return resp
     while n > 0:
         part = _CHUNK[: min(n, 10000)]
         await resp.write(part)

@@ -217,7 +217,7 @@ class Shipper:
             while self._files:
                 delay = self._retry_at - self._clock.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(min(delay, 1.0))
+                    await asyncio.sleep(min(delay, 0.25))  # re-check: the clock may jump
                     continue
                 try:
                     async with self._lock:

@@ -439,14 +439,27 @@ async def serve(cfg: ControlConfig, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
+class _JsonLines(logging.Formatter):
+    """Fallback when gateway.logs is unavailable: one JSON object per line, extras included."""
+
+    _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": record.created, "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        return orjson.dumps(doc, default=str).decode()
+
+
 def _setup_logging() -> None:
     try:
         from gateway import logs
         logs.setup()
     except Exception:  # the shared JSON log setup is optional here
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format='{"time":"%(asctime)s","level":"%(levelname)s",'
-                                   '"logger":"%(name)s","msg":"%(message)s"}')
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonLines())
+        logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel(logging.INFO)
 
 
 def run(config_path: str) -> int:

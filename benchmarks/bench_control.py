@@ -1,0 +1,236 @@
+"""Control plane benchmark (run by hand): `python benchmarks/bench_control.py [--batches N]`.
+
+1. Ingest throughput over HTTP: the control plane runs as its own process (`run()`, uvloop,
+   SQLite WAL in a temp dir); a client POSTs gzipped batches of 50 route series each (5 services
+   x 10 routes, ~200 latencies per histogram) with some concurrency. Target: 500 gateways at a
+   10 s interval = 50 batches/s. Reported: batches/s, and the time for the rollup compaction
+   backlog to be folded (one /v1/signals call after the run).
+2. In-process ingest cost (parse + validate + store, no HTTP) and compaction cost per batch.
+3. /v1/signals latency over a populated database: 30 days of 1h rows and 1 day of 1m rows for
+   20 services (plus 5 routes each), as the 1m retention is 1 day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.control import histogram, rollup  # noqa: E402
+from gateway.control.ingest import parse_batch  # noqa: E402
+from gateway.control.store import Store  # noqa: E402
+from tests.conftest import free_port, wait_port  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+def make_hists(n: int, rng: random.Random) -> list[str]:
+    out = []
+    for _ in range(n):
+        h = histogram.new()
+        for _ in range(200):
+            h.record_value(int(rng.lognormvariate(9.5, 1.0)) + 1)
+        out.append(h.encode().decode())
+    return out
+
+
+def make_batch(gw: int, seq: int, t: float, hists: list[str], rng: random.Random) -> dict:
+    series = []
+    for svc in range(5):
+        for route in range(10):
+            series.append({"route": f"route-{svc}-{route}", "upstream": f"up-{svc}",
+                           "service": f"service-{svc}", "method": "GET",
+                           "code": 200 if route else 503, "count": 200,
+                           "bytes_in": 20_000, "bytes_out": 400_000,
+                           "latency_us_hdr": rng.choice(hists)})
+    return {"batch_id": f"gw{gw}-{seq}", "gateway_id": f"gw{gw}", "seq": seq, "schema": 1,
+            "interval_start": t - 10, "interval_end": t, "series": series,
+            "upstreams": [{"upstream": f"up-{i}", "latency_us_hdr": None,
+                           "breaker_state": "closed", "pool_in_use_max": 3, "pool_max": 64}
+                          for i in range(5)],
+            "limits": [{"policy": "api", "decision": "allowed", "count": 9_000}],
+            "breaker_transitions": [],
+            "saturation": {"inflight_max": 40, "loop_lag_max_s": 0.003, "cpu_percent": 35.0,
+                           "rss_bytes": 80_000_000}}
+
+
+async def bench_http(n: int, concurrency: int, workdir: Path) -> None:
+    port = free_port()
+    cfg = workdir / "control.yaml"
+    cfg.write_text(f'listen: "127.0.0.1:{port}"\ndatabase: "{workdir}/http.db"\n'
+                   f"tokens: [{{name: gw, role: gateway, token: {TOKEN}}},"
+                   f" {{name: r, role: reader, token: reader-{TOKEN}}}]\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gateway.control.app "
+                             "import run; sys.exit(run(sys.argv[1]))", str(cfg)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=20)
+        rng = random.Random(1)
+        hists = make_hists(40, rng)
+        now = time.time()
+        bodies = [gzip.compress(orjson.dumps(make_batch(i % 500, i, now, hists, rng)))
+                  for i in range(n)]
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Encoding": "gzip",
+                   "Content-Type": "application/json"}
+        url = f"http://127.0.0.1:{port}"
+        latencies: list[float] = []
+        queue = list(reversed(bodies))
+        async with aiohttp.ClientSession() as s:
+            async def worker() -> None:
+                while queue:
+                    body = queue.pop()
+                    t0 = time.perf_counter()
+                    async with s.post(f"{url}/v1/ingest", data=body, headers=headers) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+                    latencies.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            async with s.get(f"{url}/v1/signals", params={"window": "1m"},
+                             headers={"Authorization": f"Bearer reader-{TOKEN}"}) as r:
+                rows = (await r.json())["rows"]
+            catch_up = time.perf_counter() - t1
+        latencies.sort()
+        print(f"HTTP ingest: {n} batches x 50 series, concurrency {concurrency}: "
+              f"{n / elapsed:.0f} batches/s ({elapsed:.1f} s); request p50 "
+              f"{statistics.median(latencies) * 1000:.1f} ms, p99 "
+              f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms; compaction backlog "
+              f"folded by the next /v1/signals in {catch_up * 1000:.0f} ms "
+              f"({len(rows)} service rows, {sum(r['request_count'] for r in rows)} requests)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def bench_inprocess(n: int, workdir: Path) -> None:
+    rng = random.Random(2)
+    hists = make_hists(40, rng)
+    now = time.time()
+    bodies = [orjson.dumps(make_batch(i % 500, i, now, hists, rng)) for i in range(n)]
+    store = Store(workdir / "inproc.db")
+    try:
+        t0 = time.perf_counter()
+        for body in bodies:
+            rollup.apply(store, parse_batch(body, now=now), now)
+        ingest_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        folded = rollup.compact(store)
+        compact_s = time.perf_counter() - t0
+        print(f"in-process: parse+validate+store {ingest_s / n * 1000:.2f} ms/batch "
+              f"({n / ingest_s:.0f} batches/s); compaction {compact_s / n * 1000:.2f} ms/batch "
+              f"({folded} histograms); together {n / (ingest_s + compact_s):.0f} batches/s "
+              f"on one core")
+    finally:
+        store.close()
+
+
+def populate(path: Path, now: float) -> None:
+    store = Store(path)
+    rng = random.Random(3)
+    enc = histogram.encode(histogram.decode(make_hists(1, rng)[0]))
+    p50, p95, p99 = histogram.percentiles(histogram.decode_trusted(enc))
+    routes = ["*"] + [f"route-{i}" for i in range(5)]
+    plans = [(3_600, 30 * 24), (60, 24 * 60)]
+    for win, count in plans:
+        first = rollup.bucket_start(now, win) - (count - 1) * win
+        for svc in range(20):
+            rows = []
+            hist_rows = []
+            for k in range(count):
+                bs = first + k * win
+                for route in routes:
+                    rows.append((win, bs, f"service-{svc}", route, 1000, 10, 5, 2, 1, 1, 30.0,
+                                 2.0, 10, 1))
+                    hist_rows.append((enc, p50, p95, p99, win, bs, f"service-{svc}", route))
+            with store.transaction():
+                store.add_buckets(rows)
+                store.set_bucket_hists(hist_rows)
+    store.close()
+
+
+async def bench_signals(workdir: Path) -> None:
+    from gateway.control.app import create_app
+    from gateway.control.config import ControlConfig, TokenConfig
+    from aiohttp import web
+
+    now = time.time()
+    db = workdir / "signals.db"
+    t0 = time.perf_counter()
+    populate(db, now)
+    print(f"populated 30 d of 1h + 1 d of 1m rows for 20 services x (total + 5 routes) in "
+          f"{time.perf_counter() - t0:.1f} s ({os.path.getsize(db) / 1e6:.0f} MB)")
+    cfg = ControlConfig(listen="127.0.0.1:0", database=str(db),
+                        tokens=(TokenConfig("r", "reader", "rt"),))
+    runner = web.AppRunner(create_app(cfg), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/v1/signals"
+    cases = [
+        ("1h, 30 days, one service", {"window": "1h", "service": "service-7",
+                                      "since": str(now - 30 * 86_400)}),
+        ("1h, 30 days, all 20 services", {"window": "1h", "since": str(now - 30 * 86_400)}),
+        ("1m, 1 day, one service", {"window": "1m", "service": "service-7",
+                                    "since": str(now - 86_400)}),
+        ("1m, 1 day, one route", {"window": "1m", "service": "service-7", "route": "route-3",
+                                  "since": str(now - 86_400)}),
+        ("1m, 1 day, all 20 services", {"window": "1m", "since": str(now - 86_400)}),
+        ("1m, last hour (default), all", {"window": "1m"}),
+    ]
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer rt"}) as s:
+            for name, params in cases:
+                times = []
+                n_rows = 0
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    async with s.get(url, params=params) as r:
+                        doc = orjson.loads(await r.read())
+                    times.append(time.perf_counter() - t0)
+                    n_rows = len(doc["rows"])
+                times.sort()
+                print(f"/v1/signals {name}: {n_rows} rows, p50 {times[10] * 1000:.1f} ms, "
+                      f"max {times[-1] * 1000:.1f} ms")
+            for _ in range(1):
+                t0 = time.perf_counter()
+                async with s.get(f"http://{host}:{port}/v1/health/overview") as r:
+                    await r.read()
+                print(f"/v1/health/overview (20 services): {(time.perf_counter() - t0) * 1000:.1f}"
+                      f" ms")
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+        bench_inprocess(min(args.batches, 500), work)
+        asyncio.run(bench_http(args.batches, args.concurrency, work))
+        asyncio.run(bench_signals(work))
+
+
+if __name__ == "__main__":
+    main()
