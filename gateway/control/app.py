@@ -379,8 +379,12 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
         db = Database(Store(cfg.database, clock=clock))
         app[DB] = db
         app[METRICS] = Metrics(db)
-        jobs = [asyncio.create_task(_every(compact_interval_s, "compact",
-                                           lambda: db.call(rollup.compact, db.store))),
+        async def compact_in_steps() -> None:
+            # one chunk per executor call: ingest requests queue in between, not behind it all
+            while await db.call(rollup.compact, db.store, max_chunks=1) >= rollup.CHUNK:
+                pass
+
+        jobs = [asyncio.create_task(_every(compact_interval_s, "compact", compact_in_steps)),
                 asyncio.create_task(_every(retention_interval_s, "retention",
                                            lambda: db.call(rollup.run_retention, db.store,
                                                            clock.time())))]

@@ -31,6 +31,7 @@ RETENTION_S: dict[int, int] = {60: 86_400, 300: 7 * 86_400, 3_600: 30 * 86_400,
 BATCH_ID_RETENTION_S = 2 * 86_400      # > the 1-day late limit: replays are always recognised
 REPORT_RETENTION_S = 30 * 86_400       # breaker transitions, stale gateway/upstream reports
 TOTAL = "*"                            # the route of a service's total row
+CHUNK = 5_000                          # queued histograms folded per compaction transaction
 
 
 def bucket_start(t: float, win_s: int) -> int:
@@ -105,17 +106,30 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
     return True
 
 
-def compact(store: Store, *, chunk: int = 20_000) -> int:
-    """Fold queued series histograms into their buckets; return how many were folded."""
+def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) -> int:
+    """Fold queued series histograms into their buckets; return how many were folded.
+
+    Works in transactions of `chunk` queued rows; `max_chunks` bounds one call so a periodic
+    job can let ingest requests in between. Queued rows of the same (1m bucket, service, route)
+    are merged first, so each target bucket is decoded, added to and re-encoded once per chunk."""
     done = 0
-    while True:
+    chunks = 0
+    while max_chunks is None or chunks < max_chunks:
+        chunks += 1
         with store.transaction():
             pending = store.pending_hists(chunk)
             if not pending:
                 return done
-            targets: dict[HistKey, list[Any]] = defaultdict(list)
+            per_key: dict[tuple[int, str, str], Any] = {}
             for _id, b1m, service, route, encoded in pending:
                 h = histogram.decode_trusted(encoded)
+                acc = per_key.get((b1m, service, route))
+                if acc is None:
+                    per_key[(b1m, service, route)] = h
+                else:
+                    acc.add(h)
+            targets: dict[HistKey, list[Any]] = defaultdict(list)
+            for (b1m, service, route), h in per_key.items():
                 for win in WINDOWS.values():
                     bs = bucket_start(b1m, win)
                     targets[(win, bs, service, route)].append(h)
@@ -131,7 +145,8 @@ def compact(store: Store, *, chunk: int = 20_000) -> int:
             store.delete_pending_through(pending[-1][0])
         done += len(pending)
         if len(pending) < chunk:
-            return done
+            break
+    return done
 
 
 def run_retention(store: Store, now: float) -> dict[str, int]:
