@@ -30,10 +30,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.control import histogram, rollup  # noqa: E402
-from gateway.control.ingest import parse_batch  # noqa: E402
-from gateway.control.store import Store  # noqa: E402
-from tests.conftest import free_port, wait_port  # noqa: E402
+from gateway.control import histogram, rollup
+from gateway.control.ingest import parse_batch
+from gateway.control.store import Store
+from tests.conftest import free_port, wait_port
 
 TOKEN = "bench-token"
 
@@ -166,9 +166,10 @@ def populate(path: Path, now: float) -> None:
 
 
 async def bench_signals(workdir: Path) -> None:
+    from aiohttp import web
+
     from gateway.control.app import create_app
     from gateway.control.config import ControlConfig, TokenConfig
-    from aiohttp import web
 
     now = time.time()
     db = workdir / "signals.db"

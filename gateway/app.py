@@ -163,11 +163,16 @@ class GatewayServer:
         gateway_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
         if self.worker_index is not None:
             gateway_id += f"-w{self.worker_index}"
-        self._shipper = Shipper(cfg.control_plane, lambda: self.signals.swap().to_wire(),
+        self._shipper = Shipper(cfg.control_plane, self._snapshot,
                                 gateway_id=gateway_id, clock=self.clock,
                                 on_result=self.signals.record_shipper,
                                 on_spooled=self.signals.set_spooled)
         asyncio.get_running_loop().create_task(self._shipper.start())
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """The interval's aggregates for the shipper; None when nothing happened."""
+        agg = self.signals.swap()
+        return None if agg.is_empty else agg.to_wire()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), flush, close."""

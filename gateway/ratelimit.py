@@ -53,12 +53,17 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Config, LimitConfig, RedisConfig, RouteConfig
-from gateway.errors import (PROBLEM_CONTENT_TYPE, QUOTA_EXCEEDED, REDUCED_CAPACITY, StoreError,
-                            problem_body)
+from gateway.errors import (
+    PROBLEM_CONTENT_TYPE,
+    QUOTA_EXCEEDED,
+    REDUCED_CAPACITY,
+    StoreError,
+    problem_body,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -80,7 +85,7 @@ def refill(tokens: float, stamp: float, now: float, rate: float, capacity: float
     if now <= stamp:
         return tokens
     t = tokens + (now - stamp) * rate
-    return capacity if t > capacity else t
+    return min(t, capacity)
 
 
 def admits(tokens: float, cost: float = 1) -> bool:
@@ -194,6 +199,21 @@ class MemoryStore:
                  consume: bool) -> tuple[bool, list[float]]:
         now = self._clock.monotonic()
         tables = self._tables
+        if len(buckets) == 1:  # the common case, spelled out
+            b = buckets[0]
+            table = tables.get(b.id)
+            st = table.get(idents[0]) if table is not None else None
+            t = b.capacity if st is None else refill(st[0], st[1], now, b.rate, b.capacity)
+            if t < cost - EPSILON:
+                return not b.enforce, [t]
+            if not consume:
+                return True, [t]
+            if st is None or table is None:
+                self._insert(b, idents[0], t - cost, now)
+            else:
+                st[0] = t - cost if t > cost else 0.0
+                st[1] = max(st[1], now)
+            return True, [t]
         tokens: list[float] = []
         admitted = True
         for b, ident in zip(buckets, idents):
@@ -206,21 +226,24 @@ class MemoryStore:
         if admitted and consume:
             for b, ident, t in zip(buckets, idents, tokens):
                 if t >= cost - EPSILON:
-                    table = tables.get(b.id)
-                    if table is None:
-                        table = tables[b.id] = {}
-                        self._sweep_at[b.id] = self.SWEEP_MIN
-                    st = table.get(ident)
                     left = t - cost if t > cost else 0.0
+                    table = tables.get(b.id)
+                    st = table.get(ident) if table is not None else None
                     if st is None:
-                        table[ident] = [left, now]
-                        if len(table) > self._sweep_at[b.id]:
-                            self._sweep(b, table, now)
+                        self._insert(b, ident, left, now)
                     else:
                         st[0] = left
-                        if now > st[1]:
-                            st[1] = now
+                        st[1] = max(st[1], now)
         return admitted, tokens
+
+    def _insert(self, b: Bucket, ident: str, left: float, now: float) -> None:
+        table = self._tables.get(b.id)
+        if table is None:
+            table = self._tables[b.id] = {}
+            self._sweep_at[b.id] = self.SWEEP_MIN
+        table[ident] = [max(0.0, left), now]
+        if len(table) > self._sweep_at[b.id]:
+            self._sweep(b, table, now)
 
     def refund(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int) -> None:
         now = self._clock.monotonic()
@@ -280,6 +303,7 @@ class SharedStore:
                 if len(head) == _TABLE_HEADER.size and head[:8] == _TABLE_MAGIC:
                     _, slots, probe = _TABLE_HEADER.unpack(head)
                 else:  # first worker here: size the table (sparse file, zero = empty slots)
+                    os.ftruncate(self._fd, 0)
                     os.ftruncate(self._fd, _HEADER_SIZE + slots * _SLOT.size)
                     os.pwrite(self._fd, _TABLE_HEADER.pack(_TABLE_MAGIC, slots, probe), 0)
             finally:
@@ -308,8 +332,7 @@ class SharedStore:
             for b, d in zip(buckets, digests):
                 off, full_at = self._locate(d, now)
                 t = b.capacity - (full_at - now) * b.rate if full_at > now else b.capacity
-                if t < 0.0:
-                    t = 0.0
+                t = max(t, 0.0)
                 tokens.append(t)
                 slots.append(off)
                 if b.enforce and t < cost - EPSILON:
@@ -478,6 +501,7 @@ class _Policy:
     remote: bool
     enforce: bool
     item: str                  # '"name";q=1000;w=3600'
+    rl_prefix: str             # '"name";r=' for the RateLimit header
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +525,9 @@ class _Plan:
     policy_header: str                 # RateLimit-Policy on 429: every enforced policy
     admit_policy_header: str           # RateLimit-Policy on admits: enforced with headers: true
     admit_idx: tuple[int, ...]
+    local_only: bool                   # one local group: the fast path
+    buckets: tuple[Bucket, ...]
+    has_shadow: bool
 
 
 _KEY_HEADERS = {"user_id": "X-User-Id", "client_id": "X-Client-Id", "api_key": "X-Api-Key"}
@@ -542,9 +569,8 @@ class Limiter:
         self._local: MemoryStore | SharedStore
         path = os.path.join(shared_dir, "ratelimit.table") if shared_dir else None
         prev_local = previous._local if previous is not None else None
-        if path is None and isinstance(prev_local, MemoryStore):
-            self._local = prev_local
-        elif path is not None and isinstance(prev_local, SharedStore) and prev_local.path == path:
+        if (path is None and isinstance(prev_local, MemoryStore)) or (
+                isinstance(prev_local, SharedStore) and prev_local.path == path):
             self._local = prev_local
         elif path is not None:
             self._local = SharedStore(path, clock=clock)
@@ -578,7 +604,8 @@ class Limiter:
         return _Policy(cfg=lim, name=lim.name, kind=kind, header=header, bucket=make_bucket(lim),
                        fallback=make_bucket(lim, fallback=True), remote=lim.store == "redis",
                        enforce=lim.mode == "enforce",
-                       item=f'"{lim.name}";q={lim.rate_count};w={_window(lim.period_s)}')
+                       item=f'"{lim.name}";q={lim.rate_count};w={_window(lim.period_s)}',
+                       rl_prefix=f'"{lim.name}";r=')
 
     def _store(self, remote: bool) -> BucketStore:
         if remote:
@@ -608,7 +635,10 @@ class Limiter:
         plan = _Plan(policies=policies, groups=tuple(groups),
                      policy_header=", ".join(p.item for p in enforced),
                      admit_policy_header=", ".join(policies[i].item for i in admit_idx),
-                     admit_idx=admit_idx)
+                     admit_idx=admit_idx,
+                     local_only=len(groups) == 1 and groups[0].local,
+                     buckets=tuple(p.bucket for p in policies),
+                     has_shadow=any(not p.enforce for p in policies))
         self._plans[names] = plan
         return plan
 
@@ -658,6 +688,13 @@ class Limiter:
         if plan is None:
             return ALLOWED
         idents = self._identifiers(plan, request)
+        if plan.local_only:  # the common case, without a suspension point
+            ok, local_tokens = self._local.take_now(plan.buckets, idents, 1, True)
+            if self._listeners or plan.has_shadow:
+                self._emit(plan, range(len(idents)), local_tokens, _NO_ERRORS, idents)
+            if not ok:
+                return self._limited(plan, plan.groups[0], local_tokens)
+            return self._admitted(plan, local_tokens, False)
         n = len(plan.policies)
         before: list[float | None] = [None] * n
         errored: list[bool] = [False] * n
@@ -679,12 +716,15 @@ class Limiter:
             if group.local:
                 taken.append((group, g_idents, tokens))
         self._emit(plan, range(n), before, errored, idents)
+        return self._admitted(plan, before, True in errored)
+
+    def _admitted(self, plan: _Plan, before: Sequence[float | None],
+                  errored: bool) -> LimitOutcome:
         decision = "allowed"
-        if True in errored:
+        if errored:
             decision = "store_error"
-        else:
-            for i, p in enumerate(plan.policies):
-                t = before[i]
+        elif plan.has_shadow:
+            for p, t in zip(plan.policies, before):
                 if not p.enforce and t is not None and t < 1 - EPSILON:
                     decision = "shadow_limited"
         if not plan.admit_idx:
@@ -754,8 +794,8 @@ class Limiter:
         return client_address(host, request.headers.getall("X-Forwarded-For", ()),
                               self._trusted)
 
-    def _emit(self, plan: _Plan, evaluated: Sequence[int] | range, before: list[float | None],
-              errored: list[bool], idents: list[str]) -> None:
+    def _emit(self, plan: _Plan, evaluated: Sequence[int] | range,
+              before: Sequence[float | None], errored: Sequence[bool], idents: list[str]) -> None:
         listeners = self._listeners
         for i in evaluated:
             p = plan.policies[i]
@@ -786,7 +826,8 @@ class Limiter:
                     wait_s(tokens, 1, p.bucket.rate),
                     f"; {suppressed} more since the last report" if suppressed else "")
 
-    def _limited(self, plan: _Plan, group: _Group, before: list[float | None]) -> LimitOutcome:
+    def _limited(self, plan: _Plan, group: _Group,
+                 before: Sequence[float | None]) -> LimitOutcome:
         violated: list[_Policy] = []
         worst: _Policy | None = None
         worst_wait = -1.0
@@ -805,20 +846,24 @@ class Limiter:
             ("Content-Type", PROBLEM_CONTENT_TYPE),
             ("Retry-After", str(ra)),
             ("RateLimit-Policy", plan.policy_header),
-            ("RateLimit", f'"{worst.name}";r={whole_tokens(worst_tokens)};'
-                          f't={reset_s(worst_tokens, b.rate, b.capacity)}'),
+            ("RateLimit", (f"{worst.rl_prefix}{whole_tokens(worst_tokens)};"
+                           f"t={reset_s(worst_tokens, b.rate, b.capacity)}")),
         )
         names = [p.name for p in violated]
+        extra: dict[str, Any] = {"violated-policies": names}
         body = problem_body(
             429, f"rate limit {', '.join(names)} exceeded; retry in {ra} s", QUOTA_EXCEEDED,
-            **{"violated-policies": names})
+            **extra)
         return LimitOutcome(False, 429, headers, body, "limited")
 
     @staticmethod
     def _denied() -> LimitOutcome:
         return _DENIED
 
-    def _admit_headers(self, plan: _Plan, before: list[float | None]) -> tuple[tuple[str, str], ...]:
+    @staticmethod
+    def _admit_headers(plan: _Plan, before: Sequence[float | None]) -> tuple[tuple[str, str], ...]:
+        """RateLimit-Policy, and RateLimit for the policy closest to rejecting: fewest whole
+        tokens left, then the longest time until full."""
         best: _Policy | None = None
         best_r = 0
         best_t = 0
@@ -827,15 +872,17 @@ class Limiter:
             if t is None:
                 continue
             p = plan.policies[i]
-            left = t - 1 if t > 1 else 0.0
-            r = whole_tokens(left)
-            reset = reset_s(left, p.bucket.rate, p.bucket.capacity)
+            b = p.bucket
+            left = t - 1.0 if t > 1.0 else 0.0
+            r = int(left + EPSILON)                     # floor, left >= 0
+            short = b.capacity - left
+            reset = math.ceil(short / b.rate - EPSILON) if short > EPSILON else 0
             if best is None or r < best_r or (r == best_r and reset > best_t):
                 best, best_r, best_t = p, r, reset
         if best is None:
             return (("RateLimit-Policy", plan.admit_policy_header),)
         return (("RateLimit-Policy", plan.admit_policy_header),
-                ("RateLimit", f'"{best.name}";r={best_r};t={best_t}'))
+                ("RateLimit", f"{best.rl_prefix}{best_r};t={best_t}"))
 
     # -- admin ----------------------------------------------------------------------------------
 
@@ -868,6 +915,15 @@ class Limiter:
         return {"allowed": allowed, "remaining": whole_tokens(t), "retry_after_s": retry,
                 "reset_time": math.ceil(self._clock.time() + full_in_s(t, b.rate, b.capacity))}
 
+
+class _NoErrors:
+    """errored[i] for a path with no store errors."""
+
+    def __getitem__(self, i: int) -> bool:
+        return False
+
+
+_NO_ERRORS: Sequence[bool] = _NoErrors()  # type: ignore[assignment]
 
 _DENIED = LimitOutcome(
     False, 503,

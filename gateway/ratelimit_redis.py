@@ -91,7 +91,7 @@ class RedisStore:
                     await self._client.script_load(SCRIPT)
                     res = await self._client.execute_command(
                         "EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-        except Exception as exc:  # noqa: BLE001 - wrapped at the boundary
+        except Exception as exc:
             self._failed(exc)
             raise StoreError(f"redis call failed: {type(exc).__name__}: {exc}") from exc
         return res[0] == 1, [float(x) for x in res[1:]]

@@ -18,6 +18,7 @@ a batch whose response was lost is simply sent again.
   are kept for inspection), logged and skipped.
 * `on_result(result)`: "success" per delivered batch, "failure" per failed attempt, "spooled" per
   batch written to disk, "dropped" per batch given up. `on_spooled(n)`: the spool's batch count.
+* `snapshot()` may return None: nothing to ship this interval.
 * File IO, JSON encoding and gzip run in threads; nothing here runs on the request path.
 """
 
@@ -67,7 +68,7 @@ class _Spooled:
 class Shipper:
     """Background delivery of aggregates to the control plane. `start()`, then `stop()`."""
 
-    def __init__(self, cfg: ControlPlaneConfig, snapshot: Callable[[], dict[str, Any]], *,
+    def __init__(self, cfg: ControlPlaneConfig, snapshot: Callable[[], dict[str, Any] | None], *,
                  gateway_id: str, clock: Clock = SYSTEM_CLOCK,
                  on_result: Callable[[str], None] | None = None,
                  on_spooled: Callable[[int], None] | None = None,
@@ -108,12 +109,15 @@ class Shipper:
         if self._started:
             return
         self._started = True
-        files, max_seq = await asyncio.to_thread(self._scan)
-        self._files = deque(files)
-        self._bytes = sum(f.size for f in files)
-        self._seq = max(int(self._clock.time() * 1000), max_seq + 1)
+        # Usable at once, even if stop() comes while the spool is being scanned.
+        self._seq = int(self._clock.time() * 1000)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout))
+        files, max_seq = await asyncio.to_thread(self._scan)
+        async with self._lock:
+            self._files = deque(sorted(set(files) | set(self._files), key=lambda f: f.path.name))
+            self._bytes = sum(f.size for f in self._files)
+            self._seq = max(self._seq, max_seq + 1)
         self._spooled_changed()
         if files:
             log.info("spool found", extra={"event": "shipper_spool_found", "batches": len(files),
@@ -163,8 +167,11 @@ class Shipper:
     # Public single steps (the background tasks use them; tests drive them directly)
 
     async def tick(self) -> None:
-        """One interval: snapshot, then deliver now or queue behind the spool."""
+        """One interval: snapshot, then deliver now or queue behind the spool.
+        A snapshot of None means nothing to ship this time."""
         batch = await self._take()
+        if batch is None:
+            return
         async with self._lock:
             if not self._files and self._clock.monotonic() >= self._retry_at:
                 try:
@@ -232,8 +239,10 @@ class Shipper:
     # -----------------------------------------------------------------------------------------
     # Delivery
 
-    async def _take(self) -> _Batch:
+    async def _take(self) -> _Batch | None:
         doc = self._snapshot()
+        if doc is None:
+            return None
         seq = self._seq
         self._seq += 1
         batch_id = f"{self.gateway_id}-{seq}"
@@ -260,7 +269,7 @@ class Shipper:
                     retry_after = float(resp.headers["Retry-After"])
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._result("failure")
             self._backoff(None)
             self._log_failure(batch, f"{type(exc).__name__}: {exc}".rstrip(": "))

@@ -10,8 +10,16 @@ import pytest
 from gateway.control.auth import ACCESS, Authenticator
 from gateway.control.config import TokenConfig
 from tests.fakes import FakeClock
-from tests.test_control_support import (DAY0, TOKENS, batch, control_plane, get, ingest, series,
-                                        store_of)
+from tests.test_control_support import (
+    DAY0,
+    TOKENS,
+    batch,
+    control_plane,
+    get,
+    ingest,
+    series,
+    store_of,
+)
 
 T = DAY0 + 3_600
 ROLES = ("admin", "monitor", "reader", "gateway")
@@ -47,7 +55,7 @@ async def _call(s, url: str, method: str, path: str, caller: str | None) -> tupl
 
 @pytest.mark.parametrize("method,path,allowed", MATRIX, ids=[m[1] for m in MATRIX])
 async def test_role_matrix(tmp_path, method, path, allowed):
-    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, app):
+    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, _app):
         for caller in CALLERS:
             status, doc = await _call(s, url, method, path, caller)
             if caller not in ROLES:
@@ -71,7 +79,7 @@ def test_matrix_matches_the_access_table():
 
 
 async def test_open_endpoints_and_unknown_paths(tmp_path):
-    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, app):
+    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, _app):
         async with s.get(f"{url}/healthz") as resp:
             assert resp.status == 200 and await resp.json() == {"status": "ok"}
         async with s.get(f"{url}/") as resp:
@@ -135,7 +143,7 @@ async def test_retention_run_is_audited_and_audit_filters(tmp_path):
 
 
 async def test_bad_query_parameters_are_400(tmp_path):
-    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, app):
+    async with control_plane(tmp_path, FakeClock(wall=T + 30)) as (url, s, _app):
         for params, field in (({"window": "2m"}, "window"), ({"since": "yesterday"}, "since"),
                               ({"until": "nan"}, "until"), ({"since": "100", "until": "50"},
                                                             "since")):

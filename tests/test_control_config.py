@@ -112,7 +112,7 @@ def test_run_serves_logs_and_stops_on_sigterm(tmp_path: Path):
             assert orjson.loads(resp.read()) == {"status": "ok"}
         assert (tmp_path / "db" / "c.db").exists()          # relative to the working directory
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        _out, err = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
             proc.kill()

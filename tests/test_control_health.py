@@ -56,7 +56,7 @@ EXPECTED = {
 
 
 async def test_overview_statuses_for_each_threshold(tmp_path):
-    async with control_plane(tmp_path, FakeClock(wall=NOW)) as (url, s, app):
+    async with control_plane(tmp_path, FakeClock(wall=NOW)) as (url, s, _app):
         for i, (service, (now_series, base_series, cpu)) in enumerate(CASES.items()):
             sat = {"inflight_max": 1, "loop_lag_max_s": 0.001, "cpu_percent": cpu,
                    "rss_bytes": 1}
@@ -97,7 +97,7 @@ async def test_overview_statuses_for_each_threshold(tmp_path):
 
 async def test_overview_window_moves_with_the_clock(tmp_path):
     clock = FakeClock(wall=NOW)
-    async with control_plane(tmp_path, clock) as (url, s, app):
+    async with control_plane(tmp_path, clock) as (url, s, _app):
         doc = batch("e-1", AT, [_s("svc", 200, 90, 1000), _s("svc", 500, 10, 1000)])
         assert (await ingest(s, url, doc))[0] == 200
         _, doc = await get(s, url, "/v1/health/overview", role="monitor")

@@ -13,8 +13,17 @@ import orjson
 import pytest
 
 from tests.fakes import FakeClock
-from tests.test_control_support import (DAY0, auth, batch, control_plane, get, ingest, series,
-                                        signals, store_of)
+from tests.test_control_support import (
+    DAY0,
+    auth,
+    batch,
+    control_plane,
+    get,
+    ingest,
+    series,
+    signals,
+    store_of,
+)
 
 T = DAY0 + 3_600          # batches start at 01:00:00 UTC
 
@@ -24,7 +33,7 @@ def _clock() -> FakeClock:
 
 
 async def test_ingest_then_signals_exact_counts(tmp_path):
-    async with control_plane(tmp_path, _clock()) as (url, s, app):
+    async with control_plane(tmp_path, _clock()) as (url, s, _app):
         doc = batch("gw1-1", T, [
             series("r1", "svc", 200, latencies_us=[1000] * 7),
             series("r1", "svc", 404, latencies_us=[500] * 2),
@@ -179,7 +188,7 @@ async def test_invalid_batches_are_rejected_and_nothing_is_stored(tmp_path, path
 
 
 async def test_every_error_is_reported(tmp_path):
-    async with control_plane(tmp_path, _clock()) as (url, s, app):
+    async with control_plane(tmp_path, _clock()) as (url, s, _app):
         doc = _valid()
         doc["series"][0]["count"] = -1
         doc["series"][2]["code"] = 1000
@@ -259,7 +268,7 @@ async def test_histogram_bomb_and_foreign_histograms_are_rejected(tmp_path):
 
 
 async def test_breakers_and_gateways_are_recorded(tmp_path):
-    async with control_plane(tmp_path, _clock()) as (url, s, app):
+    async with control_plane(tmp_path, _clock()) as (url, s, _app):
         assert (await ingest(s, url, _valid()))[0] == 200
         # a late batch from the same gateway does not overwrite the newer breaker state
         older = _valid()

@@ -11,8 +11,16 @@ from gateway.control import histogram, rollup
 from gateway.control.ingest import parse_batch
 from gateway.control.store import Store
 from tests.fakes import FakeClock
-from tests.test_control_support import (DAY0, batch, control_plane, get, ingest, series,
-                                        signals, store_of)
+from tests.test_control_support import (
+    DAY0,
+    batch,
+    control_plane,
+    get,
+    ingest,
+    series,
+    signals,
+    store_of,
+)
 
 
 def _true_percentile(sorted_values: list[int], p: float) -> int:
@@ -27,7 +35,7 @@ async def test_percentiles_merge_exactly_across_three_gateways(tmp_path):
     t = DAY0 + 7_200
     clock = FakeClock(wall=t + 50)
     all_values: list[int] = []
-    async with control_plane(tmp_path, clock) as (url, s, app):
+    async with control_plane(tmp_path, clock) as (url, s, _app):
         for g, (lo, hi) in enumerate([(200, 5_000), (1_000, 80_000), (50_000, 2_500_000)]):
             values = [rng.randint(lo, hi) for _ in range(3_000 + 1_000 * g)]
             all_values += values
@@ -69,7 +77,7 @@ def test_percentiles_helper_matches_hdrh():
 
 async def test_rollups_into_5m_1h_1d(tmp_path):
     clock = FakeClock(wall=DAY0 + 86_400 - 30)           # the end of the day
-    async with control_plane(tmp_path, clock) as (url, s, app):
+    async with control_plane(tmp_path, clock) as (url, s, _app):
         # one batch every 10 minutes from 00:00 to 23:50, 3 requests each (2 ok + one 503)
         for i in range(144):
             start = DAY0 + 600 * i
@@ -105,7 +113,7 @@ async def test_rollups_into_5m_1h_1d(tmp_path):
 async def test_late_batch_lands_in_its_own_bucket(tmp_path):
     now = DAY0 + 86_400 + 12 * 3600                       # day 2, noon
     clock = FakeClock(wall=now)
-    async with control_plane(tmp_path, clock) as (url, s, app):
+    async with control_plane(tmp_path, clock) as (url, s, _app):
         late_start = now - 20 * 3600 + 17                  # 16:00:17 of day 1
         doc = batch("late-1", late_start, [series("r1", "svc", 200, latencies_us=[5000])])
         assert (await ingest(s, url, doc))[0] == 200

@@ -19,10 +19,25 @@ from multidict import CIMultiDict
 from gateway.clock import Clock
 from gateway.config import Config, LimitConfig, RedisConfig, RouteConfig
 from gateway.errors import QUOTA_EXCEEDED
-from gateway.ratelimit import (ANONYMOUS, EPSILON, Limiter, LimitOutcome, MemoryStore,
-                               SharedStore, admits, client_address, full_in_s, hash_api_key,
-                               make_bucket, refill, reset_s, retry_after, take_all, wait_s,
-                               whole_tokens)
+from gateway.ratelimit import (
+    ANONYMOUS,
+    EPSILON,
+    Limiter,
+    LimitOutcome,
+    MemoryStore,
+    SharedStore,
+    admits,
+    client_address,
+    full_in_s,
+    hash_api_key,
+    make_bucket,
+    refill,
+    reset_s,
+    retry_after,
+    take_all,
+    wait_s,
+    whole_tokens,
+)
 from tests.fakes import FakeClock
 
 # ---------------------------------------------------------------------------------------------
@@ -669,3 +684,37 @@ async def test_workers_env_selects_the_shared_store(tmp_path: Path,
     single = Limiter(config([limit("a", "1/second")]))
     assert isinstance(single._local, MemoryStore)
     await single.close()
+
+
+async def test_over_http_with_a_real_peer(aiohttp_client: Any) -> None:
+    """Through a real aiohttp server: the peer address comes from the transport, and the
+    outcome's status, headers and body reach the client as they are."""
+    from aiohttp import web
+
+    clock = FakeClock()
+    lim = Limiter(config([limit("ip", "1/minute", burst=1, key="ip_address")]), clock=clock)
+    r = route("ip")
+
+    async def handler(request: web.Request) -> web.Response:
+        o = await lim.check(r, request)
+        if not o.allowed:
+            return web.Response(status=o.status, headers=dict(o.headers), body=o.body)
+        return web.Response(text="ok", headers=dict(o.headers))
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    statuses = []
+    for _ in range(3):
+        async with client.get("/") as resp:
+            statuses.append(resp.status)
+            last = resp
+            body = await resp.read()
+    assert statuses == [200, 200, 429]
+    assert last.headers["Retry-After"] == "60"
+    assert parse_items(last.headers["RateLimit-Policy"]) == {"ip": {"q": 1, "w": 60}}
+    assert parse_items(last.headers["RateLimit"]) == {"ip": {"r": 0, "t": 120}}
+    assert last.headers["Content-Type"] == "application/problem+json"
+    assert orjson.loads(body)["violated-policies"] == ["ip"]
+    assert (await lim.test("ip", "127.0.0.1"))["remaining"] == 0
+    await lim.close()

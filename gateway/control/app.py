@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -73,7 +73,7 @@ class Database:
 class Metrics:
     """The control plane's own Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.batches = Counter("control_ingest_batches_total", "Ingest requests by result",
                                ["result"], registry=self.registry)
@@ -85,9 +85,9 @@ class Metrics:
                                   registry=self.registry)
         self.series = Counter("control_ingest_series_total", "Series rows accepted",
                               registry=self.registry)
-        pending = Gauge("control_pending_histograms",
-                        "Ingested histograms not yet merged into rollups", registry=self.registry)
-        pending.set_function(db.store.pending_count)
+        self.pending = Gauge("control_pending_histograms",
+                             "Ingested histograms not yet merged into rollups",
+                             registry=self.registry)
 
 
 CONFIG = web.AppKey("config", ControlConfig)
@@ -111,7 +111,7 @@ def problem(status: int, detail: str, **extra: Any) -> web.Response:
 def requires(permission: str) -> Callable[[Handler], Handler]:
     """Mark a handler with the permission (see auth.ACCESS) a caller's role must hold."""
     def mark(handler: Handler) -> Handler:
-        handler.permission = permission
+        handler.permission = permission  # type: ignore[attr-defined]
         return handler
     return mark
 
@@ -158,7 +158,7 @@ def parse_time(name: str, value: str) -> float:
         except ValueError:
             raise BadParam(name, f"must be unix seconds or ISO-8601, got {value!r}") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         return dt.timestamp()
     if not math.isfinite(t):
         raise BadParam(name, f"must be a finite number, got {value!r}")
@@ -205,7 +205,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    m = request.app[METRICS]
+    # read on the database thread: a scrape never waits on the store's lock in the event loop
+    m.pending.set(await request.app[DB].call(request.app[DB].store.pending_count))
+    body = generate_latest(m.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -378,7 +381,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = Database(Store(cfg.database, clock=clock))
         app[DB] = db
-        app[METRICS] = Metrics(db)
+        app[METRICS] = Metrics()
         async def compact_in_steps() -> None:
             # one chunk per executor call: ingest requests queue in between, not behind it all
             while await db.call(rollup.compact, db.store, max_chunks=1) >= rollup.CHUNK:
