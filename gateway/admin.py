@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
+from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, StoreError, problem_body
 
 
 class AdminBackend(Protocol):
@@ -118,6 +118,10 @@ def make_app(backend: AdminBackend) -> web.Application:
             return json_response(await backend.limits_test(limit, key, n))
         except KeyError:
             return problem(404, f"no limit named {limit!r}")
+        except StoreError as exc:
+            resp = problem(503, f"the limiter store is unavailable: {exc.detail}")
+            resp.headers["Retry-After"] = "1"
+            return resp
 
     async def reload(request: web.Request) -> web.Response:
         try:

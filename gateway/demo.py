@@ -113,5 +113,5 @@ def make_app(extra: list[web.RouteDef] | None = None) -> web.Application:
 
 def run(host: str, port: int) -> None:
     from gateway.eventloop import new_loop
-    web.run_app(make_app(), host=host, port=port, print=None, access_log=None,
+    web.run_app(make_app(), host=host, port=port, print=None, access_log=None, backlog=4096,
                 handle_signals=True, loop=new_loop())

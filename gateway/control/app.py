@@ -10,7 +10,9 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /v1/breakers               breakers   breaker states as last reported + recent transitions
   GET  /v1/audit                  audit      the audit log (admin)
   POST /v1/admin/retention/run    admin      run the retention job now (audited)
-  GET  /healthz, GET /metrics, GET /          no auth
+  GET  /v1/me                     (any)      the caller's name, role and permissions
+  GET  /healthz, GET /metrics                 no auth
+  GET  /, /static/...                         the dashboard (see dashboard.py), no auth
 
 SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
 loop stays responsive and the store sees one caller at a time.
@@ -37,7 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
-from gateway.control import health, rollup
+from gateway.control import dashboard, health, rollup
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body
@@ -191,13 +193,6 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Handlers
-
-
-async def index(request: web.Request) -> web.Response:
-    return web.Response(text="<!doctype html><title>gateway control plane</title>"
-                             "<h1>gateway control plane</h1><p>The dashboard arrives in a later "
-                             "release. API: <code>/v1/health/overview</code>, "
-                             "<code>/v1/signals</code>.</p>", content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -403,7 +398,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
                 db.close()
 
     app.cleanup_ctx.append(database)
-    app.router.add_get("/", index)
+    dashboard.setup(app)                       # GET /, /static/..., /v1/me
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/ingest", ingest)

@@ -114,6 +114,67 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              details TEXT NOT NULL)""",
         "CREATE INDEX audit_at ON audit(at)",
     ]),
+    # --- Costs and budgets (issue 8): migration 3 ------------------------------------------
+    # cost_usage     metered quantities per 15-minute bucket, (service, route, cost_type, unit,
+    #                price); money is derived per row (see costs.py), so every grouping of the
+    #                same rows adds up to the same integer micro-dollars
+    # cost_charges   imported costs (POST /v1/costs, FOCUS fields) accruing over their period
+    # cost_services  first time a service was metered (fixed monthly fees accrue from then)
+    # budgets, budget_alerts (one row per budget, period, kind, threshold: alert dedup)
+    (3, [
+        """CREATE TABLE cost_usage (
+             service TEXT NOT NULL,
+             bucket_start INTEGER NOT NULL,
+             route TEXT NOT NULL,
+             cost_type TEXT NOT NULL,
+             unit TEXT NOT NULL,
+             price TEXT NOT NULL,
+             quantity INTEGER NOT NULL,
+             PRIMARY KEY (service, bucket_start, route, cost_type, unit, price)) WITHOUT ROWID""",
+        "CREATE INDEX cost_usage_time ON cost_usage(bucket_start)",
+        """CREATE TABLE cost_charges (
+             id INTEGER PRIMARY KEY,
+             charge_key TEXT UNIQUE,
+             service TEXT NOT NULL,
+             cost_type TEXT NOT NULL,
+             category TEXT NOT NULL,
+             period_start INTEGER NOT NULL,
+             period_end INTEGER NOT NULL,
+             micros INTEGER NOT NULL,
+             description TEXT NOT NULL,
+             imported_at REAL NOT NULL,
+             actor TEXT NOT NULL)""",
+        "CREATE INDEX cost_charges_span ON cost_charges(period_start, period_end)",
+        """CREATE TABLE cost_services (
+             service TEXT PRIMARY KEY,
+             first_seen INTEGER NOT NULL)""",
+        """CREATE TABLE budgets (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             name TEXT NOT NULL UNIQUE,
+             spec TEXT NOT NULL,
+             override_cents INTEGER,
+             override_expires_at REAL,
+             override_reason TEXT,
+             source TEXT NOT NULL,
+             config_hash TEXT,
+             created_at REAL NOT NULL,
+             updated_at REAL NOT NULL)""",
+        """CREATE TABLE budget_alerts (
+             id INTEGER PRIMARY KEY,
+             budget_id INTEGER NOT NULL,
+             budget_name TEXT NOT NULL,
+             service TEXT NOT NULL,
+             period_start INTEGER NOT NULL,
+             period_end INTEGER NOT NULL,
+             kind TEXT NOT NULL,
+             threshold TEXT NOT NULL,
+             severity TEXT NOT NULL,
+             spend_micros INTEGER NOT NULL,
+             amount_micros INTEGER NOT NULL,
+             created_at REAL NOT NULL,
+             UNIQUE (budget_id, period_start, kind, threshold))""",
+        "CREATE INDEX budget_alerts_created ON budget_alerts(created_at)",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -187,15 +248,18 @@ class Store:
         """Apply every migration newer than the database's schema_version; return the version."""
         with self._lock:
             current = self.schema_version()
-            for version, statements in MIGRATIONS:
-                if version <= current:
+            # Every version not yet applied, in order -- not only those above the highest: two
+            # features may land their migrations in either order (e.g. 3 before 2).
+            applied = {int(r[0]) for r in self._db.execute("SELECT version FROM schema_version")}
+            for version, statements in sorted(MIGRATIONS, key=lambda m: m[0]):
+                if version in applied:
                     continue
                 with self.transaction():
                     for sql in statements:
                         self._db.execute(sql)
                     self._db.execute("INSERT INTO schema_version(version, applied_at) "
                                      "VALUES (?, ?)", (version, self.clock.time()))
-                current = version
+                current = max(current, version)
             return current
 
     # -----------------------------------------------------------------------------------------
@@ -443,3 +507,153 @@ class Store:
         return [{"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "target": r[4],
                  "reason": r[5], "details": orjson.loads(r[6])} for r in rows]
 
+
+    # --- Costs and budgets (issue 8) ---------------------------------------------------------
+    # (SQL only; the money maths is in budgets.py / costs.py)
+
+    def add_cost_usage(self, rows: Iterable[tuple[str, int, str, str, str, str, int]]) -> None:
+        """(service, bucket_start, route, cost_type, unit, price, quantity): quantities add up."""
+        self._db.executemany(
+            "INSERT INTO cost_usage(service, bucket_start, route, cost_type, unit, price, "
+            "quantity) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(service, bucket_start, route, cost_type, unit, price) "
+            "DO UPDATE SET quantity = quantity + excluded.quantity", rows)
+
+    def note_cost_services(self, rows: Iterable[tuple[str, int]]) -> None:
+        """(service, seen_at): remember the earliest time each service was metered."""
+        self._db.executemany(
+            "INSERT INTO cost_services(service, first_seen) VALUES (?, ?) "
+            "ON CONFLICT(service) DO UPDATE SET first_seen = min(first_seen, excluded.first_seen)",
+            rows)
+
+    def cost_services(self) -> dict[str, int]:
+        with self._lock:
+            return {r[0]: int(r[1]) for r in
+                    self._db.execute("SELECT service, first_seen FROM cost_services")}
+
+    def cost_usage(self, since: int, until: int, service: str | None
+                   ) -> list[tuple[str, int, str, str, str, str, int]]:
+        """Usage rows with since <= bucket_start < until (one service, or all)."""
+        sql = ("SELECT service, bucket_start, route, cost_type, unit, price, quantity "
+               "FROM cost_usage WHERE bucket_start >= ? AND bucket_start < ?")
+        args: list[Any] = [since, until]
+        if service is not None:
+            sql += " AND service = ?"
+            args.append(service)
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def add_charges(self, rows: Iterable[tuple[str | None, str, str, str, int, int, int, str,
+                                               float, str]]) -> int:
+        """(charge_key, service, cost_type, category, period_start, period_end, micros,
+        description, imported_at, actor); a charge_key seen before is skipped. Returns how many
+        were new."""
+        n = 0
+        with self.transaction():
+            for row in rows:
+                n += self._db.execute(
+                    "INSERT INTO cost_charges(charge_key, service, cost_type, category, "
+                    "period_start, period_end, micros, description, imported_at, actor) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(charge_key) DO NOTHING",
+                    row).rowcount
+        return n
+
+    def charges(self, since: int, until: int, service: str | None
+                ) -> list[tuple[str, str, int, int, int]]:
+        """(service, cost_type, period_start, period_end, micros) of the charges that accrue
+        anything in [since, until)."""
+        sql = ("SELECT service, cost_type, period_start, period_end, micros FROM cost_charges "
+               "WHERE period_start < ? AND (period_end > ? OR period_start >= ?)")
+        args: list[Any] = [until, since, since]
+        if service is not None:
+            sql += " AND service = ?"
+            args.append(service)
+        with self._lock:
+            return self._db.execute(sql + " ORDER BY id", args).fetchall()
+
+    _BUDGET_COLS = ("id", "name", "spec", "override_cents", "override_expires_at",
+                    "override_reason", "source", "config_hash", "created_at", "updated_at")
+
+    def budgets(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(self._BUDGET_COLS) +
+                                    " FROM budgets ORDER BY id").fetchall()
+        return [dict(zip(self._BUDGET_COLS, r)) for r in rows]
+
+    def budget(self, budget_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._BUDGET_COLS) +
+                                   " FROM budgets WHERE id = ?", (budget_id,)).fetchone()
+        return None if row is None else dict(zip(self._BUDGET_COLS, row))
+
+    def budget_id_by_name(self, name: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM budgets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def insert_budget(self, name: str, spec: str, source: str, config_hash: str | None,
+                      now: float) -> int | None:
+        """The new id, or None when the name is taken."""
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO budgets(name, spec, source, config_hash, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                (name, spec, source, config_hash, now, now))
+            return int(cur.lastrowid) if cur.rowcount == 1 and cur.lastrowid else None
+
+    def update_budget(self, budget_id: int, name: str, spec: str, now: float, *,
+                      config_hash: str | None = None) -> bool:
+        """False when the id is unknown; raises sqlite3.IntegrityError when the name is taken."""
+        with self.transaction():
+            sql = "UPDATE budgets SET name = ?, spec = ?, updated_at = ?"
+            args: list[Any] = [name, spec, now]
+            if config_hash is not None:
+                sql += ", config_hash = ?"
+                args.append(config_hash)
+            return self._db.execute(sql + " WHERE id = ?", (*args, budget_id)).rowcount == 1
+
+    def set_budget_override(self, budget_id: int, cents: int | None, expires_at: float | None,
+                            reason: str | None, now: float) -> bool:
+        with self.transaction():
+            return self._db.execute(
+                "UPDATE budgets SET override_cents = ?, override_expires_at = ?, "
+                "override_reason = ?, updated_at = ? WHERE id = ?",
+                (cents, expires_at, reason, now, budget_id)).rowcount == 1
+
+    def delete_budget(self, budget_id: int) -> bool:
+        with self.transaction():
+            return self._db.execute("DELETE FROM budgets WHERE id = ?",
+                                    (budget_id,)).rowcount == 1
+
+    def add_budget_alert(self, budget_id: int, budget_name: str, service: str,
+                         period_start: int, period_end: int, kind: str, threshold: str,
+                         severity: str, spend_micros: int, amount_micros: int,
+                         now: float) -> int | None:
+        """The new alert's id, or None when this (budget, period, kind, threshold) alerted
+        already: each threshold alerts once per budget per period, across restarts."""
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO budget_alerts(budget_id, budget_name, service, period_start, "
+                "period_end, kind, threshold, severity, spend_micros, amount_micros, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(budget_id, period_start, kind, threshold) DO NOTHING",
+                (budget_id, budget_name, service, period_start, period_end, kind, threshold,
+                 severity, spend_micros, amount_micros, now))
+            return int(cur.lastrowid) if cur.rowcount == 1 and cur.lastrowid else None
+
+    _ALERT_COLS = ("id", "budget_id", "budget_name", "service", "period_start", "period_end",
+                   "kind", "threshold", "severity", "spend_micros", "amount_micros", "created_at")
+
+    def budget_alerts(self, budget_id: int | None = None, limit: int = 100
+                      ) -> list[dict[str, Any]]:
+        """Newest first."""
+        sql = "SELECT " + ", ".join(self._ALERT_COLS) + " FROM budget_alerts"
+        args: list[Any] = []
+        if budget_id is not None:
+            sql += " WHERE budget_id = ?"
+            args.append(budget_id)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(self._ALERT_COLS, r)) for r in rows]
