@@ -20,6 +20,7 @@ from gateway import admin as admin_api
 from gateway import config as config_mod
 from gateway import metrics
 from gateway.breaker import BreakerSet
+from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.eventloop import new_loop
@@ -68,7 +69,8 @@ class GatewayServer:
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
-        self.proxy = Proxy(self.runtime, self.signals, self.access_log)
+        self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
+        self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard)
         # A worker's admin socket is private to its supervisor (0700 directory): no token there.
         self.token = "" if admin_unix else cfg.admin.token
         self.state = "starting"
@@ -166,7 +168,8 @@ class GatewayServer:
         self._shipper = Shipper(cfg.control_plane, self._snapshot,
                                 gateway_id=gateway_id, clock=self.clock,
                                 on_result=self.signals.record_shipper,
-                                on_spooled=self.signals.set_spooled)
+                                on_spooled=self.signals.set_spooled,
+                                on_directives=self.budget_guard.update)
         asyncio.get_running_loop().create_task(self._shipper.start())
 
     def _snapshot(self) -> dict[str, Any] | None:
@@ -299,7 +302,8 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cfg.demo_upstream:
         host, port = split_hostport(cfg.demo_upstream)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream]))
+            [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream],
+            preexec_fn=_child_setup))
         _wait_listening(host, port, timeout=10.0)
         log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
                                                   "pid": children[-1].pid})
@@ -307,10 +311,23 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cp is not None and cp.embedded:
         path = _resolve_beside(cp.config, config_path)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "control", "--config", str(path)]))
+            [sys.executable, "-m", "gateway", "control", "--config", str(path)],
+            preexec_fn=_child_setup))
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
     return children
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Own session, so a terminal's Ctrl-C reaches only the gateway, which stops its children
+    after its final flush; and SIGTERM to the child if the gateway itself dies."""
+    os.setsid()
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_listening(host: str, port: int, timeout: float) -> None:

@@ -14,7 +14,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.routing import strip
 from gateway.errors import (
@@ -27,6 +26,7 @@ from gateway.errors import (
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
     from gateway.breaker import BreakerSet, CircuitBreaker, EndpointSelector
+    from gateway.budgetguard import BudgetGuard
     from gateway.config import Config, RouteConfig, UpstreamConfig
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
@@ -98,10 +98,12 @@ class Proxy:
     """The request handler given to aiohttp's low-level server."""
 
     def __init__(self, runtime: Runtime, signals: Signals,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None,
+                 budget_guard: BudgetGuard | None = None) -> None:
         self.runtime = runtime
         self.signals = signals
         self.access_log = access_log
+        self.budget_guard = budget_guard
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
 
@@ -131,6 +133,11 @@ class Proxy:
             resp = _problem(404, f"no route matches {method} {path}")
             self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
             return resp
+        guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
+        if guard is not None and (r := guard.check(route.service)) is not None:
+            self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
+                         "budget", "-")
+            return web.Response(status=r[0], headers=r[1], body=r[2])
 
         # 2. limits
         extra_headers: tuple[tuple[str, str], ...] = ()
@@ -221,23 +228,30 @@ class Proxy:
             return web.Response(status=499)
 
         status = uresp.status
-        resp_headers: CIMultiDict[str] = CIMultiDict()
-        connection_listed = ()
+        # A plain list: aiohttp copies whatever it is given into its own CIMultiDict.
+        resp_headers: list[tuple[str, str]] = []
+        connection_listed: tuple[str, ...] = ()
+        has_request_id = False
         for name, value in uresp.headers:
             lname = name.lower()
             if lname in _RESPONSE_DROP:
                 if lname == "connection":
                     connection_listed = tuple(v.strip().lower() for v in value.split(","))
                 elif lname in ("server", "date"):
-                    resp_headers.add(name, value)
+                    resp_headers.append((name, value))
                 continue
-            resp_headers.add(name, value)
-        for name in connection_listed:
-            resp_headers.popall(name, None)
-        if "x-request-id" not in resp_headers:
-            resp_headers["X-Request-Id"] = request_id
-        for name, value in extra_headers:
-            resp_headers[name] = value
+            if lname == "x-request-id":
+                has_request_id = True
+            resp_headers.append((name, value))
+        if connection_listed:
+            resp_headers = [(n, v) for n, v in resp_headers
+                            if n.lower() not in connection_listed]
+        if not has_request_id:
+            resp_headers.append(("X-Request-Id", request_id))
+        if extra_headers:  # ours replace the upstream's own RateLimit headers, if any
+            ours = {n.lower() for n, _ in extra_headers}
+            resp_headers = [h for h in resp_headers if h[0].lower() not in ours]
+            resp_headers.extend(extra_headers)
 
         # 5. respond (small known-length bodies in one write; the rest streamed)
         bytes_out = 0
@@ -245,7 +259,7 @@ class Proxy:
         try:
             if not uresp.has_body:
                 if method == "HEAD" and uresp.content_length is not None:
-                    resp_headers["Content-Length"] = str(uresp.content_length)
+                    resp_headers.append(("Content-Length", str(uresp.content_length)))
                 uresp.release()
                 resp = web.Response(status=status, reason=uresp.reason, headers=resp_headers)
             elif uresp.content_length is not None and uresp.content_length <= SMALL_RESPONSE:

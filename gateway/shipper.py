@@ -18,6 +18,8 @@ a batch whose response was lost is simply sent again.
   are kept for inspection), logged and skipped.
 * `on_result(result)`: "success" per delivered batch, "failure" per failed attempt, "spooled" per
   batch written to disk, "dropped" per batch given up. `on_spooled(n)`: the spool's batch count.
+  `on_directives(directives)`: the `directives` object of every successful ingest response
+  (budget enforcement, see gateway/budgetguard.py).
 * `snapshot()` may return None: nothing to ship this interval.
 * File IO, JSON encoding and gzip run in threads; nothing here runs on the request path.
 """
@@ -72,6 +74,7 @@ class Shipper:
                  gateway_id: str, clock: Clock = SYSTEM_CLOCK,
                  on_result: Callable[[str], None] | None = None,
                  on_spooled: Callable[[int], None] | None = None,
+                 on_directives: Callable[[dict[str, Any]], None] | None = None,
                  timeout_s: float | None = None, backoff_base_s: float | None = None,
                  backoff_max_s: float | None = None, stop_timeout_s: float = 2.0) -> None:
         self._url = cfg.url.rstrip("/") + "/v1/ingest"
@@ -90,6 +93,7 @@ class Shipper:
         self._clock = clock
         self._on_result = on_result
         self._on_spooled = on_spooled
+        self._on_directives = on_directives
         self._seq = 0
         self._files: deque[_Spooled] = deque()
         self._bytes = 0
@@ -281,6 +285,7 @@ class Shipper:
                          extra={"event": "shipper_recovered", "failures": self._failures})
             self._failures = 0
             self._retry_at = 0.0
+            self._directives(text)
             return "ok"
         if 400 <= status < 500 and status not in _RETRY_STATUSES:
             self._result("dropped")
@@ -405,6 +410,18 @@ class Shipper:
                 self._on_result(result)
             except Exception:
                 log.exception("on_result callback failed")
+
+    def _directives(self, text: str) -> None:
+        """Feed `directives` of an ingest response (e.g. budget enforcement) to on_directives."""
+        if self._on_directives is None:
+            return
+        try:
+            doc = orjson.loads(text)
+            directives = doc.get("directives") if isinstance(doc, dict) else None
+            if isinstance(directives, dict):
+                self._on_directives(directives)
+        except Exception:
+            log.exception("on_directives callback failed")
 
     def _spooled_changed(self) -> None:
         if self._on_spooled is not None:

@@ -23,10 +23,10 @@ database: "data/c.db"
 tokens:
   - {name: ops, role: admin, token: "${ADMIN_TOK}"}
   - {name: gw, role: gateway, token: "${INGEST_TOK:-ingest-default}"}
-slos: [{name: api, objective: 0.999}]
-cost_models: {per_request_cents: 0.1}
+slos: [{name: api, service: svc, objective: 99.9}]
+cost_models: {svc: {per_request: 0.001}}
 budgets: []
-notifications: [{type: webhook, url: "http://x"}]
+notifications: [{name: hook, url: "http://x"}]
 """
 
 
@@ -35,9 +35,11 @@ def test_load_good_config():
     assert cfg.listen == "127.0.0.1:9100" and cfg.database == "data/c.db"
     assert [(t.name, t.role, t.token) for t in cfg.tokens] == [
         ("ops", "admin", "s3cret"), ("gw", "gateway", "ingest-default")]
-    assert cfg.slos == ({"name": "api", "objective": 0.999},)
-    assert cfg.cost_models == {"per_request_cents": 0.1}
-    assert cfg.notifications == ({"type": "webhook", "url": "http://x"},)
+    # issue 7: slos and notifications are parsed (see test_control_slo.py)
+    assert [(s.name, s.service, s.objective) for s in cfg.slos] == [("api", "svc", 99.9)]
+    assert cfg.cost_models == {"svc": {"per_request": 0.001}}
+    assert [(t.name, t.url, t.format) for t in cfg.notifications] == [
+        ("hook", "http://x", "alertmanager")]
     assert "s3cret" not in repr(cfg)
 
 

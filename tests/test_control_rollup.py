@@ -183,15 +183,16 @@ def test_retention_keeps_what_is_inside_the_window(tmp_path):
 
 def test_migrations_are_versioned_and_idempotent(tmp_path):
     path = tmp_path / "c.db"
+    from gateway.control.store import MIGRATIONS, SCHEMA_VERSION  # 1 + later features' ones
     s1 = Store(path)
-    assert s1.schema_version() == 1
+    assert s1.schema_version() == SCHEMA_VERSION == max(v for v, _ in MIGRATIONS)
     s1.close()
     s2 = Store(path)                      # reopening applies nothing twice
-    assert s2.migrate() == 1
+    assert s2.migrate() == SCHEMA_VERSION
     import sqlite3
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
     s2.close()
 

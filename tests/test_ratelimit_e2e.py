@@ -164,7 +164,8 @@ async def test_redis_killed_under_load(tmp_path: Path, demo_upstream: str,
                                        on_error: str, expect: set[int]) -> None:
     limits = (f'{{name: hot, key: user_id, rate: "100000/second", burst: 1000, store: redis, '
               f'on_store_error: {on_error}}}')
-    gw = limited_config(tmp_path, demo_upstream, limits, name="gw.yaml", redis_url=redis_url)
+    gw = limited_config(tmp_path, demo_upstream, limits, name="gw.yaml", redis_url=redis_url,
+                        redis_timeout_ms=250)
     try:
         async with aiohttp.ClientSession() as s:
             async def burst_of(n: int) -> tuple[list[int], float]:

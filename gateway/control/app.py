@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
 from gateway.control import dashboard, health, rollup
+from gateway.control import costs  # issue 8: cost attribution, budgets, directives
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body
@@ -207,9 +208,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _ingest_sync(store: Store, body: bytes, now: float) -> tuple[bool, str, int]:
+def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | None = None
+                 ) -> tuple[bool, str, int, dict[str, Any]]:
     batch = parse_batch(body, now=now)
-    return rollup.apply(store, batch, now), batch.batch_id, len(batch.series)
+    # --- Costs and budgets (issue 8): metered in the batch's transaction (a replay is never
+    # billed twice); then the budgets are evaluated and the gateways' directives returned.
+    with store.transaction():
+        stored = rollup.apply(store, batch, now)
+        if stored and finops is not None:
+            finops.attribute(store, batch)
+    directives = finops.directives(store, now) if finops is not None else {}
+    return stored, batch.batch_id, len(batch.series), directives
 
 
 @requires("ingest")
@@ -219,8 +228,8 @@ async def ingest(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         body = await read_body(request)
-        stored, batch_id, n_series = await app[DB].call(
-            _ingest_sync, app[DB].store, body, app[CLOCK].time())
+        stored, batch_id, n_series, directives = await app[DB].call(
+            _ingest_sync, app[DB].store, body, app[CLOCK].time(), app.get(costs.FINOPS))
     except IngestError as exc:
         result = {400: "invalid", 413: "too_large", 415: "unsupported"}.get(exc.status, "invalid")
         m.batches.labels(result).inc()
@@ -237,7 +246,7 @@ async def ingest(request: web.Request) -> web.Response:
     if stored:
         m.series.inc(n_series)
     return _json({"accepted": True, "duplicate": not stored, "batch_id": batch_id,
-                  "directives": {}})
+                  "directives": directives})
 
 
 def _signal_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -288,8 +297,11 @@ def _overview_sync(store: Store, now: float) -> dict[str, Any]:
     rows_now = store.service_buckets(60, win["since"], win["until"])
     rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
     rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
+    from gateway.control import incidents  # issue 7: the active incidents
     return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
-                           store.service_upstreams(), win, now)
+                           store.service_upstreams(), win, now,
+                           incidents=[incidents.summary(i)
+                                      for i in store.incidents(active=True, limit=100)])
 
 
 @requires("health:read")
@@ -366,7 +378,8 @@ async def retention_run(request: web.Request) -> web.Response:
 
 def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
                compact_interval_s: float = 2.0,
-               retention_interval_s: float = 900.0) -> web.Application:
+               retention_interval_s: float = 900.0,
+               evaluation_interval_s: float = 5.0) -> web.Application:
     """The control plane application. Opens (and migrates) the database at startup."""
     app = web.Application(middlewares=[middleware], client_max_size=1024 ** 2)
     app[CONFIG] = cfg
@@ -399,6 +412,12 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
 
     app.cleanup_ctx.append(database)
     dashboard.setup(app)                       # GET /, /static/..., /v1/me
+    costs.setup(app)                           # issue 8: /v1/costs, /v1/budgets[/{id}]
+    # --- SLOs, alerts, incidents (issue 7): /v1/slos, /v1/error-budgets, /v1/deploy-gate,
+    # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
+    # this module.)
+    from gateway.control.reliability import slo_routes
+    slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/ingest", ingest)

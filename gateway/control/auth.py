@@ -22,6 +22,24 @@ ACCESS: dict[str, frozenset[str]] = {
     "breakers:read": frozenset({"admin", "monitor"}),
     "audit:read": frozenset({"admin"}),
     "admin:write": frozenset({"admin"}),
+    # --- Costs and budgets (issue 8): budgets are admin only (the seed's finops_cost_budgets
+    # row); cost usage is readable by monitor (finops_cost_usage: read-only)
+    "budgets:read": frozenset({"admin"}),
+    "budgets:write": frozenset({"admin"}),
+    "costs:read": frozenset({"admin", "monitor"}),
+    "costs:write": frozenset({"admin"}),
+    # --- SLOs, alerts, incidents (issue 7): the seed's matrix gives Monitor read-only access to
+    # incidents, health and alerts, so monitor reads SLOs, error budgets (SLO budgets, not the
+    # admin-only cost budgets), alerts, incidents and the deploy gate but changes nothing;
+    # reader sees none of it (golden signals and the health overview only).
+    "slos:read": frozenset({"admin", "monitor"}),
+    "slos:write": frozenset({"admin"}),
+    "error_budgets:read": frozenset({"admin", "monitor"}),
+    "deploy_gate:read": frozenset({"admin", "monitor"}),
+    "alerts:read": frozenset({"admin", "monitor"}),
+    "alerts:write": frozenset({"admin"}),
+    "incidents:read": frozenset({"admin", "monitor"}),
+    "incidents:write": frozenset({"admin"}),
 }
 
 

@@ -43,10 +43,10 @@ class ControlConfig:
     database: str = "var/control.db"
     tokens: tuple[TokenConfig, ...] = ()
     # Accepted and stored for later issues (SLOs, costs, budgets, notifications); not acted on yet.
-    slos: tuple[dict[str, Any], ...] = ()
+    slos: tuple[Any, ...] = ()           # slo.SLO (issue 7)
     cost_models: Any = field(default_factory=dict)
     budgets: tuple[dict[str, Any], ...] = ()
-    notifications: Any = field(default_factory=dict)
+    notifications: Any = ()               # notify.Target tuple (issue 7)
     version: str = ""
     source: str = ""
 
@@ -144,6 +144,17 @@ def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Con
     for key in ("cost_models", "notifications"):
         if key in m:
             kw[key] = _list_or_mapping(m[key], key, errs)
+    # --- Costs and budgets (issue 8): deep validation of cost_models and budgets
+    from gateway.control.costs import check_config as _check_costs
+    _check_costs(m, errs)
+    # --- SLOs and notifications (issue 7): full validation (slo.py, notify.py), replacing the
+    # shallow checks above when those passed (so an error is never reported twice)
+    from gateway.control.notify import parse_notifications
+    from gateway.control.slo import parse_slos
+    if "slos" in m and kw.get("slos") is not None:
+        kw["slos"] = parse_slos(m["slos"], "slos", errs)
+    if "notifications" in m and kw.get("notifications") is not None:
+        kw["notifications"] = parse_notifications(m["notifications"], "notifications", errs)
     if errs.lines:
         raise ConfigError(errs.lines)
     version = hashlib.sha256(raw or repr(sorted(m.items(), key=str)).encode()).hexdigest()[:12]

@@ -4,8 +4,9 @@
     GET /static/{path}         the files under control/dashboard/ (immutable for a year when the
                                request's `v` matches the file's hash, else no-cache)
     GET /favicon.ico           the icon, so browsers do not log a 404
-    GET /v1/me                 the caller's name, role and permissions (any valid token): the page
-                               shows what the role may see and do without guessing
+    GET /v1/me                 the caller's name, role, permissions, and every permission the control
+                               plane defines (any valid token): the page shows what the role may
+                               see and do without guessing, and without 403s in the console
 
 The page talks to the `/v1` API only, with the token the user typed (kept in sessionStorage), so it
 needs nothing beyond this process at run time: the charting library (uPlot, MIT) is vendored under
@@ -110,7 +111,8 @@ async def me(request: web.Request) -> web.Response:
 
     principal = request[PRINCIPAL]
     doc = {"name": principal.name, "role": principal.role,
-           "permissions": sorted(p for p in ACCESS if allowed(principal, p))}
+           "permissions": sorted(p for p in ACCESS if allowed(principal, p)),
+           "all_permissions": sorted(ACCESS)}
     return web.Response(body=orjson.dumps(doc), content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 

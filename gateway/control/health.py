@@ -137,8 +137,9 @@ def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
 def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
              rows_base: list[dict[str, Any]], upstream_states: list[dict[str, Any]],
              service_upstreams: list[tuple[str, str]], win: dict[str, float],
-             now: float) -> dict[str, Any]:
-    """Assemble `GET /v1/health/overview` from service-total 1m rows and breaker reports."""
+             now: float, incidents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Assemble `GET /v1/health/overview` from service-total 1m rows and breaker reports;
+    `incidents`: the active (not resolved) incidents, newest first (issue 7)."""
     current: dict[str, ServiceWindow] = {}
     for row in rows_now:
         current.setdefault(row["service"], ServiceWindow(row["service"])).add(row)
@@ -176,5 +177,5 @@ def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
         "thresholds": {k: {"warning": w, "critical": c} for k, (w, c) in THRESHOLDS.items()},
         "services": services,
         "circuit_breakers": breakers,
-        "incidents": [],
+        "incidents": list(incidents or []),
     }

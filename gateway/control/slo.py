@@ -157,10 +157,10 @@ class SLO:
 
 def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
     """Validate one SLO definition; add `path.key: message` lines to errs; None if invalid."""
+    n0 = len(errs.lines)
     m = _mapping(value, path, errs, KEYS, {"name", "service", "objective"})
     if m is None:
         return None
-    n0 = len(errs.lines)
     p = f"{path}." if path else ""
     kw: dict[str, Any] = {}
     for key in ("name", "service"):

@@ -114,6 +114,88 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              details TEXT NOT NULL)""",
         "CREATE INDEX audit_at ON audit(at)",
     ]),
+    # --- SLOs, alerts, incidents (issue 7): migration 2 -------------------------------------
+    # slos                 SLO definitions (doc = slo.SLO.to_doc() as JSON); source config|api
+    # alerts               burn-rate (source slo) and hand-made (source manual) alerts;
+    #                      dedup_key = "<slo id>:<tier>", at most one open (firing|acknowledged)
+    # incidents            INC-YYYY-NNN (incident_counters: the last NNN of each year);
+    #                      cause + affected_service: one open auto-incident per service and cause
+    # incident_timeline    status changes, alerts, breaker openings, escalations, notes
+    # notification_deliveries  the webhook delivery log
+    (2, [
+        """CREATE TABLE slos (
+             id TEXT PRIMARY KEY,
+             service TEXT NOT NULL,
+             doc TEXT NOT NULL,
+             source TEXT NOT NULL,
+             created_at REAL NOT NULL,
+             updated_at REAL NOT NULL)""",
+        """CREATE TABLE alerts (
+             id INTEGER PRIMARY KEY,
+             dedup_key TEXT NOT NULL,
+             source TEXT NOT NULL,
+             slo_id TEXT,
+             service TEXT NOT NULL,
+             severity TEXT NOT NULL,
+             status TEXT NOT NULL,
+             title TEXT NOT NULL,
+             description TEXT NOT NULL,
+             labels TEXT NOT NULL,
+             details TEXT NOT NULL,
+             fingerprint TEXT NOT NULL,
+             started_at REAL NOT NULL,
+             updated_at REAL NOT NULL,
+             acknowledged_at REAL,
+             acknowledged_by TEXT,
+             resolved_at REAL,
+             incident_id TEXT)""",
+        "CREATE INDEX alerts_key ON alerts(dedup_key, status)",
+        "CREATE INDEX alerts_started ON alerts(started_at)",
+        """CREATE TABLE incident_counters (
+             year INTEGER PRIMARY KEY,
+             last INTEGER NOT NULL)""",
+        """CREATE TABLE incidents (
+             id TEXT PRIMARY KEY,
+             title TEXT NOT NULL,
+             description TEXT NOT NULL,
+             severity TEXT NOT NULL,
+             affected_service TEXT NOT NULL,
+             cause TEXT NOT NULL,
+             context TEXT NOT NULL,
+             status TEXT NOT NULL,
+             escalation_level INTEGER NOT NULL,
+             created_at REAL NOT NULL,
+             created_by TEXT NOT NULL,
+             acknowledged_at REAL,
+             mitigated_at REAL,
+             resolved_at REAL,
+             resolution_notes TEXT,
+             root_cause TEXT,
+             postmortem TEXT,
+             breaker_cursor INTEGER NOT NULL DEFAULT 0,
+             updated_at REAL NOT NULL)""",
+        "CREATE INDEX incidents_open ON incidents(status, affected_service)",
+        """CREATE TABLE incident_timeline (
+             id INTEGER PRIMARY KEY,
+             incident_id TEXT NOT NULL REFERENCES incidents(id),
+             at REAL NOT NULL,
+             kind TEXT NOT NULL,
+             actor TEXT NOT NULL,
+             text TEXT NOT NULL,
+             data TEXT NOT NULL)""",
+        "CREATE INDEX incident_timeline_of ON incident_timeline(incident_id, at)",
+        """CREATE TABLE notification_deliveries (
+             id INTEGER PRIMARY KEY,
+             at REAL NOT NULL,
+             target TEXT NOT NULL,
+             alert_id INTEGER,
+             event TEXT NOT NULL,
+             status TEXT NOT NULL,
+             attempts INTEGER NOT NULL,
+             http_status INTEGER,
+             error TEXT NOT NULL)""",
+        "CREATE INDEX notification_deliveries_at ON notification_deliveries(at)",
+    ]),
     # --- Costs and budgets (issue 8): migration 3 ------------------------------------------
     # cost_usage     metered quantities per 15-minute bucket, (service, route, cost_type, unit,
     #                price); money is derived per row (see costs.py), so every grouping of the
@@ -657,3 +739,286 @@ class Store:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [dict(zip(self._ALERT_COLS, r)) for r in rows]
+
+
+    # --- SLOs, alerts, incidents (issue 7) ---------------------------------------------------
+    # (SQL only; the maths is in slo.py, the rules in evaluator.py / incidents.py)
+
+    def slo_docs(self) -> list[dict[str, Any]]:
+        """Every stored SLO: {id, service, doc, source, created_at, updated_at}, by id."""
+        cols = ("id", "service", "doc", "source", "created_at", "updated_at")
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM slos ORDER BY id"
+                                    ).fetchall()
+        return [dict(zip(cols, r), doc=orjson.loads(r[2])) for r in rows]
+
+    def slo_doc(self, slo_id: str) -> dict[str, Any] | None:
+        return next((r for r in self.slo_docs() if r["id"] == slo_id), None)
+
+    def insert_slo(self, slo_id: str, service: str, doc: dict[str, Any], source: str,
+                   now: float) -> bool:
+        """False when the id is taken."""
+        with self.transaction():
+            return self._db.execute(
+                "INSERT INTO slos(id, service, doc, source, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                (slo_id, service, orjson.dumps(doc).decode(), source, now, now)).rowcount == 1
+
+    def update_slo(self, slo_id: str, service: str, doc: dict[str, Any], now: float) -> bool:
+        with self.transaction():
+            return self._db.execute(
+                "UPDATE slos SET service = ?, doc = ?, updated_at = ? WHERE id = ?",
+                (service, orjson.dumps(doc).decode(), now, slo_id)).rowcount == 1
+
+    def delete_slo(self, slo_id: str) -> bool:
+        with self.transaction():
+            return self._db.execute("DELETE FROM slos WHERE id = ?", (slo_id,)).rowcount == 1
+
+    def sync_config_slos(self, docs: dict[str, tuple[str, dict[str, Any]]], now: float
+                         ) -> dict[str, list[str]]:
+        """Make the `source = 'config'` SLOs exactly `docs` (id -> (service, doc)); a config SLO
+        replaces an API one of the same id. Returns the ids added, changed and removed."""
+        out: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+        with self.transaction():
+            current = {r[0]: (r[1], r[2]) for r in self._db.execute(
+                "SELECT id, doc, source FROM slos")}
+            for slo_id, (service, doc) in docs.items():
+                text = orjson.dumps(doc).decode()
+                if slo_id not in current:
+                    self._db.execute("INSERT INTO slos(id, service, doc, source, created_at, "
+                                     "updated_at) VALUES (?, ?, ?, 'config', ?, ?)",
+                                     (slo_id, service, text, now, now))
+                    out["added"].append(slo_id)
+                elif current[slo_id] != (text, "config"):
+                    self._db.execute("UPDATE slos SET service = ?, doc = ?, source = 'config', "
+                                     "updated_at = ? WHERE id = ?", (service, text, now, slo_id))
+                    out["changed"].append(slo_id)
+            for slo_id, (_doc, source) in current.items():
+                if source == "config" and slo_id not in docs:
+                    self._db.execute("DELETE FROM slos WHERE id = ?", (slo_id,))
+                    out["removed"].append(slo_id)
+        return out
+
+    def sli_sums(self, win_s: int, service: str, route: str, since: float, until: float
+                 ) -> tuple[int, int, int]:
+        """(requests, 5xx, 429) summed over buckets with since <= bucket_start < until."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(request_count), 0), COALESCE(SUM(error_count_5xx), 0), "
+                "COALESCE(SUM(rate_limited), 0) FROM buckets WHERE win_s = ? AND service = ? "
+                "AND route = ? AND bucket_start >= ? AND bucket_start < ?",
+                (win_s, service, route, since, until)).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def sli_hists(self, win_s: int, service: str, route: str, since: float, until: float
+                  ) -> list[tuple[int, bytes]]:
+        """(bucket_start, merged histogram) of the buckets with a histogram in the range."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT bucket_start, hist FROM buckets WHERE win_s = ? AND service = ? "
+                "AND route = ? AND bucket_start >= ? AND bucket_start < ? AND hist IS NOT NULL",
+                (win_s, service, route, since, until)).fetchall()
+
+    _SLO_ALERT_COLS = ("id", "dedup_key", "source", "slo_id", "service", "severity", "status",
+                       "title", "description", "labels", "details", "fingerprint",
+                       "started_at", "updated_at", "acknowledged_at", "acknowledged_by",
+                       "resolved_at", "incident_id")
+    _SLO_ALERT_JSON = ("labels", "details")
+
+    def _slo_alert(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        doc = dict(zip(self._SLO_ALERT_COLS, row))
+        for key in self._SLO_ALERT_JSON:
+            doc[key] = orjson.loads(doc[key])
+        return doc
+
+    def insert_slo_alert(self, fields: dict[str, Any]) -> int:
+        cols = [c for c in self._SLO_ALERT_COLS if c != "id" and c in fields]
+        vals = [orjson.dumps(fields[c]).decode() if c in self._SLO_ALERT_JSON else fields[c]
+                for c in cols]
+        with self.transaction():
+            cur = self._db.execute(f"INSERT INTO alerts({', '.join(cols)}) "  # noqa: S608
+                                   f"VALUES ({', '.join('?' * len(cols))})", vals)
+            return int(cur.lastrowid or 0)
+
+    def update_slo_alert(self, alert_id: int, fields: dict[str, Any]) -> bool:
+        cols = [c for c in fields if c in self._SLO_ALERT_COLS and c != "id"]
+        if len(cols) != len(fields):
+            raise ValueError(f"unknown alert columns: {sorted(set(fields) - set(cols))}")
+        vals = [orjson.dumps(fields[c]).decode() if c in self._SLO_ALERT_JSON else fields[c]
+                for c in cols]
+        # column names come from the constant tuple above, never from input
+        with self.transaction():
+            return self._db.execute(
+                "UPDATE alerts SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE id = ?",
+                (*vals, alert_id)).rowcount == 1
+
+    def slo_alert(self, alert_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._SLO_ALERT_COLS) +
+                                   " FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return None if row is None else self._slo_alert(row)
+
+    def open_slo_alert(self, dedup_key: str) -> dict[str, Any] | None:
+        """The open (firing or acknowledged) alert with this dedup key, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._SLO_ALERT_COLS) +
+                                   " FROM alerts WHERE dedup_key = ? AND status != 'resolved' "
+                                   "ORDER BY id DESC LIMIT 1", (dedup_key,)).fetchone()
+        return None if row is None else self._slo_alert(row)
+
+    def last_resolved_at(self, dedup_key: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(resolved_at) FROM alerts WHERE dedup_key = ?",
+                                   (dedup_key,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def slo_alerts(self, *, status: str | None = None, service: str | None = None,
+                   open_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first."""
+        sql = "SELECT " + ", ".join(self._SLO_ALERT_COLS) + " FROM alerts WHERE 1 = 1"
+        args: list[Any] = []
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        if open_only:
+            sql += " AND status != 'resolved'"
+        if service is not None:
+            sql += " AND service = ?"
+            args.append(service)
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [self._slo_alert(r) for r in rows]
+
+    _INCIDENT_COLS = ("id", "title", "description", "severity", "affected_service", "cause",
+                      "context", "status", "escalation_level", "created_at", "created_by",
+                      "acknowledged_at", "mitigated_at", "resolved_at", "resolution_notes",
+                      "root_cause", "postmortem", "breaker_cursor", "updated_at")
+    _INCIDENT_JSON = ("context", "postmortem")
+
+    def _incident(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        doc = dict(zip(self._INCIDENT_COLS, row))
+        for key in self._INCIDENT_JSON:
+            doc[key] = None if doc[key] is None else orjson.loads(doc[key])
+        return doc
+
+    def insert_incident(self, year: int, fields: dict[str, Any]) -> str:
+        """Allocate INC-YYYY-NNN (per-year sequence) and insert; return the id."""
+        with self.transaction():
+            self._db.execute("INSERT INTO incident_counters(year, last) VALUES (?, 1) "
+                             "ON CONFLICT(year) DO UPDATE SET last = last + 1", (year,))
+            n = int(self._db.execute("SELECT last FROM incident_counters WHERE year = ?",
+                                     (year,)).fetchone()[0])
+            incident_id = f"INC-{year:04d}-{n:03d}"
+            row = dict(fields, id=incident_id)
+            cols = [c for c in self._INCIDENT_COLS if c in row]
+            vals = [None if c in self._INCIDENT_JSON and row[c] is None else
+                    orjson.dumps(row[c]).decode() if c in self._INCIDENT_JSON else row[c]
+                    for c in cols]
+            self._db.execute(f"INSERT INTO incidents({', '.join(cols)}) "  # noqa: S608
+                             f"VALUES ({', '.join('?' * len(cols))})", vals)
+        return incident_id
+
+    def update_incident(self, incident_id: str, fields: dict[str, Any]) -> bool:
+        cols = [c for c in fields if c in self._INCIDENT_COLS and c != "id"]
+        if len(cols) != len(fields):
+            raise ValueError(f"unknown incident columns: {sorted(set(fields) - set(cols))}")
+        vals = [None if c in self._INCIDENT_JSON and fields[c] is None else
+                orjson.dumps(fields[c]).decode() if c in self._INCIDENT_JSON else fields[c]
+                for c in cols]
+        with self.transaction():
+            return self._db.execute(
+                "UPDATE incidents SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE id = ?",
+                (*vals, incident_id)).rowcount == 1
+
+    def incident(self, incident_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._INCIDENT_COLS) +
+                                   " FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+        return None if row is None else self._incident(row)
+
+    def incidents(self, *, active: bool | None = None, status: str | None = None,
+                  service: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first. active=True: not resolved."""
+        sql = "SELECT " + ", ".join(self._INCIDENT_COLS) + " FROM incidents WHERE 1 = 1"
+        args: list[Any] = []
+        if active is True:
+            sql += " AND status != 'resolved'"
+        elif active is False:
+            sql += " AND status = 'resolved'"
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        if service is not None:
+            sql += " AND affected_service = ?"
+            args.append(service)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [self._incident(r) for r in rows]
+
+    def open_incident_for(self, service: str, cause: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._INCIDENT_COLS) +
+                                   " FROM incidents WHERE affected_service = ? AND cause = ? "
+                                   "AND status != 'resolved' ORDER BY created_at LIMIT 1",
+                                   (service, cause)).fetchone()
+        return None if row is None else self._incident(row)
+
+    def add_timeline(self, incident_id: str, at: float, kind: str, actor: str, text: str,
+                     data: dict[str, Any] | None = None) -> int:
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO incident_timeline(incident_id, at, kind, actor, text, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (incident_id, at, kind, actor, text, orjson.dumps(data or {}).decode()))
+            return int(cur.lastrowid or 0)
+
+    def timeline(self, incident_id: str) -> list[dict[str, Any]]:
+        """Oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT at, kind, actor, text, data FROM incident_timeline "
+                                    "WHERE incident_id = ? ORDER BY at, id",
+                                    (incident_id,)).fetchall()
+        return [{"at": r[0], "kind": r[1], "actor": r[2], "text": r[3],
+                 "data": orjson.loads(r[4])} for r in rows]
+
+    def breaker_openings_after(self, after_id: int, upstreams: Iterable[str]
+                               ) -> list[dict[str, Any]]:
+        """Transitions to 'open' with id > after_id for these upstreams, oldest first."""
+        ups = list(upstreams)
+        if not ups:
+            return []
+        cols = ("id", "gateway_id", "upstream", "from_state", "to_state", "at", "reason")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT " + ", ".join(cols) + " FROM breaker_transitions WHERE id > ? AND "
+                "to_state = 'open' AND upstream IN (" + ", ".join("?" * len(ups)) + ") "
+                "ORDER BY id", (after_id, *ups)).fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def last_transition_id(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(id) FROM breaker_transitions").fetchone()
+        return int(row[0] or 0)
+
+    def add_delivery(self, at: float, target: str, alert_id: int | None, event: str,
+                     status: str, attempts: int, http_status: int | None, error: str) -> int:
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO notification_deliveries(at, target, alert_id, event, status, "
+                "attempts, http_status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, target, alert_id, event, status, attempts, http_status, error))
+            return int(cur.lastrowid or 0)
+
+    def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first."""
+        cols = ("id", "at", "target", "alert_id", "event", "status", "attempts",
+                "http_status", "error")
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM "
+                                    "notification_deliveries ORDER BY id DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [dict(zip(cols, r)) for r in rows]

@@ -1,0 +1,932 @@
+"""Cost attribution and cost budgets (issue 8): cost models, metering at ingest, cost reports,
+imported charges, budget evaluation (alerts, enforcement directives) and their HTTP API.
+
+Cost models (`cost_models:` in control.yaml, keyed by service; `"*"` applies to services without
+their own model). Prices are USD, as numbers or decimal strings, read exactly (see budgets.py):
+
+    cost_models:
+      payment_service:
+        per_request: "0.000001"         # api_calls, per request served
+        per_upstream_second: "0.00002"  # compute, per second of request duration
+        per_gb_in: "0.01"               # bandwidth, per GB (10^9 bytes) of request bodies
+        per_gb_out: "0.09"              # bandwidth, per GB of response bodies
+        fixed_monthly: "50"             # fixed, accrues linearly over each calendar month (UTC)
+
+Metering. At ingest, in the batch's own transaction (so a replayed batch is never billed twice),
+each series adds its *quantities* (requests, upstream microseconds, bytes in, bytes out) to
+`cost_usage` rows keyed by (service, 15-minute bucket of the batch's interval_start, route,
+cost_type, unit, price). Money is derived per row: micros = round_half_even(quantity * price *
+10^6 / unit), so a row's cost is exact to half a micro-dollar however many batches fed it (a
+million requests at 0.000001 is exactly 1_000_000 micros = 1 USD), and every report -- by day, by
+route, by cost type, or the total -- is a sum of the same row integers: the groupings always add
+up to the total. 15-minute buckets, because every real time zone offset is a multiple of 15
+minutes, so a local day is always a whole number of buckets.
+
+* Upstream seconds come from the series' latency histogram: count x HDR mean, i.e. the sum of each
+  recorded bucket's median-equivalent value times its count (integer microseconds; the wire has no
+  exact sum, and with 2 significant figures the error is under 1 %). The histogram times the whole
+  request at the gateway, which for proxied requests is the upstream exchange plus a few tens of
+  microseconds.
+* Series with upstream "-" (answered by the gateway itself: no route, or rejected by a budget)
+  are not billed.
+* The price is part of the row key: a price change starts new rows, old usage keeps its price.
+
+Imported charges (`POST /v1/costs`, FinOps FOCUS columns): ServiceName, ChargePeriodStart,
+ChargePeriodEnd, BilledCost (USD, exact to the micro-dollar), ChargeCategory (Usage, Purchase,
+Tax, Credit, Adjustment), optional ServiceCategory (Storage -> storage, Compute -> compute,
+Networking -> bandwidth, else other), x_CostType (overrides it), x_ChargeId (idempotency key),
+ChargeDescription. A charge accrues linearly over its period (an instant charge at its start), as
+do fixed monthly fees (from the service's first metered traffic); both use `budgets.allocated`,
+whose floors telescope, so their parts also add up exactly. They have route "-".
+
+Budgets: see budgets.py for the maths. Evaluated after every ingest (and every 15 s, and on every
+budget change or report): each threshold alerts once per (budget, period, kind actual|forecast,
+threshold), recorded in `budget_alerts` (UNIQUE), so the dedup holds across restarts. An enforcing
+budget (`enforce: true`, `mode: enforce`) at >= 100 % of its effective amount puts its service (or
+"*" for an all-services budget) in the ingest response's directives:
+
+    {"reject_services": {"svc": {"until": <period end, unix s>, "budget": "<name>"}}}
+
+which gateways apply (gateway/budgetguard.py) until the period ends or a later response drops it.
+`mode: shadow` logs instead (once per budget and period).
+
+Budget alerts are stored in `budget_alerts` and shown in the budget report; the SLO alerting path
+(alerts.py / notify.py) did not exist when this was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sqlite3
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+import asyncio
+import orjson
+from aiohttp import web
+
+from gateway.config import _Errors
+from gateway.control import app as control_app
+from gateway.control import budgets as bm
+from gateway.control.budgets import BudgetSpec
+from gateway.control.ingest import Batch
+from gateway.control.store import Store
+from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
+
+log = logging.getLogger("gateway.control.costs")
+
+BUCKET_S = 900
+# unit -> (cost_type, base units per priced unit)
+UNITS: dict[str, tuple[str, int]] = {
+    "request": ("api_calls", 1),
+    "upstream_us": ("compute", 1_000_000),
+    "byte_in": ("bandwidth", 1_000_000_000),
+    "byte_out": ("bandwidth", 1_000_000_000),
+}
+MODEL_KEYS = {"per_request": "request", "per_upstream_second": "upstream_us",
+              "per_gb_in": "byte_in", "per_gb_out": "byte_out"}
+COST_TYPES = ("api_calls", "compute", "bandwidth", "storage", "fixed", "other")
+FOCUS_CATEGORIES = ("Usage", "Purchase", "Tax", "Credit", "Adjustment")
+SERVICE_CATEGORY_TYPES = {"storage": "storage", "compute": "compute", "networking": "bandwidth"}
+GROUP_BY = ("day", "route", "cost_type", "service")
+NO_ROUTE = "-"
+MAX_RECORDS = 10_000
+MAX_SPAN_S = 400 * 86_400
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost models
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    prices: tuple[tuple[str, str], ...]     # (unit, price as a normalised decimal string)
+    fixed_monthly_micros: int = 0
+
+
+def _price_text(d: Decimal) -> str:
+    return format(d.normalize(), "f")
+
+
+def parse_cost_models(value: Any, path: str = "cost_models"
+                      ) -> tuple[dict[str, CostModel], list[str]]:
+    """Validate `cost_models:`; ({service: CostModel}, []) or ({}, every error line)."""
+    errors: list[str] = []
+    if value is None or value == {} or value == []:
+        return {}, []
+    if not isinstance(value, dict):
+        return {}, [f"{path}: must be a mapping of service name to prices"]
+    out: dict[str, CostModel] = {}
+    for service, m in value.items():
+        p = f"{path}.{service}"
+        if not isinstance(service, str) or not service:
+            errors.append(f"{p}: a service name must be a non-empty string")
+            continue
+        if not isinstance(m, dict):
+            errors.append(f"{p}: must be a mapping of prices (per_request, per_upstream_second, "
+                          "per_gb_in, per_gb_out, fixed_monthly)")
+            continue
+        prices: list[tuple[str, str]] = []
+        fixed = 0
+        for key, raw in m.items():
+            if key == "fixed_monthly":
+                if service == bm.ALL_SERVICES:
+                    errors.append(f"{p}.{key}: only for a named service")
+                    continue
+                try:
+                    fixed = bm.micros_of_dollars(raw)
+                except bm.MoneyError as exc:
+                    errors.append(f"{p}.{key}: {exc}")
+                    continue
+                if fixed < 0:
+                    errors.append(f"{p}.{key}: must not be negative")
+                continue
+            if key not in MODEL_KEYS:
+                errors.append(f"{p}.{key}: unknown key (per_request, per_upstream_second, "
+                              "per_gb_in, per_gb_out, fixed_monthly)")
+                continue
+            try:
+                d = bm.decimal_of(raw)
+            except bm.MoneyError as exc:
+                errors.append(f"{p}.{key}: {exc}")
+                continue
+            if d < 0 or d > 1_000_000:
+                errors.append(f"{p}.{key}: must be between 0 and 1000000 USD, got {raw!r}")
+                continue
+            if d:
+                prices.append((MODEL_KEYS[key], _price_text(d)))
+        out[service] = CostModel(tuple(prices), fixed)
+    return (out, []) if not errors else ({}, errors)
+
+
+def check_config(m: dict[str, Any], errs: _Errors) -> None:
+    """control/config.py's hook: validate `cost_models` and `budgets` deeply (errors into errs)."""
+    if isinstance(m.get("cost_models"), (dict, list)):    # else reported by the shallow check
+        for line in parse_cost_models(m["cost_models"])[1]:
+            errs.lines.append(line)
+    if isinstance(m.get("budgets"), list):
+        names: dict[str, int] = {}
+        for i, item in enumerate(m["budgets"]):
+            if not isinstance(item, dict):
+                continue            # reported by the shallow check
+            spec, errors = bm.parse_budget(item, f"budgets[{i}]")
+            errs.lines.extend(errors)
+            if spec is not None:
+                if spec.name in names:
+                    errs.add(f"budgets[{i}].name", f"duplicate name {spec.name!r} "
+                                                   f"(also budgets[{names[spec.name]}])")
+                names.setdefault(spec.name, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Money of a usage row
+
+_FRACTIONS: dict[tuple[str, str], Fraction] = {}
+
+
+def row_micros(unit: str, price: str, quantity: int) -> int:
+    """round_half_even(quantity * price * 10^6 / unit size): one row's cost in micro-dollars."""
+    f = _FRACTIONS.get((unit, price))
+    if f is None:
+        f = _FRACTIONS[(unit, price)] = (Fraction(Decimal(price)) * bm.MICROS_PER_DOLLAR
+                                         / UNITS[unit][1])
+    return bm.round_half_even(quantity * f)
+
+
+def hist_sum_us(hist: Any) -> int:
+    """Sum of a series' recorded latencies, as count x HDR mean (integer microseconds)."""
+    if not hist.total_count:
+        return 0
+    total = 0
+    itr = hist.get_recorded_iterator()
+    for item in itr:
+        total += itr.count_at_this_value * hist._hdr_median_equiv_value(item.value_iterated_to)
+    return int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metering at ingest
+
+
+def attribute(store: Store, batch: Batch, models: dict[str, CostModel]) -> int:
+    """Add the batch's metered quantities to cost_usage (call inside the batch's transaction).
+    Returns how many rows were written."""
+    if not models:
+        return 0
+    bucket = int(batch.interval_start // BUCKET_S) * BUCKET_S
+    default = models.get(bm.ALL_SERVICES)
+    sums: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    seen: dict[str, None] = {}
+    for s in batch.series:
+        if s.upstream == NO_ROUTE:
+            continue
+        model = models.get(s.service, default)
+        if model is None:
+            continue
+        seen[s.service] = None
+        for unit, price in model.prices:
+            if unit == "request":
+                q = s.count
+            elif unit == "byte_in":
+                q = s.bytes_in
+            elif unit == "byte_out":
+                q = s.bytes_out
+            else:
+                q = hist_sum_us(s.hist)
+            if q:
+                sums[(s.service, s.route, unit, price)] += q
+    rows = [(svc, bucket, route, UNITS[unit][0], unit, price, q)
+            for (svc, route, unit, price), q in sums.items()]
+    store.add_cost_usage(rows)
+    store.note_cost_services([(svc, int(batch.interval_start)) for svc in seen])
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost report: every cost as (service, route, cost_type, [a, b), micros) pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    service: str
+    route: str
+    cost_type: str
+    at: int           # start of the time the piece covers (for group_by=day)
+    micros: int
+
+
+def _cut_span(total: int, start: int, end: int, a: int, b: int, cuts: list[int]
+              ) -> list[tuple[int, int]]:
+    """The span's accrual in [a, b), cut at `cuts`: [(piece start, micros)], zero parts dropped."""
+    out = []
+    edges = [a, *[c for c in cuts if a < c < b], b]
+    for lo, hi in zip(edges, edges[1:]):
+        v = bm.share(total, start, end, lo, hi)
+        if v:
+            out.append((lo, v))
+    return out
+
+
+def _month_starts(a: int, b: int) -> list[tuple[int, int]]:
+    """The UTC calendar months [start, end) overlapping [a, b)."""
+    out = []
+    t = a
+    while t < b:
+        s, e = bm.period_bounds("monthly", t, "UTC")
+        out.append((s, e))
+        t = e
+    return out
+
+
+def pieces(store: Store, models: dict[str, CostModel], since: int, until: int,
+           service: str | None, now: float, *, cut_days: str | None = None) -> list[Piece]:
+    """All costs in [since, until): metered usage by bucket_start, and spans (imported charges,
+    fixed monthly fees) accrued up to min(until, now), cut at the local midnights of `cut_days`
+    (a time zone) when given."""
+    out: list[Piece] = []
+    for svc, bstart, route, cost_type, unit, price, qty in store.cost_usage(since, until, service):
+        micros = row_micros(unit, price, qty)
+        if micros:
+            out.append(Piece(svc, route, cost_type, bstart, micros))
+    horizon = min(until, int(now))
+    if horizon <= since:
+        return out
+    cuts = bm.day_boundaries(since, horizon, cut_days) if cut_days else []
+    for svc, cost_type, ps, pe, micros in store.charges(since, horizon, service):
+        for at, v in _cut_span(micros, ps, pe, since, horizon, cuts):
+            out.append(Piece(svc, NO_ROUTE, cost_type, at, v))
+    first_seen = store.cost_services()
+    for svc, model in models.items():
+        if not model.fixed_monthly_micros or svc == bm.ALL_SERVICES:
+            continue
+        if service is not None and svc != service:
+            continue
+        begin = max(since, first_seen.get(svc, horizon))
+        if begin >= horizon:
+            continue
+        for ms, me in _month_starts(begin, horizon):
+            lo, hi = max(begin, ms), min(horizon, me)
+            for at, v in _cut_span(model.fixed_monthly_micros, ms, me, lo, hi, cuts):
+                out.append(Piece(svc, NO_ROUTE, "fixed", at, v))
+    return out
+
+
+def total_micros(store: Store, models: dict[str, CostModel], since: int, until: int,
+                 service: str | None, now: float) -> int:
+    return sum(p.micros for p in pieces(store, models, since, until, service, now))
+
+
+def cost_report(store: Store, models: dict[str, CostModel], since: int, until: int,
+                service: str | None, group_by: str | None, tz: str, now: float
+                ) -> dict[str, Any]:
+    ps = pieces(store, models, since, until, service, now,
+                cut_days=tz if group_by == "day" else None)
+    total = sum(p.micros for p in ps)
+    doc: dict[str, Any] = {"service": service, "from": since, "to": until, "timezone": tz,
+                           "group_by": group_by, "currency": "USD",
+                           "total": bm.money(total)}
+    if group_by is not None:
+        groups: dict[str, int] = defaultdict(int)
+        for p in ps:
+            if group_by == "day":
+                key = bm.day_label(p.at, tz)
+            else:
+                key = getattr(p, group_by)
+            groups[key] += p.micros
+        doc["groups"] = [{"key": k, **bm.money(v)} for k, v in sorted(groups.items())]
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Imported charges (FOCUS)
+
+
+def _focus_time(value: Any, path: str, errors: list[str]) -> int | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            pass
+        else:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            return int(dt.timestamp())
+    errors.append(f"{path}: must be ISO-8601 or unix seconds, got {value!r}")
+    return None
+
+
+def parse_charges(doc: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validate an import body (`{"records": [...]}` or a bare list) of FOCUS-style records."""
+    records = doc.get("records") if isinstance(doc, dict) else doc
+    if not isinstance(records, list) or not records:
+        return [], ["records: must be a non-empty list of FOCUS cost records"]
+    if len(records) > MAX_RECORDS:
+        return [], [f"records: at most {MAX_RECORDS} per request"]
+    out: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for i, r in enumerate(records):
+        p = f"records[{i}]"
+        if not isinstance(r, dict):
+            errors.append(f"{p}: must be an object")
+            continue
+        n0 = len(errors)
+        svc = r.get("ServiceName")
+        if not isinstance(svc, str) or not svc or len(svc) > 256 or "\x00" in svc:
+            errors.append(f"{p}.ServiceName: is required (a service name)")
+        start = _focus_time(r.get("ChargePeriodStart"), f"{p}.ChargePeriodStart", errors)
+        end = _focus_time(r.get("ChargePeriodEnd"), f"{p}.ChargePeriodEnd", errors)
+        if start is not None and end is not None and not 0 <= end - start <= MAX_SPAN_S:
+            errors.append(f"{p}.ChargePeriodEnd: must be after ChargePeriodStart, by at most "
+                          f"{MAX_SPAN_S // 86_400} days")
+        micros = None
+        if "BilledCost" not in r:
+            errors.append(f"{p}.BilledCost: is required (USD)")
+        else:
+            try:
+                micros = bm.micros_of_dollars(r["BilledCost"])
+                if abs(micros) > bm.MAX_AMOUNT_CENTS * bm.MICROS_PER_CENT:
+                    raise bm.MoneyError("is too large")
+            except bm.MoneyError as exc:
+                errors.append(f"{p}.BilledCost: {exc}")
+        currency = r.get("BillingCurrency", "USD")
+        if currency != "USD":
+            errors.append(f"{p}.BillingCurrency: only USD is supported, got {currency!r}")
+        category = r.get("ChargeCategory", "Usage")
+        if category not in FOCUS_CATEGORIES:
+            errors.append(f"{p}.ChargeCategory: must be one of {', '.join(FOCUS_CATEGORIES)}")
+        cost_type = r.get("x_CostType")
+        if cost_type is None:
+            sc = r.get("ServiceCategory")
+            cost_type = SERVICE_CATEGORY_TYPES.get(sc.lower(), "other") \
+                if isinstance(sc, str) else "other"
+        if cost_type not in COST_TYPES:
+            errors.append(f"{p}.x_CostType: must be one of {', '.join(COST_TYPES)}")
+        key = r.get("x_ChargeId")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
+            errors.append(f"{p}.x_ChargeId: must be a non-empty string")
+        desc = r.get("ChargeDescription", "")
+        if not isinstance(desc, str) or len(desc) > 2000:
+            errors.append(f"{p}.ChargeDescription: must be a string (<= 2000 characters)")
+        if len(errors) == n0:
+            out.append({"key": key, "service": svc, "cost_type": cost_type,
+                        "category": category, "start": start, "end": end, "micros": micros,
+                        "description": desc})
+    return out, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets: evaluation, alerts, directives
+
+
+def spec_of(row: dict[str, Any]) -> BudgetSpec:
+    spec, errors = bm.parse_budget(orjson.loads(row["spec"]))
+    if spec is None:  # only valid specs are ever stored
+        raise ValueError(f"stored budget {row['id']} is invalid: {errors}")
+    return spec
+
+
+def _spec_json(spec: BudgetSpec) -> str:
+    doc = spec.to_doc()
+    doc["thresholds"] = [str(t) for t in spec.thresholds]
+    doc["forecast_thresholds"] = [str(t) for t in spec.forecast_thresholds]
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def effective_cents(row: dict[str, Any], spec: BudgetSpec, now: float) -> tuple[int, bool]:
+    """(amount in cents now, whether an emergency override is in force)."""
+    oc, exp = row.get("override_cents"), row.get("override_expires_at")
+    if oc is not None and exp is not None and now < exp and oc > spec.amount_cents:
+        return int(oc), True
+    return spec.amount_cents, False
+
+
+class FinOps:
+    """The cost models and the budget evaluator of one control plane process."""
+
+    def __init__(self, models: dict[str, CostModel],
+                 notify: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.models = models
+        self.notify = notify
+        self._shadow_logged: set[tuple[int, int]] = set()
+        self._rejecting: dict[str, tuple[int, str]] = {}
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def attribute(self, store: Store, batch: Batch) -> None:
+        attribute(store, batch, self.models)
+
+    def directives(self, store: Store, now: float) -> dict[str, Any]:
+        """Evaluate every budget (recording new alerts); the gateways' directives."""
+        return self.evaluate(store, now)[1]
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def view(self, store: Store, row: dict[str, Any], now: float,
+             alerts: bool = False) -> dict[str, Any]:
+        """One budget with its current period's usage, status and forecast (no side effects)."""
+        spec = spec_of(row)
+        start, end = bm.period_bounds(spec.period, now, spec.timezone)
+        service = None if spec.service == bm.ALL_SERVICES else spec.service
+        actual = total_micros(store, self.models, start, end, service, now)
+        cents, overridden = effective_cents(row, spec, now)
+        amount = cents * bm.MICROS_PER_CENT
+        fc = bm.forecast(actual, start, end, now)
+        enforcing = spec.enforce and actual >= amount
+        doc: dict[str, Any] = {
+            "id": row["id"], **spec.to_doc(), "budget_name": spec.name,
+            "service_name": spec.service, "budget_period": spec.period,
+            "budget_amount_cents": spec.amount_cents,
+            "effective_amount_cents": cents,
+            "override": None if row.get("override_cents") is None else {
+                "amount_cents": row["override_cents"], "expires_at": row["override_expires_at"],
+                "reason": row["override_reason"], "active": overridden},
+            "period_start": start, "period_end": end,
+            "budget_dollars": bm.dollars_of_micros(amount),
+            "current_usage_micros": actual, "current_usage_cents": bm.cents_of_micros(actual),
+            "spent_dollars": bm.dollars_of_micros(actual),
+            "utilization_percent": bm.percent(actual, amount),
+            "forecast_micros": fc,
+            "forecast_cents": None if fc is None else bm.cents_of_micros(fc),
+            "forecast_utilization_percent": None if fc is None else bm.percent(fc, amount),
+            "status": bm.usage_status(actual, amount),
+            "enforcement": ("rejecting" if spec.mode == "enforce" else "shadow")
+            if enforcing else ("armed" if spec.enforce else "off"),
+            "source": row["source"], "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+        }
+        if alerts:
+            doc["alerts"] = [_alert_doc(a) for a in store.budget_alerts(row["id"], 50)]
+        return doc
+
+    def evaluate(self, store: Store, now: float
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(budget views, directives); records each newly crossed threshold once per period."""
+        views = []
+        reject: dict[str, dict[str, Any]] = {}
+        for row in store.budgets():
+            v = self.view(store, row, now)
+            views.append(v)
+            spec = spec_of(row)
+            amount = v["effective_amount_cents"] * bm.MICROS_PER_CENT
+            for kind, spend, thresholds in (("actual", v["current_usage_micros"], spec.thresholds),
+                                            ("forecast", v["forecast_micros"],
+                                             spec.forecast_thresholds)):
+                if spend is None:
+                    continue
+                for t in thresholds:
+                    if not bm.reached(spend, amount, t):
+                        break           # sorted ascending
+                    new_id = store.add_budget_alert(
+                        row["id"], spec.name, spec.service, v["period_start"], v["period_end"],
+                        kind, str(t), bm.severity(t), spend, amount, now)
+                    if new_id is not None:
+                        self._alerted(store, new_id, v, kind, t, spend)
+            if v["enforcement"] == "rejecting":
+                cur = reject.get(spec.service)
+                if cur is None or cur["until"] < v["period_end"]:
+                    reject[spec.service] = {"until": v["period_end"], "budget": spec.name}
+            elif v["enforcement"] == "shadow":
+                key = (row["id"], v["period_start"])
+                if key not in self._shadow_logged:
+                    self._shadow_logged.add(key)
+                    log.warning("budget exhausted (shadow mode: not rejecting)", extra={
+                        "event": "budget_shadow_reject", "budget": spec.name,
+                        "service": spec.service, "until": v["period_end"]})
+        self._log_changes(reject)
+        return views, ({"reject_services": reject} if reject else {})
+
+    def _alerted(self, store: Store, alert_id: int, v: dict[str, Any], kind: str,
+                 t: Decimal, spend: int) -> None:
+        doc = {"id": alert_id, "source": "budget", "budget": v["name"], "budget_id": v["id"],
+               "service": v["service"], "kind": kind, "threshold": float(t),
+               "severity": bm.severity(t), "spend": bm.money(spend),
+               "amount_cents": v["effective_amount_cents"],
+               "period_start": v["period_start"], "period_end": v["period_end"]}
+        log.warning("budget threshold reached", extra={"event": "budget_alert", **{
+            k: doc[k] for k in ("budget", "service", "kind", "threshold", "severity")}})
+        if self.notify is not None:
+            try:
+                self.notify(doc)
+            except Exception:
+                log.exception("budget alert notification failed")
+
+    def _log_changes(self, reject: dict[str, dict[str, Any]]) -> None:
+        now_set = {s: (d["until"], d["budget"]) for s, d in reject.items()}
+        for svc, (until, budget) in now_set.items():
+            if self._rejecting.get(svc) != (until, budget):
+                log.warning("budget exhausted: gateways reject the service", extra={
+                    "event": "budget_enforced", "service": svc, "budget": budget,
+                    "until": until})
+        for svc in self._rejecting.keys() - now_set.keys():
+            log.info("budget enforcement lifted", extra={"event": "budget_lifted",
+                                                         "service": svc})
+        self._rejecting = now_set
+
+
+def _alert_doc(a: dict[str, Any]) -> dict[str, Any]:
+    return {**a, "threshold": float(Decimal(a["threshold"])), "spend": bm.money(a["spend_micros"])}
+
+
+def sync_config_budgets(store: Store, specs: list[BudgetSpec], now: float) -> None:
+    """Budgets of control.yaml: created when missing; updated when their config entry changed
+    since it was last applied (API changes stand until the entry itself is edited)."""
+    for spec in specs:
+        text = _spec_json(spec)
+        h = hashlib.sha256(text.encode()).hexdigest()[:16]
+        bid = store.budget_id_by_name(spec.name)
+        if bid is None:
+            new = store.insert_budget(spec.name, text, "config", h, now)
+            store.audit("config", "create", f"budget:{new}", "control.yaml",
+                        {"budget": spec.to_doc()}, at=now)
+            continue
+        row = store.budget(bid)
+        if row is not None and row["config_hash"] != h:
+            store.update_budget(bid, spec.name, text, now, config_hash=h)
+            store.audit("config", "update", f"budget:{bid}", "control.yaml changed",
+                        {"budget": spec.to_doc()}, at=now)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP API
+
+FINOPS = web.AppKey("finops", FinOps)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _requires(permission: str) -> Callable[[Handler], Handler]:
+    def mark(handler: Handler) -> Handler:
+        handler.permission = permission  # type: ignore[attr-defined]
+        return handler
+    return mark
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+def _problem(status: int, detail: str, **extra: Any) -> web.Response:
+    return web.Response(status=status, body=problem_body(status, detail, **extra),
+                        content_type=PROBLEM_CONTENT_TYPE)
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise control_app.BadParam("body", "must be JSON") from None
+
+
+def _reason(doc: Any) -> str:
+    reason = doc.pop("reason", "") if isinstance(doc, dict) else ""
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise control_app.BadParam("reason", "must be a string of at most 2000 characters")
+    return reason
+
+
+def _ctx(request: web.Request) -> tuple[Any, Store, FinOps, float, str]:
+    app = request.app
+    db = app[control_app.DB]
+    return db, db.store, app[FINOPS], app[control_app.CLOCK].time(), \
+        request[control_app.PRINCIPAL].name
+
+
+def _budget_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise control_app.BadParam("id", f"must be a budget id (integer), got {raw!r}")
+    return int(raw)
+
+
+@_requires("costs:read")
+async def get_costs(request: web.Request) -> web.Response:
+    q = request.query
+    db, store, finops, now, _ = _ctx(request)
+    tz = q.get("tz") or q.get("timezone") or "UTC"
+    try:
+        bm.zone(tz)
+    except ValueError as exc:
+        raise control_app.BadParam("tz", str(exc)) from None
+    group_by = q.get("group_by") or None
+    if group_by is not None and group_by not in GROUP_BY:
+        raise control_app.BadParam("group_by", f"must be one of {', '.join(GROUP_BY)}")
+    until = int(control_app.parse_time("to", q["to"])) if "to" in q else int(now)
+    since = (int(control_app.parse_time("from", q["from"])) if "from" in q
+             else bm.period_bounds("monthly", now, tz)[0])
+    if since > until:
+        raise control_app.BadParam("from", "must not be after to")
+    if until - since > 400 * 86_400:
+        raise control_app.BadParam("to", "the window may span at most 400 days")
+    service = q.get("service") or None
+    doc = await db.call(cost_report, store, finops.models, since, until, service, group_by, tz,
+                        now)
+    return _json(doc)
+
+
+def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor: str,
+                 reason: str) -> dict[str, Any]:
+    n = store.add_charges([(r["key"], r["service"], r["cost_type"], r["category"], r["start"],
+                            r["end"], r["micros"], r["description"], now, actor)
+                           for r in records])
+    total = sum(r["micros"] for r in records)
+    store.audit(actor, "import", "costs", reason,
+                {"records": len(records), "imported": n, "billed": bm.money(total)}, at=now)
+    return {"imported": n, "skipped": len(records) - n, "billed": bm.money(total)}
+
+
+@_requires("costs:write")
+async def post_costs(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    doc = await _body(request)
+    reason = _reason(doc) if isinstance(doc, dict) else ""
+    records, errors = parse_charges(doc)
+    if errors:
+        return _problem(400, errors[0], errors=errors[:50])
+    result = await db.call(_import_sync, store, records, now, actor, reason)
+    await db.call(finops.evaluate, store, now)
+    return _json(result, 201)
+
+
+def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
+    views, directives = finops.evaluate(store, now)
+    views.sort(key=lambda v: (-v["utilization_percent"], v["name"]))
+    total_budget = sum(v["effective_amount_cents"] for v in views)
+    total_usage = sum(v["current_usage_micros"] for v in views)
+    return {"budgets": views,
+            "total_budget_cents": total_budget,
+            "total_usage_cents": bm.cents_of_micros(total_usage),
+            "total_usage_micros": total_usage,
+            "overall_utilization": bm.percent(total_usage, total_budget * bm.MICROS_PER_CENT),
+            "directives": directives,
+            "alerts": [_alert_doc(a) for a in store.budget_alerts(None, 100)],
+            "alert_delivery": "stored" if finops.notify is None else "notified"}
+
+
+@_requires("budgets:read")
+async def list_budgets(request: web.Request) -> web.Response:
+    db, store, finops, now, _ = _ctx(request)
+    return _json(await db.call(_report_sync, store, finops, now))
+
+
+def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, actor: str,
+                 reason: str) -> dict[str, Any] | None:
+    with store.transaction():
+        bid = store.insert_budget(spec.name, _spec_json(spec), "api", None, now)
+        if bid is None:
+            return None
+        store.audit(actor, "create", f"budget:{bid}", reason, {"budget": spec.to_doc()}, at=now)
+    finops.evaluate(store, now)
+    row = store.budget(bid)
+    assert row is not None
+    return finops.view(store, row, now, alerts=True)
+
+
+@_requires("budgets:write")
+async def create_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    doc = await _body(request)
+    reason = _reason(doc)
+    spec, errors = bm.parse_budget(doc)
+    if spec is None:
+        return _problem(400, errors[0], errors=errors)
+    view = await db.call(_create_sync, store, finops, spec, now, actor, reason)
+    if view is None:
+        return _problem(409, f"a budget named {spec.name!r} exists already")
+    return _json(view, 201)
+
+
+@_requires("budgets:read")
+async def get_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, _ = _ctx(request)
+    bid = _budget_id(request)
+
+    def run() -> dict[str, Any] | None:
+        row = store.budget(bid)
+        if row is None:
+            return None
+        finops.evaluate(store, now)
+        return finops.view(store, row, now, alerts=True)
+
+    view = await db.call(run)
+    return _json(view) if view is not None else _problem(404, f"no budget {bid}")
+
+
+@_requires("budgets:write")
+async def update_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    doc = await _body(request)
+    reason = _reason(doc)
+
+    def run() -> web.Response:
+        row = store.budget(bid)
+        if row is None:
+            return _problem(404, f"no budget {bid}")
+        before = spec_of(row)
+        spec, errors = bm.parse_budget(doc, base=before)
+        if spec is None:
+            return _problem(400, errors[0], errors=errors)
+        try:
+            with store.transaction():
+                store.update_budget(bid, spec.name, _spec_json(spec), now)
+                store.audit(actor, "update", f"budget:{bid}", reason,
+                            {"before": before.to_doc(), "after": spec.to_doc()}, at=now)
+        except sqlite3.IntegrityError:
+            return _problem(409, f"a budget named {spec.name!r} exists already")
+        finops.evaluate(store, now)
+        new = store.budget(bid)
+        assert new is not None
+        return _json(finops.view(store, new, now, alerts=True))
+
+    return await db.call(run)
+
+
+@_requires("budgets:write")
+async def delete_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    reason = _reason(await _body(request)) if request.can_read_body else ""
+
+    def run() -> bool:
+        row = store.budget(bid)
+        if row is None:
+            return False
+        with store.transaction():
+            store.delete_budget(bid)
+            store.audit(actor, "delete", f"budget:{bid}", reason,
+                        {"budget": spec_of(row).to_doc()}, at=now)
+        finops.evaluate(store, now)
+        return True
+
+    if not await db.call(run):
+        return _problem(404, f"no budget {bid}")
+    return web.Response(status=204)
+
+
+@_requires("budgets:write")
+async def set_override(request: web.Request) -> web.Response:
+    """POST /v1/budgets/{id}/override {amount_cents, expires_at | duration_s, reason}: a
+    temporary higher amount (emergency override), audited; it lapses by itself at expires_at."""
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    doc = await _body(request)
+    if not isinstance(doc, dict):
+        raise control_app.BadParam("body", "must be an object")
+    reason = _reason(doc)
+    cents = doc.get("amount_cents")
+    if isinstance(cents, bool) or not isinstance(cents, int) or \
+            not 0 < cents <= bm.MAX_AMOUNT_CENTS:
+        raise control_app.BadParam("amount_cents", "must be a positive integer number of cents")
+    if "expires_at" in doc:
+        expires = control_app.parse_time("expires_at", str(doc["expires_at"]))
+    elif isinstance(doc.get("duration_s"), (int, float)) and not isinstance(
+            doc.get("duration_s"), bool) and 0 < doc["duration_s"] <= 400 * 86_400:
+        expires = now + float(doc["duration_s"])
+    else:
+        raise control_app.BadParam("expires_at", "expires_at (time) or duration_s "
+                                                 "(seconds, > 0) is required")
+    if expires <= now:
+        raise control_app.BadParam("expires_at", "must be in the future")
+    if not reason:
+        raise control_app.BadParam("reason", "an emergency override needs a reason")
+
+    def run() -> web.Response:
+        row = store.budget(bid)
+        if row is None:
+            return _problem(404, f"no budget {bid}")
+        spec = spec_of(row)
+        if cents <= spec.amount_cents:
+            return _problem(400, f"amount_cents: an override must be higher than the budget "
+                                 f"({spec.amount_cents}); lower the budget with PUT instead")
+        with store.transaction():
+            store.set_budget_override(bid, cents, expires, reason, now)
+            store.audit(actor, "override", f"budget:{bid}", reason,
+                        {"amount_cents": cents, "expires_at": expires,
+                         "budget_amount_cents": spec.amount_cents}, at=now)
+        finops.evaluate(store, now)
+        new = store.budget(bid)
+        assert new is not None
+        return _json(finops.view(store, new, now, alerts=True))
+
+    return await db.call(run)
+
+
+@_requires("budgets:write")
+async def clear_override(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    reason = _reason(await _body(request)) if request.can_read_body else ""
+
+    def run() -> web.Response:
+        row = store.budget(bid)
+        if row is None:
+            return _problem(404, f"no budget {bid}")
+        with store.transaction():
+            store.set_budget_override(bid, None, None, None, now)
+            store.audit(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)
+        finops.evaluate(store, now)
+        new = store.budget(bid)
+        assert new is not None
+        return _json(finops.view(store, new, now, alerts=True))
+
+    return await db.call(run)
+
+
+def setup(app: web.Application, *, evaluate_interval_s: float = 15.0,
+          notify: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Register the cost and budget endpoints, the FinOps evaluator (`app[FINOPS]`, used by the
+    ingest handler), control.yaml budgets syncing at startup and a periodic evaluation."""
+    cfg = app[control_app.CONFIG]
+    models, errors = parse_cost_models(cfg.cost_models)
+    specs = []
+    for i, item in enumerate(cfg.budgets):
+        spec, errs = bm.parse_budget(item, f"budgets[{i}]")
+        errors.extend(errs)
+        if spec is not None:
+            specs.append(spec)
+    if errors:  # load() validated already; a hand-built config may not have been
+        raise ValueError("; ".join(errors))
+    finops = FinOps(models, notify)
+    app[FINOPS] = finops
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        db = app[control_app.DB]
+        clock = app[control_app.CLOCK]
+        await db.call(sync_config_budgets, db.store, specs, clock.time())
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(evaluate_interval_s)
+                try:
+                    await db.call(finops.evaluate, db.store, clock.time())
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("budget evaluation failed")
+
+        job = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+
+    app.cleanup_ctx.append(lifecycle)
+    r = app.router
+    r.add_get("/v1/costs", get_costs)
+    r.add_post("/v1/costs", post_costs)
+    r.add_get("/v1/budgets", list_budgets)
+    r.add_post("/v1/budgets", create_budget)
+    r.add_get("/v1/budgets/{id}", get_budget)
+    r.add_put("/v1/budgets/{id}", update_budget)
+    r.add_delete("/v1/budgets/{id}", delete_budget)
+    r.add_post("/v1/budgets/{id}/override", set_override)
+    r.add_delete("/v1/budgets/{id}/override", clear_override)
