@@ -114,6 +114,7 @@ def make_app(backend: AdminBackend) -> web.Application:
             errors.append("requests: must be an integer >= 1")
         if errors:
             return problem(400, "; ".join(errors), errors=errors)
+        assert isinstance(limit, str) and isinstance(key, str)  # narrowed by the checks above
         try:
             return json_response(await backend.limits_test(limit, key, n))
         except KeyError:

@@ -150,7 +150,7 @@ class GatewayServer:
         if not self.admin_unix:
             srv = site._server  # the bound socket tells the real port when 0 was asked
             assert srv is not None
-            self.admin_address = srv.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+            self.admin_address = srv.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
         if cfg.control_plane is not None:
             self._start_shipper(cfg)
         self.state = "ready"
@@ -251,7 +251,7 @@ class GatewayServer:
         longest = max((u.timeout_s for u in old.cfg.upstreams), default=30.0)
         try:
             await asyncio.wait_for(old.drained.wait(), timeout=longest + old.cfg.drain_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("retired config still had requests in flight; closing it anyway",
                         extra={"version": old.cfg.version, "inflight": old.inflight})
         live = {id(p) for u in new.upstreams.values() for p in u.pools}
@@ -303,7 +303,7 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
         host, port = split_hostport(cfg.demo_upstream)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream],
-            preexec_fn=_child_setup))
+            preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         _wait_listening(host, port, timeout=10.0)
         log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
                                                   "pid": children[-1].pid})
@@ -312,7 +312,7 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
         path = _resolve_beside(cp.config, config_path)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gateway", "control", "--config", str(path)],
-            preexec_fn=_child_setup))
+            preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
     return children

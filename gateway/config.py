@@ -11,9 +11,10 @@ import hashlib
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -197,12 +198,12 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def interpolate(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
     """Replace ${VAR} and ${VAR:-default}. Returns the text and the names of unset variables."""
-    env = os.environ if env is None else env
+    source: Mapping[str, str] = os.environ if env is None else env
     missing: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
-        value = env.get(name)
+        value = source.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:
                 missing.append(name)
@@ -437,9 +438,7 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
             out: set[str | int] = set()
             for i, item in enumerate(items):
                 ipath = f"{path}.failure_on[{i}]"
-                if item in ("connect_error", "timeout"):
-                    out.add(item)
-                elif isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599:
+                if item in ("connect_error", "timeout") or isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599:
                     out.add(item)
                 elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 499:
                     errs.add(ipath, f"4xx statuses are client errors and never count as "
@@ -713,10 +712,10 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
         for i, r in enumerate(m["routes"]):
             if not isinstance(r, dict):
                 continue
-            if isinstance(r.get("upstream"), str) and r["upstream"] not in up_names:
-                if "upstreams" in m:
-                    errs.add(f"routes[{i}].upstream", f"names unknown upstream {r['upstream']!r}"
-                                                      f" (known: {', '.join(sorted(up_names)) or 'none'})")
+            up = r.get("upstream")
+            if isinstance(up, str) and up not in up_names and "upstreams" in m:
+                known = ", ".join(sorted(up_names)) or "none"
+                errs.add(f"routes[{i}].upstream", f"names unknown upstream {up!r} (known: {known})")
             if isinstance(r.get("limits"), list):
                 for j, ln in enumerate(r["limits"]):
                     if isinstance(ln, str) and ln not in lim_names:

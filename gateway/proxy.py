@@ -11,17 +11,17 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.routing import strip
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
     REDUCED_CAPACITY,
     UpstreamError,
     problem_body,
 )
+from gateway.routing import strip
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -49,7 +49,7 @@ SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent i
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("name", "cfg", "pools", "selector", "breaker")
+    __slots__ = ("breaker", "cfg", "name", "pools", "selector")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -67,8 +67,16 @@ class Runtime:
     """Everything one config version serves with. Immutable after construction but for
     `inflight`, which tells when a retired runtime has no request left."""
 
-    __slots__ = ("cfg", "router", "upstreams", "limiter", "breakers", "inflight", "retired",
-                 "drained")
+    __slots__ = (
+        "breakers",
+        "cfg",
+        "drained",
+        "inflight",
+        "limiter",
+        "retired",
+        "router",
+        "upstreams",
+    )
 
     def __init__(self, cfg: Config, router: Router, upstreams: dict[str, UpstreamRuntime],
                  limiter: Limiter, breakers: BreakerSet) -> None:
@@ -87,7 +95,7 @@ class ClientGone(Exception):
 
 
 def _problem(status: int, detail: str, type_: str = "about:blank",
-             headers: dict[str, str] | None = None, **extra: object) -> web.Response:
+             headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     resp = web.Response(status=status, body=problem_body(status, detail, type_, **extra),
                         headers=headers)
     resp.content_type = PROBLEM_CONTENT_TYPE

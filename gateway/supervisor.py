@@ -29,8 +29,8 @@ from gateway import admin as admin_api
 from gateway import config as config_mod
 from gateway import metrics
 from gateway.app import bind_socket, spawn_children, stop_children
-from gateway.eventloop import new_loop
 from gateway.config import Config, ConfigError, split_hostport
+from gateway.eventloop import new_loop
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -89,11 +89,11 @@ class Supervisor:
     async def _call(self, w: Worker, method: str, path: str, body: Any = None,
                     timeout: float = 5.0) -> tuple[int, bytes]:
         conn = aiohttp.UnixConnector(path=w.sock_path)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            async with session.request(method, f"http://worker{path}",
-                                       data=orjson.dumps(body) if body is not None else None,
-                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                return resp.status, await resp.read()
+        data = orjson.dumps(body) if body is not None else None
+        async with aiohttp.ClientSession(connector=conn) as session, session.request(
+                method, f"http://worker{path}", data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return resp.status, await resp.read()
 
     async def _call_all(self, method: str, path: str, body: Any = None) -> list[tuple[int, bytes]]:
         results = await asyncio.gather(*(self._call(w, method, path, body) for w in self.workers),
@@ -226,7 +226,7 @@ class Supervisor:
                     status, _ = await self._call(self.workers[i], "GET", "/readyz", timeout=1)
                     if status == 200:
                         pending.discard(i)
-                except (OSError, aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, OSError, aiohttp.ClientError):
                     pass
             if pending:
                 await asyncio.sleep(0.05)

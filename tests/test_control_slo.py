@@ -267,7 +267,7 @@ async def test_slo_crud_is_audited_and_config_slos_are_read_only(tmp_path):
         status, doc = await call(s, url, "GET", "/v1/audit")
         got = [(e["actor"], e["action"], e["target"], e["reason"]) for e in doc["entries"]]
         assert got[:3] == [("admin-user", "delete", "slo/checkout", "retired"),
-                           ("admin-user", "update", "slo/checkout", ""),
+                           ("admin-user", "update", "slo/checkout", "new SLO for checkout"),
                            ("admin-user", "create", "slo/checkout", "new SLO for checkout")]
         assert ("control.yaml", "sync", "slos", "SLOs as code") in got
 
@@ -297,9 +297,10 @@ async def test_error_budgets_by_hand(tmp_path):
         add_slo(store, make_slo(name="avail", window="7d"))
         add_slo(store, make_slo(name="avail-429", window="7d", count_429=True))
         add_slo(store, make_slo(name="other", service="other"))
-        # 7 days ago and older: outside the window. Inside: 6 days of 100 req/min, 0.1 bad/min
+        # 7 days ago and older: outside the window. Inside: 6 days of 100 req/min, one bad
+        # request every 20 minutes (burn 0.5), then an hour of 1 % errors (burn 10)
         feed(store, now - 8 * DAY, 24 * 60, 100, 50.0)            # 8 days ago: not counted
-        feed(store, now - 6 * DAY, 6 * 24 * 60 - 60, 100, 0.1, limited_per_minute=1)
+        feed(store, now - 6 * DAY, 6 * 24 * 60 - 60, 100, 0.05, limited_per_minute=1)
         feed(store, now - 60 * MIN, 60, 100, 1.0, limited_per_minute=1)  # last hour: 1 % errors
         status, doc = await call(s, url, "GET", "/v1/error-budgets/svc", role="monitor")
         assert status == 200, doc
@@ -307,15 +308,16 @@ async def test_error_budgets_by_hand(tmp_path):
         assert set(b) == {"avail", "avail-429"}
         a = b["avail"]
         total = 6 * 24 * 60 * 100
-        bad = (6 * 24 * 60 - 60) // 10 + 60
+        bad = (6 * 24 * 60 - 60) // 20 + 60
         assert a["events"] == {"total": total, "bad": bad, "good": total - bad}
         assert a["allowed_bad"] == pytest.approx(total * 0.001)
         assert a["consumed"] == bad
         assert a["remaining_fraction"] == pytest.approx(1 - bad / (total * 0.001))
         assert a["burn_rates"]["1h"] == pytest.approx(10.0)        # 1 % against 0.1 %
         assert a["burn_rates"]["5m"] == pytest.approx(10.0)
-        assert a["burn_rates"]["2h"] == pytest.approx((60 + 6) / 12_000 / 0.001)
-        assert a["burn_rates"]["1d"] == pytest.approx((60 + 138) / 144_000 / 0.001)
+        assert a["burn_rates"]["2h"] == pytest.approx((60 + 3) / 12_000 / 0.001)
+        assert a["burn_rates"]["1d"] == pytest.approx((60 + 69) / 144_000 / 0.001)
+        assert a["remaining_fraction"] == pytest.approx(1 - 489 / 864)
         assert a["time_to_exhaustion_s"] == pytest.approx(
             a["remaining_fraction"] * 7 * DAY / 10.0)
         assert a["window"] == {"name": "7d", "type": "rolling", "timezone": "UTC",

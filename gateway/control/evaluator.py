@@ -163,6 +163,11 @@ class Evaluator:
                 else:
                     self.store.update_slo_alert(current["id"], {"details": details,
                                                                 "updated_at": now})
+                    if firing and current["incident_id"]:
+                        incidents.raise_severity(
+                            self.store, current["incident_id"],
+                            slo_mod.incident_severity(windows["5m"].error_ratio),
+                            f"5-minute error ratio {windows['5m'].error_ratio:.1%}", now)
                 continue
             if not firing:
                 continue

@@ -220,6 +220,23 @@ def escalate(store: Store, incident_id: str, actor: str, reason: str, now: float
     return _get(store, incident_id)
 
 
+def raise_severity(store: Store, incident_id: str, severity: str, why: str, now: float,
+                   actor: str = "evaluator") -> bool:
+    """Make an open incident more severe (never less) as its page alert keeps firing."""
+    with store.transaction():
+        inc = store.incident(incident_id)
+        if inc is None or inc["status"] == "resolved" or \
+                SEVERITIES.index(severity) >= SEVERITIES.index(inc["severity"]):
+            return False
+        store.update_incident(incident_id, {"severity": severity, "updated_at": now})
+        store.add_timeline(incident_id, now, "severity", actor,
+                           f"severity {inc['severity']} -> {severity}: {why}",
+                           {"severity": severity})
+        store.audit(actor, "update", f"incident/{incident_id}", why,
+                    {"severity": [inc["severity"], severity]}, at=now)
+    return True
+
+
 def add_note(store: Store, incident_id: str, text: Any, actor: str, now: float
              ) -> dict[str, Any]:
     if not isinstance(text, str) or not text.strip() or len(text) > 10_000:
