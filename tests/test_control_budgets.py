@@ -135,7 +135,7 @@ def test_severity_bands():
     assert bm.severity(Decimal("0.89")) == "info"
     assert bm.severity(Decimal("0.9")) == "warning"
     assert bm.severity(Decimal("0.99")) == "warning"
-    assert bm.severity(Decimal("1")) == "critical"
+    assert bm.severity(Decimal(1)) == "critical"
     assert bm.severity(Decimal("1.5")) == "critical"
 
 
@@ -184,7 +184,7 @@ def test_parse_budget_defaults_and_errors():
     spec, errors = bm.parse_budget({"name": "api", "period": "monthly", "amount_cents": 500000})
     assert errors == [] and spec is not None
     assert spec.service == "*" and spec.timezone == "UTC" and not spec.enforce
-    assert spec.thresholds == (Decimal("0.8"), Decimal("0.9"), Decimal("1"))
+    assert spec.thresholds == (Decimal("0.8"), Decimal("0.9"), Decimal(1))
     assert spec.forecast_thresholds == spec.thresholds and spec.mode == "enforce"
 
     spec, errors = bm.parse_budget({"name": "x", "service": "svc", "period": "weekly",
@@ -192,7 +192,7 @@ def test_parse_budget_defaults_and_errors():
                                     "timezone": "Europe/Berlin", "enforce": True,
                                     "mode": "shadow"})
     assert errors == [] and spec is not None
-    assert spec.thresholds == (Decimal("0.75"), Decimal("0.9"), Decimal("1"))
+    assert spec.thresholds == (Decimal("0.75"), Decimal("0.9"), Decimal(1))
     assert spec.forecast_thresholds == spec.thresholds
 
     _, errors = bm.parse_budget({"period": "yearly", "amount_cents": 1.5, "thresholds": [0, 2],
@@ -219,7 +219,7 @@ def test_parse_budget_partial_update_keeps_the_rest():
     new, errors = bm.parse_budget({"amount_cents": 250}, base=base)
     assert errors == [] and new is not None
     assert new.amount_cents == 250 and new.name == "a" and new.enforce
-    assert new.forecast_thresholds == (Decimal("1"),)
+    assert new.forecast_thresholds == (Decimal(1),)
 
 
 def test_period_boundaries_now_is_utc_aware():

@@ -12,8 +12,16 @@ from gateway.control import budgets as bm
 from gateway.control import costs
 from gateway.control.store import Store
 from tests.fakes import FakeClock
-from tests.test_control_support import DAY0, auth, batch, control_plane, get, ingest, series, \
-    store_of
+from tests.test_control_support import (
+    DAY0,
+    auth,
+    batch,
+    control_plane,
+    get,
+    ingest,
+    series,
+    store_of,
+)
 
 MONTH0 = 1_698_796_800          # 2023-11-01 00:00 UTC; DAY0 is 2023-11-15 (a Wednesday)
 NOV_S = 30 * 86_400
@@ -188,6 +196,14 @@ async def test_budget_crud_report_and_audit(tmp_path):
         st, _ = await call(s, "POST", url, "/v1/budgets", body={
             "name": "svc monthly", "period": "daily", "amount_cents": 1})
         assert st == 409
+        # the same alert path as the SLO alerts: /v1/alerts, source "budget"
+        st, listed = await call(s, "GET", url, "/v1/alerts")
+        assert st == 200, listed
+        rows = listed["alerts"] if isinstance(listed, dict) else listed
+        mine = [a for a in rows if a["source"] == "budget"]
+        assert {(a["severity"], a["labels"]["kind"], a["labels"]["threshold"]) for a in mine} \
+            >= {("info", "actual", "0.8")}
+        assert all(a["service"] == "svc" and a["status"] == "firing" for a in mine)
         st, err = await call(s, "POST", url, "/v1/budgets", body={"name": "x", "period": "hourly"})
         assert st == 400 and any("amount_cents" in e for e in err["errors"])
         st, allb = await call(s, "POST", url, "/v1/budgets", body={
@@ -368,9 +384,10 @@ def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
     ({"svc": {"per_gb_out": -1}}, "cost_models.svc.per_gb_out: must be between 0"),
 ])
 def test_cost_model_errors_name_the_key(doc, error):
+    import yaml
+
     from gateway.control.config import load_text
     from gateway.errors import ConfigError
-    import yaml
     text = "tokens: [{name: a, role: admin, token: t}]\n" + yaml.safe_dump({"cost_models": doc})
     with pytest.raises(ConfigError) as exc:
         load_text(text)

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.config import _Errors
 from gateway.control import slo as slo_mod
 from gateway.control.config import load_text
 from gateway.control.evaluator import Counter, budget_report
@@ -342,7 +341,7 @@ async def test_latency_budget_from_ingested_histograms(tmp_path):
                 series("r1", "svc", 200, latencies_us=[100_000] * 198 + [499_000]),
                 series("r1", "svc", 500, latencies_us=[800_000])], seq=i)
             assert (await ingest(s, url, doc))[0] == 200
-        status, doc = await call(s, url, "GET", "/v1/error-budgets/svc")
+        _, doc = await call(s, url, "GET", "/v1/error-budgets/svc")
         (b,) = doc["budgets"]
         assert b["events"] == {"total": 1000, "bad": 5, "good": 995}
         assert b["allowed_bad"] == pytest.approx(10.0)

@@ -84,8 +84,8 @@ def test_one_percent_fires_the_6x_page_not_the_14x(sims):
     assert page["details"]["fired_rules"] == ["6h/30m"]          # never 1h/5m (10 < 14.4)
     assert page["status"] == "firing"                            # still burning: still open
     assert page["details"]["burn_rates"]["1h"] < 14.4
-    # 6h burn passes 6 once 36 % of the 6h window is at 1 %: about 2 h 10 min in
-    assert t0 + 2 * HOUR <= page["started_at"] <= t0 + 2 * HOUR + 30 * MIN
+    # the 6h burn passes 6 once 60 % of the 6h window is at 1 %: 3 h 36 min in
+    assert t0 + 3.6 * HOUR < page["started_at"] <= t0 + 3.6 * HOUR + 5 * MIN
     assert sim.alerts("ticket") == []                            # inhibited by the open page
     inc = sim.store.incident(page["incident_id"])
     assert inc["severity"] == "SEV-4"                            # 1 % errors: SEV-4
@@ -123,7 +123,7 @@ def test_a_spike_under_min_events_raises_nothing(sims):
     eager = sims(t0, min_events=10)                              # the guard is what held it
     feed(eager.store, t0 + 10 * MIN, 1, 40, 40)
     eager.run(t0 + 2 * HOUR, MIN)
-    assert [a["severity"] for a in eager.alerts()] == ["page"]
+    assert [a["severity"] for a in eager.alerts()][:1] == ["page"]
 
 
 def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
@@ -141,7 +141,11 @@ def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
     assert page["status"] == "resolved"
     # resolved once every short window (5m and 30m) is back under its threshold
     assert t0 + 20 * MIN < page["resolved_at"] <= t0 + 55 * MIN
-    assert [k for _t, k, _a in sim.events] == ["firing", "resolved"]
+    assert [(k, a["severity"]) for _t, k, a in sim.events][:2] == [("firing", "page"),
+                                                                   ("resolved", "page")]
+    # (the budget spent stays over the ticket rule's 1d/2h threshold for a while after the page
+    # clears, so a ticket follows: pages and tickets are separate alerts, as in the workbook)
+    assert {a["severity"] for _t, _k, a in sim.events} == {"page", "ticket"}
     # a second outage inside the cooldown (1 h after the resolution) raises nothing ...
     t1 = page["resolved_at"] + 20 * MIN
     from gateway.control import rollup
@@ -152,8 +156,8 @@ def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
     sim.run(t0 + 2 * HOUR + 30 * MIN, MIN)
     assert len(sim.alerts("page")) == 1
     # ... but once the cooldown has passed, a new outage pages again (a new alert)
-    t2 = page["resolved_at"] + HOUR + 10 * MIN
-    t2 -= t2 % 60
+    t2 = sim.clock.time() + 5 * MIN
+    assert t2 - page["resolved_at"] > HOUR
     feed(sim.store, t2, 30, 0, 100)
     sim.run(t2 + 10 * MIN, MIN)
     pages = sim.alerts("page")
@@ -176,7 +180,7 @@ def test_calendar_month_budget_resets_at_midnight_in_its_time_zone(tmp_path):
     before = datetime(2024, 1, 31, 22, 50, tzinfo=UTC).timestamp()   # 23:50 Berlin
     after = datetime(2024, 1, 31, 23, 10, tzinfo=UTC).timestamp()    # Feb 1, 00:10 Berlin
     b = budget_report(store, berlin, before)
-    month_events = (31 * 24 * 60 - 10) * 100
+    month_events = (31 * 24 * 60 - 70) * 100          # Dec 31 23:00 UTC to Jan 31 22:50 UTC
     assert b["events"] == {"total": month_events, "bad": 1000, "good": month_events - 1000}
     assert b["remaining_fraction"] == pytest.approx(1 - 1000 / (month_events * 0.001))
     assert b["window"]["since"] == jan
@@ -206,8 +210,12 @@ def test_a_simulated_month(tmp_path):
     feed(sim.store, leak + 3 * DAY, 13 * 24 * 60, 100, 0)
     sim.run(start + 30 * DAY, 10 * MIN)
     got = [(a["severity"], a["status"]) for a in sim.alerts()]
-    assert got == [("page", "resolved"), ("ticket", "resolved")]
-    page, ticket = sim.alerts()
+    # the outage pages; once the page clears, the budget it spent (35 % of the month's) keeps
+    # the 1d/2h ticket rule over 3 for a while: one ticket; the leak: a second ticket
+    assert got == [("page", "resolved"), ("ticket", "resolved"), ("ticket", "resolved")]
+    page, after_page, ticket = sim.alerts()
+    assert "1d/2h" in after_page["details"]["fired_rules"]
+    assert ticket["details"]["fired_rules"] == ["3d/6h"]
     assert outage < page["started_at"] <= outage + 10 * MIN
     assert page["resolved_at"] <= outage + 15 * MIN + HOUR
     assert leak + DAY < ticket["started_at"] < leak + 2 * DAY

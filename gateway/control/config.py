@@ -3,6 +3,8 @@
 Keys: `listen` (default 127.0.0.1:9000), `database` (SQLite file, default var/control.db, relative
 to the working directory), `tokens: [{name, role, token}]`, and `slos`, `cost_models`, `budgets`,
 `notifications`, which are accepted and kept (validated shallowly) for features of later issues.
+(Issue 7: `slos` and `notifications` are validated fully by slo.parse_slos and
+notify.parse_notifications, into slo.SLO and notify.Target values.)
 `${VAR}` / `${VAR:-default}` are replaced from the environment. Unknown keys are errors; every error
 is a `path.to.key: message` line, all raised together in one `ConfigError`.
 """

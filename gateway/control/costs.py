@@ -50,25 +50,30 @@ budget (`enforce: true`, `mode: enforce`) at >= 100 % of its effective amount pu
 which gateways apply (gateway/budgetguard.py) until the period ends or a later response drops it.
 `mode: shadow` logs instead (once per budget and period).
 
-Budget alerts are stored in `budget_alerts` and shown in the budget report; the SLO alerting path
-(alerts.py / notify.py) did not exist when this was written.
+Budget alerts go through the same path as the SLO alerts: each new threshold crossing is also
+raised as an alert of `source: "budget"` in /v1/alerts (alerts.raise_alert; dedup key
+`budget:<id>:<period start>:<actual|forecast>:<threshold>`; severity info -> info, warning ->
+ticket, critical -> page; they stay open until acknowledged/resolved by hand) and handed to the
+notifier (notify.py) from the event loop. `budget_alerts` stays the once-per-period ledger (and
+is listed in the budget report), so the dedup does not depend on the alert's lifecycle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import sqlite3
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
+from itertools import pairwise
 from typing import Any
 
-import asyncio
 import orjson
 from aiohttp import web
 
@@ -267,7 +272,7 @@ def _cut_span(total: int, start: int, end: int, a: int, b: int, cuts: list[int]
     """The span's accrual in [a, b), cut at `cuts`: [(piece start, micros)], zero parts dropped."""
     out = []
     edges = [a, *[c for c in cuts if a < c < b], b]
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in pairwise(edges):
         v = bm.share(total, start, end, lo, hi)
         if v:
             out.append((lo, v))
@@ -456,6 +461,7 @@ class FinOps:
                  notify: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.models = models
         self.notify = notify
+        self.events: deque[Any] = deque()     # alerts.Event for the notifier (thread-safe)
         self._shadow_logged: set[tuple[int, int]] = set()
         self._rejecting: dict[str, tuple[int, str]] = {}
 
@@ -553,6 +559,23 @@ class FinOps:
                "period_start": v["period_start"], "period_end": v["period_end"]}
         log.warning("budget threshold reached", extra={"event": "budget_alert", **{
             k: doc[k] for k in ("budget", "service", "kind", "threshold", "severity")}})
+        try:  # the SLO alerts' path (issue 7): /v1/alerts and the notifier
+            from gateway.control import alerts as alerts_mod
+            pct = bm.percent(spend, v["effective_amount_cents"] * bm.MICROS_PER_CENT)
+            what = "spend" if kind == "actual" else "forecast spend"
+            alert = alerts_mod.raise_alert(
+                store, dedup_key=f"budget:{v['id']}:{v['period_start']}:{kind}:{t}",
+                source="budget", service=v["service"], severity=ALERT_SEVERITY[doc["severity"]],
+                title=f"Budget {v['name']!r}: {what} at {pct}% of {v['period']} budget",
+                description=f"{what} {bm.dollars_of_micros(spend)} USD reached threshold "
+                            f"{t} of {bm.dollars_of_micros(v['effective_amount_cents'] * 10_000)}"
+                            f" USD ({v['period']} period from {v['period_start']})",
+                labels={"alertname": "BudgetThreshold", "budget": v["name"], "kind": kind,
+                        "threshold": str(t)},
+                details=doc, now=store.clock.time())
+            self.events.append(alerts_mod.Event("firing", alert))
+        except Exception:
+            log.exception("budget alert could not be raised in /v1/alerts")
         if self.notify is not None:
             try:
                 self.notify(doc)
@@ -570,6 +593,27 @@ class FinOps:
             log.info("budget enforcement lifted", extra={"event": "budget_lifted",
                                                          "service": svc})
         self._rejecting = now_set
+
+
+ALERT_SEVERITY = {"info": "info", "warning": "ticket", "critical": "page"}
+
+
+def publish_events(app: web.Application) -> None:
+    """Hand the evaluator's new alert events to the SLO alerts' notifier (event loop only)."""
+    finops = app.get(FINOPS)
+    if finops is None or not finops.events:
+        return
+    events = []
+    while finops.events:
+        events.append(finops.events.popleft())
+    try:
+        from gateway.control import reliability
+        notifier = app.get(reliability.NOTIFIER)
+    except ImportError:
+        return
+    if notifier is not None:
+        for e in events:
+            notifier.publish(e)
 
 
 def _alert_doc(a: dict[str, Any]) -> dict[str, Any]:
@@ -692,6 +736,7 @@ async def post_costs(request: web.Request) -> web.Response:
         return _problem(400, errors[0], errors=errors[:50])
     result = await db.call(_import_sync, store, records, now, actor, reason)
     await db.call(finops.evaluate, store, now)
+    publish_events(request.app)
     return _json(result, 201)
 
 
@@ -707,13 +752,15 @@ def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
             "overall_utilization": bm.percent(total_usage, total_budget * bm.MICROS_PER_CENT),
             "directives": directives,
             "alerts": [_alert_doc(a) for a in store.budget_alerts(None, 100)],
-            "alert_delivery": "stored" if finops.notify is None else "notified"}
+            "alert_delivery": "alerts"}     # also raised in /v1/alerts and notified
 
 
 @_requires("budgets:read")
 async def list_budgets(request: web.Request) -> web.Response:
     db, store, finops, now, _ = _ctx(request)
-    return _json(await db.call(_report_sync, store, finops, now))
+    doc = await db.call(_report_sync, store, finops, now)
+    publish_events(request.app)
+    return _json(doc)
 
 
 def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, actor: str,
@@ -738,6 +785,7 @@ async def create_budget(request: web.Request) -> web.Response:
     if spec is None:
         return _problem(400, errors[0], errors=errors)
     view = await db.call(_create_sync, store, finops, spec, now, actor, reason)
+    publish_events(request.app)
     if view is None:
         return _problem(409, f"a budget named {spec.name!r} exists already")
     return _json(view, 201)
@@ -786,7 +834,9 @@ async def update_budget(request: web.Request) -> web.Response:
         assert new is not None
         return _json(finops.view(store, new, now, alerts=True))
 
-    return await db.call(run)
+    resp = await db.call(run)
+    publish_events(request.app)
+    return resp
 
 
 @_requires("budgets:write")
@@ -856,7 +906,9 @@ async def set_override(request: web.Request) -> web.Response:
         assert new is not None
         return _json(finops.view(store, new, now, alerts=True))
 
-    return await db.call(run)
+    resp = await db.call(run)
+    publish_events(request.app)
+    return resp
 
 
 @_requires("budgets:write")
@@ -877,7 +929,9 @@ async def clear_override(request: web.Request) -> web.Response:
         assert new is not None
         return _json(finops.view(store, new, now, alerts=True))
 
-    return await db.call(run)
+    resp = await db.call(run)
+    publish_events(request.app)
+    return resp
 
 
 def setup(app: web.Application, *, evaluate_interval_s: float = 15.0,
@@ -903,10 +957,16 @@ def setup(app: web.Application, *, evaluate_interval_s: float = 15.0,
         await db.call(sync_config_budgets, db.store, specs, clock.time())
 
         async def tick() -> None:
+            # evaluate every evaluate_interval_s; publish alert events (raised by any
+            # evaluation, ingest included) within a second
+            last = clock.monotonic()
             while True:
-                await asyncio.sleep(evaluate_interval_s)
+                await asyncio.sleep(min(1.0, evaluate_interval_s))
                 try:
-                    await db.call(finops.evaluate, db.store, clock.time())
+                    if clock.monotonic() - last >= evaluate_interval_s:
+                        last = clock.monotonic()
+                        await db.call(finops.evaluate, db.store, clock.time())
+                    publish_events(app)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

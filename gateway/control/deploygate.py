@@ -66,9 +66,8 @@ def gate(service: str, budgets: list[tuple[Any, dict[str, Any]]],
                                   "low_traffic_above": t.low_traffic_above,
                                   "critical_above": t.critical_above},
                         "reason": line})
-        if DECISIONS.index(decision) > DECISIONS.index(worst) or not worst_line:
-            if DECISIONS.index(decision) >= DECISIONS.index(worst):
-                worst, worst_line = decision, line
+        if not worst_line or DECISIONS.index(decision) > DECISIONS.index(worst):
+            worst, worst_line = decision, line
     blocking = [i for i in open_incidents if i["severity"] in BLOCKING_SEVERITIES
                 and i["status"] != "resolved"]
     reasons = [worst_line] if worst_line else []

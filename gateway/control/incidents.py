@@ -79,8 +79,7 @@ def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
     out["response_due_at"] = (auto_level(inc["severity"], inc["created_at"], now)[1]
                               if inc["status"] == "investigating" else None)
     out["postmortem_required"] = inc["severity"] in POSTMORTEM_REQUIRED
-    out["alert_ids"] = [a["id"] for a in store.slo_alerts(limit=1000)
-                        if a["incident_id"] == inc["id"]]
+    out["alert_ids"] = store.alert_ids_of_incident(inc["id"])
     if timeline:
         out["timeline"] = store.timeline(inc["id"])
     return out

@@ -286,7 +286,7 @@ class Notifier:
                     error = f"HTTP {resp.status}"
                     if 400 <= resp.status < 500 and resp.status not in (408, 429):
                         break        # the receiver refuses this payload: retrying cannot help
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 status, error = None, f"{type(exc).__name__}: {exc}"[:500]
             if attempt < target.max_attempts:
                 await asyncio.sleep(min(target.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))

@@ -473,11 +473,12 @@ async def declare_incident(request: web.Request) -> web.Response:
     cause = body.get("cause", "manual")
     if not isinstance(cause, str) or not cause.strip():
         errs.add("cause", "must be a non-empty string")
-    if errs.lines:
+    if errs.lines or severity is None or service is None or not isinstance(title, str):
         return _invalid(errs.lines)
     store, now = _store(request), _now(request)
 
     def work() -> dict[str, Any]:
+        assert severity is not None and service is not None and isinstance(title, str)
         inc = incidents.declare(store, title=title, description=description,
                                 severity=severity, affected_service=service, context=context,
                                 actor=_actor(request), reason=body.get("reason", ""), now=now,

@@ -117,7 +117,7 @@ class SLO:
 
     @property
     def budget_fraction(self) -> float:
-        return 1.0 - self.target
+        return budget_fraction(self.objective)
 
     @property
     def calendar(self) -> bool:
@@ -292,9 +292,14 @@ class Counts:
         return self.bad / self.total if self.total else 0.0
 
 
+def budget_fraction(objective: float) -> float:
+    """1 - objective, without binary noise (99.9 -> 0.001 exactly as far as floats go)."""
+    return round(1.0 - objective / 100.0, 12)
+
+
 def burn_rate(counts: Counts, objective: float) -> float:
     """Error ratio over the budget fraction: 1.0 spends the budget exactly over the window."""
-    return counts.error_ratio / (1.0 - objective / 100.0)
+    return counts.error_ratio / budget_fraction(objective)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +313,12 @@ class Budget:
 
 
 def budget(counts: Counts, objective: float) -> Budget:
-    allowed = (1.0 - objective / 100.0) * counts.total
+    allowed = budget_fraction(objective) * counts.total
     if allowed > 0:
-        consumed = counts.bad / allowed
+        consumed = round(counts.bad / allowed, 12)   # boundaries (e.g. 20 % left) stay exact
     else:
         consumed = 0.0 if counts.bad == 0 else math.inf
-    return Budget(counts.total, counts.bad, allowed, consumed, 1.0 - consumed,
+    return Budget(counts.total, counts.bad, allowed, consumed, round(1.0 - consumed, 12),
                   allowed - counts.bad)
 
 
@@ -391,7 +396,7 @@ def plan(since: float, until: float, now: float,
     current, partly elapsed minute is included when `until` is now). Where a finer rollup is
     past its retention, the edge is rounded to the nearest whole coarser bucket instead."""
     keep = RETENTION_S if retention is None else retention
-    a0 = int(math.ceil(since / 60.0)) * 60
+    a0 = math.ceil(since / 60.0) * 60
     out: list[tuple[int, int, float]] = []
 
     def cover(a: int, b: float, level: int) -> None:
@@ -425,6 +430,6 @@ def good_below(hist: Any, threshold_us: float) -> int:
     equivalent value is below it (the bucket holding the threshold counts as slow)."""
     if hist.total_count <= 0:
         return 0
-    j = hist._counts_index_for(int(math.ceil(threshold_us)))
+    j = hist._counts_index_for(math.ceil(threshold_us))
     counts = memoryview(hist.counts).cast("B").cast("Q")
     return int(sum(counts[:max(0, min(j, len(counts)))]))

@@ -836,7 +836,7 @@ class Store:
         vals = [orjson.dumps(fields[c]).decode() if c in self._SLO_ALERT_JSON else fields[c]
                 for c in cols]
         with self.transaction():
-            cur = self._db.execute(f"INSERT INTO alerts({', '.join(cols)}) "  # noqa: S608
+            cur = self._db.execute(f"INSERT INTO alerts({', '.join(cols)}) "
                                    f"VALUES ({', '.join('?' * len(cols))})", vals)
             return int(cur.lastrowid or 0)
 
@@ -891,6 +891,11 @@ class Store:
             rows = self._db.execute(sql, args).fetchall()
         return [self._slo_alert(r) for r in rows]
 
+    def alert_ids_of_incident(self, incident_id: str) -> list[int]:
+        with self._lock:
+            return [int(r[0]) for r in self._db.execute(
+                "SELECT id FROM alerts WHERE incident_id = ? ORDER BY id", (incident_id,))]
+
     _INCIDENT_COLS = ("id", "title", "description", "severity", "affected_service", "cause",
                       "context", "status", "escalation_level", "created_at", "created_by",
                       "acknowledged_at", "mitigated_at", "resolved_at", "resolution_notes",
@@ -916,7 +921,7 @@ class Store:
             vals = [None if c in self._INCIDENT_JSON and row[c] is None else
                     orjson.dumps(row[c]).decode() if c in self._INCIDENT_JSON else row[c]
                     for c in cols]
-            self._db.execute(f"INSERT INTO incidents({', '.join(cols)}) "  # noqa: S608
+            self._db.execute(f"INSERT INTO incidents({', '.join(cols)}) "
                              f"VALUES ({', '.join('?' * len(cols))})", vals)
         return incident_id
 

@@ -32,6 +32,7 @@
     view: null,          // the mounted view: {route, refresh(), destroy()}
     timer: null,
     busy: false,
+    pending: false,
   };
 
   // -------------------------------------------------------------------------------------------
@@ -251,8 +252,10 @@
 
     opts(width) {
       const s = this.spec;
+      // wide enough for its longest label (the default clips "1,234.5 ms")
+      const size = (u, values) => 22 + 7.5 * Math.max(4, ...(values || []).map((v) => String(v).length));
       const axis = (scale, side, fmtv) => ({
-        scale, side, stroke: COLORS.text, size: 56,
+        scale, side, stroke: COLORS.text, size,
         grid: { stroke: side === 1 ? 'transparent' : COLORS.grid, width: 1 },
         ticks: { stroke: COLORS.grid, width: 1 },
         values: (u, splits) => splits.map((v) => (v === null ? '' : fmtv(v))),
@@ -262,12 +265,12 @@
       if (s.series.some((x) => x.scale === 'y2')) axes.push(axis('y2', 1, s.y2Fmt || fmtNum));
       return {
         width, height: s.height || 200, title: s.title,
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
-          y2: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(s.yMin || 1, max > 0 ? max * 1.1 : 0)] },
+          y2: { range: (u, min, max) => [0, Math.max(s.y2Min || 1, max > 0 ? max * 1.1 : 0)] } },
         series: [{ value: (u, v) => (v === null ? '—' : fmtTime(v)) }].concat(s.series.map((x) => ({
           label: x.label, stroke: x.color, width: 2, scale: x.scale || 'y',
           fill: x.fill || undefined, spanGaps: false,
-          points: { show: false },
+          points: { size: 6, fill: x.color, filter: isolated },
           value: (u, v) => (v === null || v === undefined ? '—' : (x.fmt || s.yFmt || fmtNum)(v)),
         }))),
         axes, legend: { live: true }, cursor: { drag: { x: true, y: false } },
@@ -277,7 +280,7 @@
     update(data) {
       const points = data.slice(1).reduce((n, ys) => n + ys.filter((v) => v !== null && v !== undefined).length, 0);
       this.container.dataset.points = String(points);
-      const width = Math.max(260, this.container.clientWidth || 600);
+      const width = this.width();
       const key = this.spec.series.length + ':' + data[0].length;
       if (!this.plot || typeof uPlot === 'undefined') {
         if (typeof uPlot === 'undefined') { fill(this.container, el('p', { class: 'note', text: 'Charting library missing.' })); return; }
@@ -289,10 +292,29 @@
     }
 
     resize() {
-      if (this.plot) this.plot.setSize({ width: Math.max(260, this.container.clientWidth), height: this.spec.height || 200 });
+      if (this.plot) this.plot.setSize({ width: this.width(), height: this.spec.height || 200 });
+    }
+
+    /** The container's content width (its padding is not ours to draw on). */
+    width() {
+      const cs = getComputedStyle(this.container);
+      const inner = this.container.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+      return Math.max(200, Math.floor(inner) || 600);
     }
 
     destroy() { if (this.plot) this.plot.destroy(); this.plot = null; }
+  }
+
+  /** uPlot points filter: when the line is drawn without points, still dot the buckets that have
+   *  no neighbour (a lone minute of traffic would otherwise not show at all). */
+  function isolated(u, si, show) {
+    if (show) return null;
+    const ys = u.data[si];
+    const out = [];
+    for (let i = 0; i < ys.length; i++) {
+      if (ys[i] !== null && ys[i] !== undefined && (i === 0 || ys[i - 1] == null) && (i === ys.length - 1 || ys[i + 1] == null)) out.push(i);
+    }
+    return out.length ? out : null;
   }
 
   /** Rows keyed by bucket_start onto a full grid of buckets: absent buckets are gaps (null). */
@@ -412,7 +434,7 @@
             el('td', { class: 'num rate', 'data-label': 'Requests/s', dataset: { value: s.request_count / winS } }, fmtRate(s.request_count / winS)),
             el('td', { class: 'num requests', 'data-label': 'Requests (5m)', dataset: { value: s.request_count } }, fmtInt(s.request_count)),
             el('td', { class: 'num errors', 'data-label': 'Error rate (5xx)', dataset: { value: s.error_rate } },
-              fmtPct(s.error_rate), el('span', { class: 'muted small' }, ' (' + fmtInt(s.error_count_5xx) + ')')),
+              el('span', null, fmtPct(s.error_rate), el('span', { class: 'muted small' }, ' (' + fmtInt(s.error_count_5xx) + ')'))),
             el('td', { class: 'num p95', 'data-label': 'p95', dataset: { value: s.latency_p95_ms ?? '' } }, fmtMs(s.latency_p95_ms)),
             el('td', { class: 'num p99', 'data-label': 'p99', dataset: { value: s.latency_p99_ms ?? '' } }, fmtMs(s.latency_p99_ms)),
             el('td', { class: 'breakers-cell', 'data-label': 'Breakers' }, breakerChips(s.circuit_breakers)),
@@ -433,9 +455,10 @@
         const bs = br.data.breakers || [];
         const tr = (br.data.transitions || []).slice(0, 8);
         fill(breakers.body, bs.length ? el('div', { class: 'table-wrap' }, el('table', { class: 'data' },
-          el('thead', null, el('tr', null, ['Upstream', 'State', 'Gateway', 'Pool in use (max)', 'Reported'].map((h) => el('th', { text: h })))),
+          el('thead', null, el('tr', null, el('th', { text: 'Upstream' }), el('th', { text: 'State' }), el('th', { class: 'wide-only', text: 'Gateway' }),
+            el('th', { class: 'num', text: 'Pool in use (max)' }), el('th', { text: 'Reported' }))),
           el('tbody', null, bs.map((b) => el('tr', null,
-            el('td', { text: b.upstream }), el('td', null, statusBadge(b.breaker_state)), el('td', { class: 'muted', text: b.gateway_id }),
+            el('td', { text: b.upstream }), el('td', null, statusBadge(b.breaker_state)), el('td', { class: 'muted wide-only', text: b.gateway_id }),
             el('td', { class: 'num', text: fmtInt(b.pool_in_use_max) + ' / ' + fmtInt(b.pool_max) }),
             el('td', { class: 'muted', text: fmtAgo(b.reported_at) })))))) : el('p', { class: 'muted', text: 'No breaker reports yet.' }),
         tr.length ? el('div', { class: 'small muted' }, el('h3', { text: 'Recent transitions' }),
@@ -469,7 +492,7 @@
         series: [{ label: 'requests/s', color: COLORS.traffic, fill: '#58a6ff22' }, { label: 'rate-limited/s', color: COLORS.limited }] }),
       errors: mk('errors', { title: 'Error rate (%)', yFmt: (v) => fmtNum(v) + '%',
         series: [{ label: '5xx', color: COLORS.e5xx, fill: '#f8514922' }, { label: '4xx', color: COLORS.e4xx }] }),
-      saturation: mk('saturation', { title: 'Saturation', yFmt: (v) => fmtNum(v) + '%', y2Fmt: (v) => fmtNum(v) + ' ms',
+      saturation: mk('saturation', { title: 'Saturation', yMin: 10, yFmt: (v) => fmtNum(v) + '%', y2Fmt: (v) => fmtNum(v) + ' ms',
         series: [{ label: 'CPU %', color: COLORS.cpu }, { label: 'loop lag ms', color: COLORS.lag, scale: 'y2', fmt: (v) => fmtNum(v) + ' ms' }] }),
     };
     const slos = section('SLOs and error budgets', '');
@@ -519,7 +542,7 @@
         stat('p50', fmtMs(s.latency_p50_ms)), stat('p95', fmtMs(s.latency_p95_ms)), stat('p99', fmtMs(s.latency_p99_ms)),
         stat('Rate-limited', fmtInt(s.rate_limited)),
         stat('CPU (max)', isNum(s.saturation && s.saturation.cpu_percent) ? fmtNum(s.saturation.cpu_percent) + '%' : '—'),
-        stat('Breakers', worstBreaker(s.circuit_breakers).map((b) => b.upstream + ' ' + b.state.replace('_', ' ')).join(', ') || '—'));
+        el('div', { class: 'stat' }, el('div', { class: 'label', text: 'Breakers' }), el('div', { class: 'value-chips' }, breakerChips(s.circuit_breakers))));
     }
 
     async function refreshSlos() {
@@ -543,14 +566,18 @@
       const cards = await Promise.all(sloList.map(async (def) => {
         const report = budgetList.find((b) => b.slo_id === def.id || (b.name === def.name && b.service === def.service));
         const merged = Object.assign({}, def, report || {});
-        return sloCard(merged, alertList.filter((a) => a.slo_id === def.id || (!a.slo_id && a.service === name)),
+        return sloCard(merged, alertList.filter((a) => a.slo_id === def.id),
           report ? await budgetHistory(merged) : null);
       }));
       const g = gate.data;
       const gateNode = g ? el('div', { class: 'gate card small', dataset: { gate: g.decision } },
         el('strong', { text: 'Deploy gate ' }), statusBadge(g.decision), ' ',
         el('span', { class: 'muted', text: g.reason || '' })) : null;
-      fill(slos.body, gateNode, el('div', { class: 'grid cards' }, cards));
+      const others = alertList.filter((a) => !sloList.some((d) => d.id === a.slo_id));
+      fill(slos.body, gateNode, el('div', { class: 'grid cards' }, cards),
+        others.length ? el('div', { class: 'card small other-alerts' }, el('h3', { text: 'Other open alerts for ' + name }),
+          others.map((a) => el('div', { dataset: { alertId: a.id } }, statusBadge(a.severity), ' ', a.title || a.dedup_key || '',
+            el('span', { class: 'muted', text: ' · ' + (a.source || '') + ' · ' + a.status + ' ' + fmtAgo(a.started_at) })))) : null);
     }
 
     /** The remaining budget over the SLO's window, for the burn-down: the shape comes from the
@@ -563,21 +590,27 @@
       const since = w.since, until = Date.now() / 1000;
       if (!isNum(remaining) || !isNum(since)) return null;
       const straight = [[since, 1], [until, remaining]];
-      if (b.sli !== 'availability' || until - since < 120) return straight;
+      if (until - since < 120) return straight;
       const step = until - since <= 2 * 86400 ? 300 : 3600;
       const res = await load('/v1/signals' + qs({ service: b.service, route: b.route || undefined,
         window: step === 300 ? '5m' : '1h', since, until: until + step }));
       if (!res.data) return straight;
       const rows = (res.data.rows || []).slice().sort((x, y) => x.bucket_start - y.bucket_start);
-      const badOf = (r) => r.error_count_5xx + (b.count_429 ? (r.rate_limited || 0) : 0);
+      // availability: bad = 5xx (+ 429 if counted); latency: slow requests are not in these rows,
+      // so the traffic gives the shape (budget spent where the requests were)
+      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + (b.count_429 ? (r.rate_limited || 0) : 0)
+        : (r) => r.request_count;
       const totalBad = rows.reduce((n, r) => n + badOf(r), 0);
       if (!totalBad || !rows.length) return straight;
       const used = 1 - remaining;
       let cum = 0;
       const pts = [[since, 1]];
       for (const r of rows) {
+        if (!badOf(r)) continue;
+        const t = Math.min(until, Math.max(since, r.bucket_start));
+        pts.push([t, 1 - used * cum / totalBad]);
         cum += badOf(r);
-        pts.push([Math.min(until, Math.max(since, r.bucket_start + step)), 1 - used * cum / totalBad]);
+        pts.push([Math.min(until, t + step), 1 - used * cum / totalBad]);
       }
       pts.push([until, remaining]);
       return pts;
@@ -668,7 +701,8 @@
         el('div', null, el('div', { class: 'muted small', text: 'objective' }), el('div', { class: 'big', text: isNum(s.objective) ? s.objective + '%' : '—' })),
         el('div', null, el('div', { class: 'muted small', text: 'error budget remaining' }),
           el('div', { class: 'big remaining' + (isNum(remaining) && remaining < 0.2 ? ' low' : ''), dataset: { remaining: remaining ?? '' },
-            text: isNum(remaining) ? fmtPct(remaining, 1) : (s.consumed > 0 ? 'overspent' : '—') }))),
+            text: isNum(remaining) ? fmtPct(remaining, 1) : (s.consumed > 0 ? 'overspent' : '—') }),
+          isNum(remaining) && remaining < 0 ? el('div', { class: 'muted small', text: 'overspent ' + fmtNum(1 - remaining, 1) + '× the budget' }) : null)),
       burndown(history, remaining),
       el('div', { class: 'burns', title: 'burn rate: how many times faster than the objective allows the budget is being spent' },
         Object.entries(burns).filter(([, v]) => isNum(v)).map(([win, v]) =>
@@ -687,10 +721,10 @@
     const pts = (points || []).filter(([t, v]) => isNum(t) && isNum(v));
     if (pts.length < 2) return el('p', { class: 'muted small', text: isNum(remaining) ? '' : 'No budget data yet.' });
     const t0 = pts[0][0], t1 = pts[pts.length - 1][0];
-    const lo = Math.min(0, ...pts.map((p) => p[1]));
+    const lo = Math.max(-1, Math.min(0, ...pts.map((p) => p[1])));   // overspend beyond 100 % is clipped
     const x = (t) => P + ((t - t0) / Math.max(1e-9, t1 - t0)) * (W - 2 * P);
     const y = (v) => P + ((1 - v) / (1 - lo)) * (H - 2 * P);
-    const line = pts.map(([t, v]) => x(t).toFixed(1) + ',' + y(v).toFixed(1)).join(' ');
+    const line = pts.map(([t, v]) => x(t).toFixed(1) + ',' + y(Math.max(lo, v)).toFixed(1)).join(' ');
     const last = pts[pts.length - 1][1];
     return el('div', { class: 'burndown-wrap' },
       svg('svg', { class: 'burndown', viewBox: '0 0 ' + W + ' ' + H, preserveAspectRatio: 'none', role: 'img',
@@ -783,11 +817,11 @@
       if (!pmWrap.hidden && postmortem.value.trim()) body.postmortem = { summary: postmortem.value.trim() };
       if (await post('resolve', body, e.submitter)) { rootCause.value = ''; resolution.value = ''; postmortem.value = ''; }
     });
+    const respondCard = el('div', { class: 'card' }, el('h3', { text: 'Respond' }), el('div', { class: 'breakers' }, ackBtn, mitBtn, escBtn),
+      el('p', { class: 'muted small', text: 'Acknowledge stops the automatic escalation; escalate raises the level by one.' }));
+    const resolveCard = el('div', { class: 'card' }, resolveForm);
     if (canWrite) {
-      fill(actions.body, msg, el('div', { class: 'actions' },
-        el('div', { class: 'card' }, el('h3', { text: 'Respond' }), el('div', { class: 'breakers' }, ackBtn, mitBtn, escBtn),
-          el('p', { class: 'muted small', text: 'Acknowledge stops the automatic escalation; escalate raises the level by one.' })),
-        el('div', { class: 'card' }, noteForm), el('div', { class: 'card' }, resolveForm)));
+      fill(actions.body, msg, el('div', { class: 'actions' }, respondCard, el('div', { class: 'card' }, noteForm), resolveCard));
     } else {
       actions.hide('Your role (' + (state.me ? state.me.role : '?') + ') may read incidents but not act on them.');
     }
@@ -816,7 +850,8 @@
       ackBtn.hidden = status !== 'investigating';
       mitBtn.hidden = !['investigating', 'acknowledged'].includes(status);
       escBtn.hidden = resolved;
-      resolveForm.hidden = resolved;
+      resolveCard.hidden = resolved;
+      respondCard.hidden = resolved;
       pmWrap.hidden = !(inc.postmortem_required ?? /^(SEV-?[12]|critical|major)$/i.test(String(inc.severity || '')));
       const events = asList(pick(inc, 'timeline', 'events') || (res.data.timeline) || [], 'timeline');
       timeline.show();
@@ -892,7 +927,7 @@
           b.override && b.override.active ? 'override until ' + fmtTime(b.override.expires_at) : null].filter(Boolean).join(' · ') })),
       el('div', null, bar, el('div', { class: 'bar-legend' },
         el('span', { text: fmtCents(spent) + ' of ' + fmtCents(amount) + ' · ' + fmtPct(util, 1) }),
-        el('span', { text: isNum(futil) ? 'forecast ' + fmtCents(forecast ?? futil * amount) + ' · ' + fmtPct(futil, 0) : '' }))),
+        el('span', { text: isNum(futil) ? 'forecast ' + fmtCents(forecast ?? futil * amount) + ' · ' + fmtPct(futil, 1) : 'forecast: too early in the period' }))),
       el('div', null, statusBadge(status)));
   }
 
@@ -927,7 +962,11 @@
 
   async function tick(force) {
     const view = state.view;
-    if (!view || state.busy) return;
+    if (!view) return;
+    if (state.busy) {                    // a view just mounted must not wait for the next interval
+      if (force) state.pending = true;
+      return;
+    }
     if (!force && (document.hidden || (view.editing && view.editing()))) return;
     state.busy = true;
     document.body.dataset.loading = 'true';
@@ -939,8 +978,13 @@
       if (state.token) showBanner('Refresh failed: ' + err.message, err.status === 0 ? '' : 'warn');
     } finally {
       state.busy = false;
-      document.body.dataset.loading = 'false';
-      document.body.dataset.refreshed = String(Date.now());
+      if (state.pending) {
+        state.pending = false;
+        tick(true);
+      } else {
+        document.body.dataset.loading = 'false';
+        document.body.dataset.refreshed = String(Date.now());
+      }
     }
   }
 
