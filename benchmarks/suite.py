@@ -25,7 +25,30 @@ wrk runs, RSS at 200k and at 1M; --quick: 200k, RSS at 40k and 200k) and the con
 ingest and /v1/signals figures (benchmarks/bench_control.py, as a subprocess).
 
 Writes <out>/<date>.json and <out>/<date>.md (and latest.json / latest.md) and prints the
-Markdown. Setup installs nginx and wrk with apt-get when missing, and says so; without wrk the
+Markdown. The JSON (schema 1):
+
+  {"schema": 1, "date", "machine": {cpu, cores, memory_bytes, kernel, python, hostname},
+   "versions": {nginx, wrk, redis}, "settings": {quick, duration_s, warmup_s, rounds,
+   connections, load_generator, only, command, gateway_workers, soak_requests, control_batches},
+   "loadavg_start", "loadavg_end", "wall_s", "interrupted": null | why,
+   "results": {<id>: {label, kind: scenario|anchor, body_bytes,
+                      by_connections: {"32": POINT, ...}, rounds: {"32": [POINT, ...]}}},
+   "soak": {requests_target, checkpoint, connections, samples: [{requests, rss_bytes, rps}],
+            rss_at_checkpoint_bytes, rss_at_end_bytes, rss_growth_pct, non_2xx, socket_errors,
+            wall_s, checks},
+   "control_plane": {batches, exit_code, output: [lines], inprocess: {...},
+                     http_ingest: {batches_per_s, p50_ms, p99_ms, ...},
+                     signals: [{query, rows, p50_ms, max_ms}], health_overview_ms},
+   "targets": [{target, connections, value, unit, op, threshold, pass: true|false|null,
+                detail}],
+   "notes": [...], "errors": [...]}
+  POINT = {rps, requests, duration_s, bytes_per_s, p50_ms, p90_ms, p99_ms, p999_ms, max_ms,
+           non_2xx (status >= 400), socket_errors: {connect, read, write, timeout},
+           server_rss_bytes, server_cpu_pct, upstream_cpu_pct, loadgen_cpu_pct, loadavg_1m,
+           ratios: {vs_nginx, vs_aiohttp, vs_a}, checks: {gateway metrics after the run},
+           rounds_rps (with --rounds > 1)}
+  <id>: direct, nginx, aiohttp, a..f (12-byte body); direct_1mib, nginx_1mib, aiohttp_1mib, g.
+ Setup installs nginx and wrk with apt-get when missing, and says so; without wrk the
 load comes from a bounded Python client. Traffic goes only to 127.0.0.1, every load is bounded
 in time or count, and every child process is stopped at the end, Ctrl-C included.
 """
@@ -279,10 +302,10 @@ def apt_install(package: str) -> bool:
     return False
 
 
-def ensure_tools() -> tuple[str | None, str | None, list[str]]:
+def ensure_tools(want_wrk: bool = True) -> tuple[str | None, str | None, list[str]]:
     notes = []
     wrk = shutil.which("wrk")
-    if wrk is None:
+    if wrk is None and want_wrk:
         log("setup: wrk is not installed; installing it with `apt-get install -y wrk`")
         ok = apt_install("wrk")
         wrk = shutil.which("wrk")
@@ -446,7 +469,7 @@ class Load:
     def __init__(self, wrk: str | None) -> None:
         self.wrk = wrk
         self.name = tool_version([wrk, "-v"]).split(" [")[0] if wrk else \
-            "python client (wrk not installed)"
+            "bounded Python client (asyncio, one process)"
 
     def run(self, port: int, connections: int, duration: float,
             count: int | None = None) -> dict[str, Any]:
@@ -1047,14 +1070,14 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{val:+.2f} %" if unit == "%" else f"{val:,.0f} {unit}")
             lines.append(f"- **{verdict}** {t['target']}{at}: {shown} ({t['detail']})")
         lines.append("")
-    soak = res.get("soak")
+    soak = doc.get("soak")
     if soak:
         pts = ", ".join(f"{p['requests']:,}: {p['rss_bytes'] / MIB:.1f}" for p in soak["samples"])
         lines += ["### RSS soak (scenario d)", "",
                   (f"{soak['requests_target']:,} requests at {soak['connections']} connections "
                    f"in {soak['wall_s']:.0f} s, non-2xx {soak['non_2xx']}, socket errors "
                    f"{soak['socket_errors']}. RSS MiB by requests served: {pts}."), ""]
-    cp = res.get("control_plane")
+    cp = doc.get("control_plane")
     if cp:
         lines += ["### Control plane (benchmarks/bench_control.py)", ""]
         if "http_ingest" in cp:
@@ -1128,6 +1151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "longer)")
     ap.add_argument("--soak", action="store_true", help="run only the RSS soak")
     ap.add_argument("--soak-requests", type=int, help="1,000,000 (quick: 200,000)")
+    ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                    help="load generator: wrk (installed with apt-get when missing), or the "
+                         "bounded Python client (the fallback without wrk); default auto")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -1158,8 +1184,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     started = time.monotonic()
     date = dt.datetime.now().astimezone()
-    wrk, nginx, setup_notes = ensure_tools()
-    load = Load(wrk)
+    wrk, nginx, setup_notes = ensure_tools(want_wrk=args.load != "python")
+    if args.load == "wrk" and wrk is None:
+        print("wrk is not available (--load wrk)", file=sys.stderr)
+        return 2
+    load = Load(wrk if args.load != "python" else None)
     log(f"load generator: {load.name}; connections {args.connections}; {args.duration:g} s per "
         f"point (+{args.warmup:g} s warm-up); {os.cpu_count()} cores; load average "
         f"{os.getloadavg()[0]:.2f}")
@@ -1200,7 +1229,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": os.getloadavg(),
         "wall_s": round(time.monotonic() - started, 1),
         "interrupted": interrupted,
-        "results": suite.results,
+        "results": {k: v for k, v in suite.results.items() if k in ORDER},
+        "soak": suite.results.get("soak"),
+        "control_plane": suite.results.get("control_plane"),
         "targets": targets(suite.results, args.connections,
                            partial=args.only is not None or interrupted is not None),
         "notes": suite.notes + sanity_notes(suite.results),
