@@ -198,6 +198,11 @@ class Proxy:
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
+        if request.body_exists and request.version >= (1, 1) and \
+                request.headers.get("Expect", "").lower() == "100-continue":
+            # Limits and breaker have passed: take the body now rather than leave the client
+            # waiting out its expect timeout.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request.body_exists:
             body = None
         elif content_length is not None and content_length <= SMALL_BODY:

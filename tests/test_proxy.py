@@ -288,3 +288,16 @@ async def test_ipv6_loopback_listener(tmp_path: Path, upstream: Upstream,
         port = gw.proxy_address[1]
         status, _, _ = await fetch(session, "GET", f"http://[::1]:{port}/")
         assert status == 200
+
+
+async def test_expect_100_continue_is_answered(tmp_path: Path, upstream: Upstream) -> None:
+    async with running_gateway(tmp_path, gateway_yaml([upstream.url])) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=2)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        raw = await reader.read()
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\nhello")
