@@ -546,6 +546,11 @@ def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str,
 # The run.
 
 
+COUNTER_CHECKS = frozenset({"requests_total", "ratelimit_allowed", "ratelimit_limited",
+                            "ratelimit_store_error", "shipper_success", "shipper_failure",
+                            "shipper_spooled", "shipper_dropped"})
+
+
 @dataclass
 class Target:
     """Something to load: the port, the pids whose RSS/CPU are reported, a check afterwards."""
@@ -555,6 +560,7 @@ class Target:
     upstream_pid: int | None
     admin_port: int | None = None
     after: Callable[[], dict[str, Any]] | None = None
+    before: Callable[[], dict[str, Any]] | None = None   # counters before the measured run
 
 
 @dataclass
@@ -633,6 +639,7 @@ class Suite:
         for conns in self.args.connections:
             if self.args.warmup > 0:
                 self.load.run(target.port, conns, self.args.warmup)
+            before = target.before() if target.before is not None else {}
             pids = target.server_pids
             up = [target.upstream_pid] if target.upstream_pid else []
             cpu0, up0 = tree_cpu(pids), tree_cpu(up)
@@ -651,7 +658,12 @@ class Suite:
             r["server_rss_bytes"] = tree_rss(pids)
             r["loadavg_1m"] = os.getloadavg()[0]
             if target.after is not None:
-                r["checks"] = target.after()
+                checks = target.after()
+                # the gateway's counters are cumulative (warm-ups, other connection counts):
+                # what changed during this measured run is what belongs to this point
+                checks["during_run"] = {k: v - before.get(k, 0) for k, v in checks.items()
+                                        if k in COUNTER_CHECKS}
+                r["checks"] = checks
             entry.setdefault("rounds", {}).setdefault(str(conns), []).append(r)
             entry["by_connections"][str(conns)] = median_run(entry["rounds"][str(conns)])
             errs = sum(r["socket_errors"].values())
@@ -718,7 +730,8 @@ class Suite:
         gw = self.start_gateway(sid, gateway_yaml(port, admin, up_port, **kw), port, admin)
         try:
             self.measure(Target(sid, port, [gw.pid], up.pid, admin,
-                                after=lambda: self.gateway_checks(admin)))
+                                after=lambda: self.gateway_checks(admin),
+                                before=lambda: self.gateway_checks(admin)))
         finally:
             self.children.stop(gw)
 
@@ -750,7 +763,8 @@ class Suite:
                     self.soak(gw, port, admin)
                 else:
                     self.measure(Target("d", port, [gw.pid], cast(Child, self.upstream).pid, admin,
-                                        after=lambda: self.d_checks(admin, cport)))
+                                        after=lambda: self.d_checks(admin, cport),
+                                before=lambda: self.gateway_checks(admin)))
             finally:
                 self.children.stop(gw)
         finally:
@@ -782,7 +796,8 @@ class Suite:
             if second != 503:
                 raise RuntimeError(f"breaker did not open: answers {first}, then {second}")
             self.measure(Target("f", port, [gw.pid], None, admin,
-                                after=lambda: self.gateway_checks(admin)))
+                                after=lambda: self.gateway_checks(admin),
+                                before=lambda: self.gateway_checks(admin)))
         finally:
             self.children.stop(gw)
 
@@ -1122,9 +1137,12 @@ def sanity_notes(results: dict[str, Any]) -> list[str]:
                 notes.append(f"{label}: the load generator used {r['loadgen_cpu_pct']:.0f} % "
                              f"of a core (it may be the bottleneck)")
             checks = r.get("checks", {})
-            if checks.get("ratelimit_store_error"):
-                notes.append(f"{label}: {checks['ratelimit_store_error']:.0f} Redis store errors "
-                             f"(fell back to local buckets)")
+            run = checks.get("during_run", {})
+            if run.get("ratelimit_store_error"):
+                notes.append(f"{label}: {run['ratelimit_store_error']:,.0f} of "
+                             f"{run.get('requests_total', 0):,.0f} decisions were Redis store "
+                             f"errors (redis.timeout_ms 25; on_store_error: local answered them "
+                             f"from an in-memory bucket)")
             if tid == "f" and checks.get("breaker_state") != "open":
                 notes.append(f"{label}: breaker state {checks.get('breaker_state')}, not open")
             if tid == "d" and "control_plane_requests_seen" in checks:

@@ -49,13 +49,14 @@ SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent i
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("breaker", "cfg", "name", "pools", "selector")
+    __slots__ = ("authorities", "breaker", "cfg", "name", "pools", "selector")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
         self.name = cfg.name
         self.cfg = cfg
         self.pools = pools
+        self.authorities = [p.endpoint.authority for p in pools]  # Host when the client sent none
         self.selector = selector
         self.breaker = breaker
 
@@ -193,8 +194,7 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers, request_id = self._upstream_headers(request, pool.endpoint.authority,
-                                                     rt.cfg)
+        headers, request_id = self._upstream_headers(request, up.authorities[index], rt.cfg)
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
@@ -337,11 +337,10 @@ class Proxy:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = request_id = host = None
-        for raw_name, raw_value in request.raw_headers:
-            name = raw_name.decode("latin-1")
+        # aiohttp's parser has already decoded the headers: iterate those, in arrival order.
+        for name, value in request.headers.items():
             lname = name.lower()
             if lname in _REQUEST_DROP:
-                value = raw_value.decode("latin-1")
                 if lname == "x-forwarded-for":
                     xff = value if xff is None else f"{xff}, {value}"
                 elif lname == "host":
@@ -353,7 +352,6 @@ class Proxy:
                 elif lname == "connection":
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
                 continue
-            value = raw_value.decode("latin-1")
             if lname == "x-request-id":
                 request_id = value
             out.append((name, value))
