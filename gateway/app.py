@@ -387,13 +387,20 @@ async def serve(server: GatewayServer) -> None:
     await server.stop()
 
 
-def run(config_path: str) -> int:
-    """`gateway run`: one process, or a supervisor of `workers` processes."""
+def _load_or_report(config_path: str) -> Config | None:
+    """The config, or None after printing every error as `path.to.key: message`."""
     try:
-        cfg = config_mod.load(config_path)
+        return config_mod.load(config_path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def run(config_path: str) -> int:
+    """`gateway run`: one process, or a supervisor of `workers` processes."""
+    cfg = _load_or_report(config_path)
+    if cfg is None:
         return 2
     if cfg.workers > 1:
         from gateway.supervisor import Supervisor
@@ -410,11 +417,8 @@ def run(config_path: str) -> int:
 
 def run_worker(config_path: str, index: int, port: int, admin_unix: str) -> int:
     """A worker of a supervisor: same as a single process, admin on a private unix socket."""
-    try:
-        cfg = config_mod.load(config_path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    cfg = _load_or_report(config_path)
+    if cfg is None:
         return 2
     host, _ = split_hostport(cfg.listen)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

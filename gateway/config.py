@@ -14,13 +14,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 import yaml
 
 from gateway.errors import ConfigError
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Value objects
@@ -767,8 +769,11 @@ def _parse_named(m: dict[str, Any], key: str, parse: Callable[[Any, str, _Errors
     return out
 
 
-def load_text(text: str, *, source: str = "<string>", env: dict[str, str] | None = None) -> Config:
-    """Parse and validate config text (after environment interpolation)."""
+def load_document(text: str, parse: Callable[..., T], *, source: str = "<string>",
+                  env: Mapping[str, str] | None = None) -> T:
+    """Interpolate, parse YAML and validate with `parse(doc, source=, raw=)`, reporting every
+    error (unset variables, YAML syntax, every key) in one ConfigError. Shared by the gateway
+    and the control-plane configs."""
     expanded, missing = interpolate(text, env)
     errors = [f"${{{name}}}: environment variable is not set (use ${{{name}:-default}})"
               for name in dict.fromkeys(missing)]
@@ -779,7 +784,7 @@ def load_text(text: str, *, source: str = "<string>", env: dict[str, str] | None
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError(errors + [f"<yaml>: {where}: {getattr(exc, 'problem', exc)}"]) from None
     try:
-        cfg = parse_config(doc, source=source, raw=expanded.encode())
+        cfg = parse(doc, source=source, raw=expanded.encode())
     except ConfigError as exc:
         raise ConfigError(errors + exc.errors) from None
     if errors:
@@ -787,11 +792,19 @@ def load_text(text: str, *, source: str = "<string>", env: dict[str, str] | None
     return cfg
 
 
-def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
-    """Read, interpolate and validate a gateway config file."""
+def read_text(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"<file>: cannot read {str(p)!r}: {exc.strerror}"]) from None
-    return load_text(text, source=str(p), env=env)
+
+
+def load_text(text: str, *, source: str = "<string>", env: dict[str, str] | None = None) -> Config:
+    """Parse and validate gateway config text (after environment interpolation)."""
+    return load_document(text, parse_config, source=source, env=env)
+
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a gateway config file."""
+    return load_text(read_text(path), source=str(path), env=env)

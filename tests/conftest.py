@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,17 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def demo_upstream() -> Iterator[str]:
+    """The bundled demo upstream as its own process (`gateway demo-upstream`); yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
+                             f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

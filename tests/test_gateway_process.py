@@ -6,10 +6,8 @@ import asyncio
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,20 +19,6 @@ from tests.conftest import ROOT, free_port, wait_port
 from tests.harness import GatewayProcess, gateway_yaml, write_config
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def demo_upstream() -> Iterator[str]:
-    """The bundled demo upstream as its own process (`gateway demo-upstream`)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
-                             f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def start_gateway(tmp_path: Path, upstream: str, *, extra: str = "",

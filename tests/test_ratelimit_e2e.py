@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,21 +14,8 @@ import orjson
 import pytest
 
 from gateway.errors import QUOTA_EXCEEDED
-from tests.conftest import RedisServer, free_port, wait_port
+from tests.conftest import RedisServer, free_port
 from tests.harness import GatewayProcess, gateway_yaml, write_config
-
-
-@pytest.fixture
-def demo_upstream() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
-                             f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def limited_config(tmp_path: Path, upstream: str, limits: str, *, name: str,

@@ -14,12 +14,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gateway.config import _Errors, _kind, _mapping, _name, _str, interpolate, parse_listen
+from gateway.config import (
+    _Errors,
+    _kind,
+    _mapping,
+    _name,
+    _str,
+    load_document,
+    parse_listen,
+    read_text,
+)
 from gateway.errors import ConfigError
 
 ROLES = ("admin", "monitor", "reader", "gateway")
@@ -167,29 +173,9 @@ def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Con
 def load_text(text: str, *, source: str = "<string>",
               env: dict[str, str] | None = None) -> ControlConfig:
     """Parse and validate control config text (after environment interpolation)."""
-    expanded, missing = interpolate(text, env)
-    errors = [f"${{{name}}}: environment variable is not set (use ${{{name}:-default}})"
-              for name in dict.fromkeys(missing)]
-    try:
-        doc = yaml.safe_load(expanded)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise ConfigError(errors + [f"<yaml>: {where}: {getattr(exc, 'problem', exc)}"]) from None
-    try:
-        cfg = parse_control_config(doc, source=source, raw=expanded.encode())
-    except ConfigError as exc:
-        raise ConfigError(errors + exc.errors) from None
-    if errors:
-        raise ConfigError(errors)
-    return cfg
+    return load_document(text, parse_control_config, source=source, env=env)
 
 
 def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> ControlConfig:
     """Read, interpolate and validate a control plane config file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"<file>: cannot read {str(p)!r}: {exc.strerror}"]) from None
-    return load_text(text, source=str(p), env=env)
+    return load_text(read_text(path), source=str(path), env=env)
