@@ -42,6 +42,8 @@ _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-
                               "x-forwarded-host", "host", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
+REQUEST_ID = web.RequestKey("request_id", str)
+
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
 
@@ -135,18 +137,25 @@ class Proxy:
         target = request.raw_path
         q = target.find("?")
         path = target if q < 0 else target[:q]
+        # One id per request, the client's own if it sent one: on every response and log line.
+        request_id = request.headers.get("X-Request-Id") or \
+            f"{self._id_prefix}{next(self._ids):010x}"
+        request[REQUEST_ID] = request_id
 
         # 1. match
         route = rt.router.match(method, request.host, path)
         if route is None:
-            resp = _problem(404, f"no route matches {method} {path}")
+            resp = _problem(404, f"no route matches {method} {path}",
+                            headers={"X-Request-Id": request_id})
             self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
             return resp
         guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
             self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
                          "budget", "-")
-            return web.Response(status=r[0], headers=r[1], body=r[2])
+            resp = web.Response(status=r[0], headers=r[1], body=r[2])
+            resp.headers["X-Request-Id"] = request_id
+            return resp
 
         # 2. limits
         extra_headers: tuple[tuple[str, str], ...] = ()
@@ -155,9 +164,9 @@ class Proxy:
             outcome = await rt.limiter.check(route, request)
             limit_decision = outcome.decision
             if not outcome.allowed:
-                resp = web.Response(status=outcome.status, body=outcome.body)
-                for name, value in outcome.headers:
-                    resp.headers[name] = value
+                resp = web.Response(status=outcome.status, body=outcome.body,
+                                    headers=outcome.headers)
+                resp.headers["X-Request-Id"] = request_id
                 self._record(route.name, route.upstream, route.service, method, outcome.status,
                              t0, None, 0, 0, request, limit_decision, "-")
                 return resp
@@ -170,7 +179,8 @@ class Proxy:
             retry = breaker.retry_after_s()
             resp = _problem(503, f"upstream {up.name!r} is unavailable (circuit {breaker.state});"
                                  f" retry in {retry}s", REDUCED_CAPACITY,
-                            {"Retry-After": str(retry)}, upstream=up.name)
+                            {"Retry-After": str(retry), "X-Request-Id": request_id},
+                            upstream=up.name)
             self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
                          request, limit_decision, breaker.state)
             return resp
@@ -179,7 +189,7 @@ class Proxy:
         verdict = [False]
         try:
             return await self._forward(rt, request, route, up, t0, method, target,
-                                       extra_headers, limit_decision, verdict)
+                                       request_id, extra_headers, limit_decision, verdict)
         except BaseException:
             if not verdict[0]:
                 breaker.release()
@@ -187,14 +197,15 @@ class Proxy:
 
     async def _forward(self, rt: Runtime, request: web.BaseRequest, route: RouteConfig,
                        up: UpstreamRuntime, t0: float, method: str, target: str,
-                       extra_headers: tuple[tuple[str, str], ...], limit_decision: str,
+                       request_id: str, extra_headers: tuple[tuple[str, str], ...],
+                       limit_decision: str,
                        verdict: list[bool]) -> web.StreamResponse:
         breaker = up.breaker
         index = up.selector.pick()
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers, request_id = self._upstream_headers(request, up.authorities[index], rt.cfg)
+        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id)
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
@@ -244,7 +255,7 @@ class Proxy:
         # A plain list: aiohttp copies whatever it is given into its own CIMultiDict.
         resp_headers: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
-        has_request_id = False
+        has_request_id = has_ratelimit = False
         for name, value in uresp.headers:
             lname = name.lower()
             if lname in _RESPONSE_DROP:
@@ -255,15 +266,18 @@ class Proxy:
                 continue
             if lname == "x-request-id":
                 has_request_id = True
+            elif lname.startswith("ratelimit"):
+                has_ratelimit = True
             resp_headers.append((name, value))
         if connection_listed:
             resp_headers = [(n, v) for n, v in resp_headers
                             if n.lower() not in connection_listed]
         if not has_request_id:
             resp_headers.append(("X-Request-Id", request_id))
-        if extra_headers:  # ours replace the upstream's own RateLimit headers, if any
-            ours = {n.lower() for n, _ in extra_headers}
-            resp_headers = [h for h in resp_headers if h[0].lower() not in ours]
+        if extra_headers:
+            if has_ratelimit:  # ours replace the upstream's own RateLimit headers
+                ours = {n.lower() for n, _ in extra_headers}
+                resp_headers = [h for h in resp_headers if h[0].lower() not in ours]
             resp_headers.extend(extra_headers)
 
         # 5. respond (small known-length bodies in one write; the rest streamed)
@@ -332,11 +346,12 @@ class Proxy:
                      limit_decision, breaker.state)
         return resp
 
-    def _upstream_headers(self, request: web.BaseRequest, authority: str,
-                          cfg: Config) -> tuple[list[tuple[str, str]], str]:
+    def _upstream_headers(self, request: web.BaseRequest, authority: str, cfg: Config,
+                          request_id: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
-        xff = proto = fwd_host = request_id = host = None
+        xff = proto = fwd_host = host = None
+        has_request_id = False
         # aiohttp's parser has already decoded the headers: iterate those, in arrival order.
         for name, value in request.headers.items():
             lname = name.lower()
@@ -353,7 +368,7 @@ class Proxy:
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
                 continue
             if lname == "x-request-id":
-                request_id = value
+                has_request_id = True
             out.append((name, value))
         if connection_listed:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
@@ -364,10 +379,9 @@ class Proxy:
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
         out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
-        if request_id is None:
-            request_id = f"{self._id_prefix}{next(self._ids):010x}"
+        if not has_request_id:
             out.append(("X-Request-Id", request_id))
-        return out, request_id
+        return out
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
                 t0: float, upstream_s: float | None, bytes_in: int, bytes_out: int,
@@ -378,7 +392,7 @@ class Proxy:
         log = self.access_log
         if log is not None:
             path = request.raw_path.split("?", 1)[0]
-            log.log(request_id=request.headers.get("X-Request-Id", ""), method=method,
+            log.log(request_id=request.get(REQUEST_ID, ""), method=method,
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
                     bytes_out=bytes_out, limit=limit, breaker=breaker)

@@ -301,3 +301,42 @@ async def test_expect_100_continue_is_answered(tmp_path: Path, upstream: Upstrea
         raw = await reader.read()
         writer.close()
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\nhello")
+
+
+async def test_gateway_ratelimit_headers_replace_the_upstreams(tmp_path: Path,
+                                                               upstream: Upstream) -> None:
+    async def own_headers(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"RateLimit": '"upstream";r=1;t=1',
+                                                "RateLimit-Policy": '"upstream";q=1;w=1'})
+
+    upstream.extra.append(web.get("/own", own_headers))
+    await upstream.stop()
+    await upstream.start()
+    text = gateway_yaml([upstream.url], route_extra="limits: [l]") + (
+        'limits: [{name: l, key: ip_address, rate: "10/second", burst: 5}]\n')
+    async with running_gateway(tmp_path, text) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url_of(gw, "/own")) as resp:
+            assert resp.headers.getall("RateLimit-Policy") == ['"l";q=10;w=1']
+            assert resp.headers.getall("RateLimit")[0].startswith('"l";r=')
+            assert len(resp.headers.getall("RateLimit")) == 1
+
+
+async def test_access_log_lines_match_the_responses(tmp_path: Path, upstream: Upstream) -> None:
+    log_path = tmp_path / "access.log"
+    text = gateway_yaml([upstream.url]).replace('path_prefix: "/"', 'path_prefix: "/api"') + (
+        f"access_log: {{enabled: true, path: '{log_path}'}}\n")
+    sent = []
+    async with running_gateway(tmp_path, text) as gw, aiohttp.ClientSession() as s:
+        for path, headers in (("/api/headers?api_key=secret123", {}),
+                              ("/api/status/503", {"X-Request-Id": "client-id-1"}),
+                              ("/nowhere", {})):
+            async with s.get(url_of(gw, path), headers=headers) as resp:
+                await resp.read()
+                sent.append((path.split("?")[0], resp.status, resp.headers["X-Request-Id"]))
+    # the gateway has stopped: the buffered log is flushed
+    lines = [orjson.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(d["path"], d["status"], d["request_id"]) for d in lines] == sent
+    assert sent[1][2] == "client-id-1" and len(sent[0][2]) >= 16 and len(sent[2][2]) >= 16
+    assert [d["route"] for d in lines] == ["main", "main", "-"]
+    assert "secret123" not in log_path.read_text()
+    assert all(d["duration_ms"] >= 0 and "time" in d for d in lines)
