@@ -202,6 +202,7 @@ def test_gateway_check_command(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for p in
                                         [ROOT / "config" / "gateway.yaml",
+                                         ROOT / "config" / "control.yaml",
                                          *(ROOT / "config" / "examples").glob("*.yaml")]),
                          ids=str)
 def test_shipped_configs_are_valid(path: Path) -> None:

@@ -206,5 +206,31 @@ async def test_workers_share_the_port_and_are_restarted(
                 async with fresh.get(f"{gw.url}/") as resp:
                     assert resp.status == 200
         assert "worker died; restarting" in gw.logs()
+
+        # the supervisor's admin API fans out to every worker (the restarted one included,
+        # once it is up)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            async with session.get(f"{gw.admin}/admin/breakers") as resp:
+                (up,) = await resp.json()
+            if len(up["workers"]) == 2:
+                break
+            await asyncio.sleep(0.2)
+        assert up["upstream"] == "up" and up["state"] == "closed" and len(up["workers"]) == 2
+        original = gw.config_path.read_text()
+        gw.config_path.write_text(original.replace("drain_s: 5", "drain_s: 6"))
+        async with session.post(f"{gw.admin}/admin/reload") as resp:
+            assert resp.status == 200
+            version = (await resp.json())["version"]
+        async with session.get(f"{gw.admin}/admin/config") as resp:
+            doc = await resp.json()
+        assert doc["version"] == version and doc["config"]["drain_s"] == 6
+        gw.config_path.write_text(original + "bogus: 1\n")
+        async with session.post(f"{gw.admin}/admin/reload") as resp:
+            assert resp.status == 400
+            assert (await resp.json())["errors"] == ["bogus: unknown key"]
+        for _ in range(5):
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{gw.url}/") as resp:
+                assert resp.status == 200
     finally:
         assert gw.stop() == 0
