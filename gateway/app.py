@@ -172,10 +172,14 @@ class GatewayServer:
                                 on_directives=self.budget_guard.update)
         asyncio.get_running_loop().create_task(self._shipper.start())
 
-    def _snapshot(self) -> dict[str, Any] | None:
-        """The interval's aggregates for the shipper; None when nothing happened."""
+    async def _snapshot(self) -> dict[str, Any] | None:
+        """The interval's aggregates for the shipper; None when nothing happened. The swap is
+        atomic on the loop; encoding the histograms (milliseconds with many series) happens in a
+        thread, on aggregates nothing else references any more."""
         agg = self.signals.swap()
-        return None if agg.is_empty else agg.to_wire()
+        if agg.is_empty:
+            return None
+        return await asyncio.to_thread(agg.to_wire)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), flush, close."""

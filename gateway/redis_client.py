@@ -372,7 +372,7 @@ class RedisClient:
         self.timeout_s = timeout_s
         self._on_lost = on_lost
         self._conn: RedisConnection | None = None
-        self._connecting: asyncio.Future[RedisConnection] | None = None
+        self._connecting: asyncio.Future[None] | None = None
         self.connects = 0           # connections opened (for tests and logs)
 
     @property
@@ -407,24 +407,16 @@ class RedisClient:
         """Open the first connection; concurrent callers share one attempt."""
         if self._conn is not None:
             return
-        if self._connecting is None:
-            loop = asyncio.get_running_loop()
-            self._connecting = loop.create_future()
-            waiter = self._connecting
-            try:
-                await self.connect()
-            except BaseException as exc:
-                self._connecting = None
-                if not waiter.done():
-                    waiter.set_exception(exc if isinstance(exc, Exception)
-                                         else StoreError("connect cancelled"))
-                    waiter.exception()      # retrieved: no "never retrieved" warning
-                raise
-            self._connecting = None
-            if not waiter.done():
-                waiter.set_result(self._conn)  # type: ignore[arg-type]
-            return
-        await asyncio.shield(self._connecting)
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.ensure_future(self.connect())
+            task.add_done_callback(self._connect_done)
+        await asyncio.shield(task)
+
+    def _connect_done(self, task: asyncio.Future[None]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()        # retrieved here too: waiters may all have gone
 
     async def connect(self) -> None:
         """Open a new connection (AUTH, SELECT, all within the timeout) and make it the current
@@ -461,6 +453,9 @@ class RedisClient:
                 await fut
         except BaseException:
             conn.close()
+            for fut in hello:
+                if fut.done() and not fut.cancelled():
+                    fut.exception()     # the first failure is the one raised
             raise
         old, self._conn = self._conn, conn
         self.connects += 1

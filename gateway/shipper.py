@@ -20,7 +20,8 @@ a batch whose response was lost is simply sent again.
   batch written to disk, "dropped" per batch given up. `on_spooled(n)`: the spool's batch count.
   `on_directives(directives)`: the `directives` object of every successful ingest response
   (budget enforcement, see gateway/budgetguard.py).
-* `snapshot()` may return None: nothing to ship this interval.
+* `snapshot()` may return None: nothing to ship this interval. It may be a coroutine function
+  (the gateway's encodes its histograms off the event loop).
 * File IO, JSON encoding and gzip run in threads; nothing here runs on the request path.
 """
 
@@ -28,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import inspect
 import logging
 import os
 import random
 import re
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ import orjson
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import ControlPlaneConfig
 
+Snapshot = Callable[[], "dict[str, Any] | None | Awaitable[dict[str, Any] | None]"]
 log = logging.getLogger("gateway.shipper")
 
 _SUFFIX = ".json.gz"
@@ -70,7 +73,7 @@ class _Spooled:
 class Shipper:
     """Background delivery of aggregates to the control plane. `start()`, then `stop()`."""
 
-    def __init__(self, cfg: ControlPlaneConfig, snapshot: Callable[[], dict[str, Any] | None], *,
+    def __init__(self, cfg: ControlPlaneConfig, snapshot: Snapshot, *,
                  gateway_id: str, clock: Clock = SYSTEM_CLOCK,
                  on_result: Callable[[str], None] | None = None,
                  on_spooled: Callable[[int], None] | None = None,
@@ -245,6 +248,8 @@ class Shipper:
 
     async def _take(self) -> _Batch | None:
         doc = self._snapshot()
+        if inspect.isawaitable(doc):
+            doc = await doc
         if doc is None:
             return None
         seq = self._seq
