@@ -1,11 +1,15 @@
-"""Throughput cost of the golden signals: the same gateway with recording on and stubbed out.
+"""What one feature costs in throughput: two gateways that differ only in it, measured in turns.
 
-    python benchmarks/signals_ab.py [--rounds 5] [--duration 5] [--connections 32]
+    python benchmarks/ab.py signals [--rounds 5] [--duration 5] [--connections 32]
+    python benchmarks/ab.py limit   [...]
 
-Starts benchmarks/upstream.py and two `gateway run` processes on the same config (a plain route):
-one as shipped, one whose Signals.record is replaced by a no-op before start-up. wrk alternates
-between them `--rounds` times so drift on a shared machine hits both alike; prints each round and
-the median ratio. Traffic only to 127.0.0.1, every run bounded by --duration.
+`signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
+`limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
+route without it (target: <= 5 %).
+
+Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
+`--rounds` times so drift on a shared machine hits both alike; prints each round and the median
+ratio. Traffic only to 127.0.0.1, every run bounded by --duration.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from run import GATEWAY_YAML, ROOT, free_port, wait_port, wrk
 
+ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
+                 'burst: 1000000, headers: true}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -26,21 +32,27 @@ STUBBED = ("import sys; import gateway.signals as s; "
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("variant", choices=("signals", "limit"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
     args = ap.parse_args()
     up = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="gw-signals-ab-"))
+    tmp = Path(tempfile.mkdtemp(prefix="gw-ab-"))
     procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "upstream.py"), str(up)])]
     ports = {}
     try:
         wait_port(up)
-        for name, prefix in (("signals on", ["-m", "gateway"]), ("signals off", ["-c", STUBBED])):
+        shipped = ["-m", "gateway"]
+        variants = ((("with", shipped, ""), ("without", ["-c", STUBBED], ""))
+                    if args.variant == "signals" else
+                    (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")))
+        for name, prefix, limits in variants:
             port = free_port()
             cfg = tmp / f"{port}.yaml"
-            cfg.write_text(GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up,
-                                               workers=1, limits=""))
+            text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
+                                       limits=limits)
+            cfg.write_text(text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
             procs.append(subprocess.Popen([sys.executable, *prefix, "run", "--config", str(cfg)],
                                           stderr=subprocess.DEVNULL, cwd=tmp))
             wait_port(port)
@@ -58,9 +70,9 @@ def main() -> int:
             p.terminate()
         for p in procs:
             p.wait(timeout=15)
-    on, off = statistics.median(rps["signals on"]), statistics.median(rps["signals off"])
-    print(f"median: signals on {on:,.0f} req/s, off {off:,.0f} req/s; "
-          f"cost of recording {1 - on / off:+.1%} (target <= 5 %)")
+    on, off = statistics.median(rps["with"]), statistics.median(rps["without"])
+    print(f"{args.variant}: median with {on:,.0f} req/s, without {off:,.0f} req/s; "
+          f"cost {1 - on / off:+.1%} (target <= 5 %)")
     return 0
 
 
