@@ -43,13 +43,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(store: str, policies: int, url: str | None) -> tuple[Config, RouteConfig]:
+def _config(store: str, policies: int, url: str | None,
+            timeout_ms: float = 1000) -> tuple[Config, RouteConfig]:
     keys = ["user_id", "ip_address", "api_key"]
     limits = tuple(LimitConfig(name=f"p{i}", key=keys[i % 3], rate_count=10**9, period_s=1.0,
                                burst=1000, store=store) for i in range(policies))
     route = RouteConfig(name="r", upstream="u", service="s", limits=tuple(x.name for x in limits))
     return Config(limits=limits, routes=(route,),
-                  redis=RedisConfig(url=url, timeout_ms=1000) if url else None), route
+                  redis=RedisConfig(url=url, timeout_ms=timeout_ms) if url else None), route
 
 
 async def _run(name: str, cfg: Config, route: RouteConfig, seconds: float, concurrency: int,
@@ -59,9 +60,10 @@ async def _run(name: str, cfg: Config, route: RouteConfig, seconds: float, concu
     reqs = [_Request(f"user{i}") for i in range(1000)]
     count = 0
     limited = 0
+    errors = 0
 
     async def worker(offset: int) -> None:
-        nonlocal count, limited
+        nonlocal count, limited, errors
         i = offset
         deadline = time.perf_counter() + seconds
         while True:
@@ -69,6 +71,7 @@ async def _run(name: str, cfg: Config, route: RouteConfig, seconds: float, concu
                 o = await lim.check(route, reqs[i % 1000])
                 i += 1
                 limited += not o.allowed
+                errors += o.decision == "store_error"
             count += 100
             if time.perf_counter() >= deadline:
                 return
@@ -80,7 +83,8 @@ async def _run(name: str, cfg: Config, route: RouteConfig, seconds: float, concu
     elapsed = time.perf_counter() - t0
     await lim.close()
     print(f"{name:<44} {count / elapsed:>10,.0f} checks/s  ({elapsed * 1e6 / count:6.1f} us "
-          f"each, concurrency {concurrency}{', rejected ' + str(limited) if limited else ''})")
+          f"each, concurrency {concurrency}{', rejected ' + str(limited) if limited else ''}"
+          f"{', store errors ' + str(errors) if errors else ''})")
 
 
 async def main(seconds: float, redis_url: str | None) -> None:
@@ -101,6 +105,10 @@ async def main(seconds: float, redis_url: str | None) -> None:
     for policies, concurrency in ((1, 1), (1, 50), (3, 50)):
         cfg, route = _config("redis", policies, redis_url)
         await _run(f"redis store, {policies} policies", cfg, route, seconds, concurrency)
+    # many requests in flight and the production default timeout: any store error is a
+    # decision Redis did not answer in time (on_store_error then decides)
+    cfg, route = _config("redis", 1, redis_url, timeout_ms=25)
+    await _run("redis store, 1 policy, timeout 25 ms", cfg, route, seconds, 256)
 
 
 def _start_redis(workdir: str) -> tuple[subprocess.Popen[bytes] | None, str | None]:

@@ -16,7 +16,8 @@ Failure handling: every call is bounded by `redis.timeout_ms` (connect, send and
 already received by a saturated event loop still counts). The first failure (timeout, connection
 lost, error reply) marks Redis down: from then on calls fail at once with StoreError (the limiter
 applies `on_store_error`) instead of each paying the timeout, while one background task opens a
-new connection, PINGs and SCRIPT LOADs after 0.1 s, 0.2 s, ... up to every 1 s. When a probe
+new connection, PINGs and SCRIPT LOADs (within max(timeout, 0.25 s)) after 0.1 s, 0.2 s, ... up
+to every 1 s. When a probe
 succeeds, calls go to Redis again over the new connection.
 """
 
@@ -155,15 +156,18 @@ class RedisStore:
     async def _recover(self) -> None:
         delay = 0.1
         client = self._client
+        # a probe may take longer than a request may wait: requests are failing fast meanwhile,
+        # and a loop saturated by them needs a few of its passes for connect, PING and load
+        probe_s = max(self._timeout, 0.25)
         while not self._closed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
             try:
-                async with asyncio.timeout(max(self._timeout, 0.05)):
-                    # always a new connection: the old one may be wedged behind a dead peer
-                    await client.connect()
-                    await client.call(_PING)
-                    await client.call(_SCRIPT_LOAD)
+                # always a new connection: the old one may be wedged behind a dead peer
+                await client.connect(probe_s)
+                deadline = asyncio.get_running_loop().time() + probe_s
+                await client.call(_PING, deadline)
+                await client.call(_SCRIPT_LOAD, deadline)
             except Exception:  # noqa: BLE001, S112 - still down; try again later
                 continue
             down_for = self._clock.monotonic() - (self.down_since or 0.0)

@@ -15,9 +15,9 @@ hostname check), `unix://[[user]:password@]/path/to/socket[?db=N&password=...]`.
 are sent when a connection opens. No reconnect logic here: a lost connection fails its pending
 calls with StoreError and reports to `on_lost`; the owner (RedisStore) decides when to reconnect.
 
-Timeouts under load: a call's timer firing does not fail it at once; the sweep runs after one more
-pass of the event loop's I/O poll, so a reply already sitting in the socket buffer of a saturated
-loop is still delivered instead of being reported as a Redis timeout.
+Timeouts under load: a call fails only if its deadline passed before an I/O poll that brought no
+reply for it; a saturated loop whose pass outlasts the timeout still delivers a reply that came in
+time instead of reporting Redis as timed out (and tripping the store's breaker).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ProtocolError(Exception):
 # Encoding
 
 
-def _arg(a: bytes | str | int | float) -> bytes:
+def _arg(a: bytes | str | float) -> bytes:
     if isinstance(a, bytes):
         return a
     if isinstance(a, str):
@@ -149,6 +149,21 @@ class RespParser:
                 items: list[Reply] = []
                 p = nl + 2
                 for _ in range(n):
+                    # bulk strings and integers inline: the limiter's replies are arrays of them
+                    if p < len(buf) and buf[p] == 36:
+                        nl = buf.find(_CRLF, p)
+                        if nl < 0:
+                            return None, -1
+                        m = int(buf[p + 1:nl])
+                        if m >= 0:
+                            end = nl + 2 + m
+                            if len(buf) < end + 2:
+                                return None, -1
+                            if buf[end:end + 2] != _CRLF:
+                                raise ProtocolError("bulk string not followed by CRLF")
+                            items.append(bytes(buf[nl + 2:end]))
+                            p = end + 2
+                            continue
                     item, p = self._parse(p)
                     if p < 0:
                         return None, -1
@@ -288,16 +303,18 @@ class RedisConnection(asyncio.Protocol):
     # calls ------------------------------------------------------------------------------------
 
     def send(self, data: bytes, deadline: float) -> asyncio.Future[Reply]:
-        """Write one encoded command (or several: then call once per command with b"" after the
-        first) and return the future of its reply. Raises StoreError if the connection is closed.
-        """
+        """Write one encoded command now and return the future of its reply. Raises StoreError
+        if the connection is closed.
+
+        Written at once rather than gathered into one write per loop pass: Redis then works on
+        the other core while this loop goes on (measured through the gateway at 32 connections:
+        10.2k req/s writing at once, 8.0k gathering, with the loop idle part of the time)."""
         transport = self._transport
         if transport is None or not self.open:
             raise StoreError(f"redis at {self._where}: not connected")
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._pending.append((fut, deadline))
-        if data:
-            transport.write(data)
+        transport.write(data)
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         return fut
@@ -320,23 +337,25 @@ class RedisConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         # Two hops through the ready queue put one I/O poll between the timer and the sweep
-        # (uvloop runs timers before polling): a reply already received by the kernel wins.
+        # (uvloop runs timers before polling); the sweep then fails only the calls that were due
+        # when the timer fired, so every failed call had a poll after its deadline and no reply
+        # in it. Under saturation a loop pass can outlast the timeout (256 connections: 15-30 ms
+        # passes against 25 ms), and a reply read in the next poll is in time, not a timeout.
         self._timer = None
-        self._loop.call_soon(self._loop.call_soon, self._sweep)
+        self._loop.call_soon(self._loop.call_soon, self._sweep, self._loop.time())
 
-    def _sweep(self) -> None:
-        if self._timer is not None:
-            return                  # a send re-armed earlier than we fired; it will sweep
-        now = self._loop.time()
+    def _sweep(self, cutoff: float) -> None:
+        # always sweeps, even if a send armed a new timer meanwhile: under steady load one
+        # always does, and skipping would leave due calls waiting on a hung server
         nxt = 0.0
         for fut, deadline in self._pending:
             if fut.done():
                 continue
-            if deadline <= now:
+            if deadline <= cutoff:
                 fut.set_exception(StoreError(f"redis at {self._where}: no reply in time"))
             elif nxt == 0.0 or deadline < nxt:
                 nxt = deadline
-        if nxt:
+        if nxt and (self._timer is None or nxt < self._timer_at):
             self._arm(nxt)
 
     def _fail_all(self, exc: StoreError) -> None:
@@ -374,6 +393,7 @@ class RedisClient:
         self._conn: RedisConnection | None = None
         self._connecting: asyncio.Future[None] | None = None
         self.connects = 0           # connections opened (for tests and logs)
+        self._closed = False
 
     @property
     def connected(self) -> bool:
@@ -398,7 +418,7 @@ class RedisClient:
             await self.ensure_connected()
         return await self.send(data, deadline)
 
-    async def execute(self, *args: bytes | str | int | float,
+    async def execute(self, *args: bytes | str | float,
                       deadline: float | None = None) -> Reply:
         """Convenience for rare commands: encode and call."""
         return await self.call(encode_command(args), deadline)
@@ -418,14 +438,16 @@ class RedisClient:
         if not task.cancelled():
             task.exception()        # retrieved here too: waiters may all have gone
 
-    async def connect(self) -> None:
-        """Open a new connection (AUTH, SELECT, all within the timeout) and make it the current
-        one; the previous one, if any, is closed (its pending calls fail with StoreError).
-        Raises StoreError (or ReplyError, e.g. WRONGPASS) when that fails."""
+    async def connect(self, timeout_s: float | None = None) -> None:
+        """Open a new connection (AUTH, SELECT, all within `timeout_s`, default the client's
+        timeout) and make it the current one; the previous one, if any, is closed (its pending
+        calls fail with StoreError). Raises StoreError (or ReplyError, e.g. WRONGPASS)."""
+        if self._closed:
+            raise StoreError(f"redis at {self.address}: client closed")
         loop = asyncio.get_running_loop()
         a = self.address
         where = str(a)
-        deadline = loop.time() + self.timeout_s
+        deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
 
         def factory() -> RedisConnection:
             return RedisConnection(loop, where, self._lost)
@@ -457,6 +479,9 @@ class RedisClient:
                 if fut.done() and not fut.cancelled():
                     fut.exception()     # the first failure is the one raised
             raise
+        if self._closed:            # closed while connecting
+            conn.close()
+            raise StoreError(f"redis at {where}: client closed")
         old, self._conn = self._conn, conn
         self.connects += 1
         if old is not None:
@@ -467,6 +492,8 @@ class RedisClient:
             self._on_lost(exc)
 
     async def close(self) -> None:
+        """Close the connection; later calls and connects fail with StoreError."""
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,7 +19,7 @@ import redis
 
 from gateway.errors import REDUCED_CAPACITY, StoreError
 from gateway.ratelimit import Limiter
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, wait_port
 from tests.fakes import FakeClock
 from tests.test_ratelimit import FakeRequest, config, header, limit, parse_items, route
 
@@ -249,3 +252,53 @@ async def test_hung_redis_costs_one_timeout_then_fails_fast(redis_server: RedisS
         await asyncio.sleep(0.05)
     o = await lim.check(route("hot"), req)
     assert o.allowed and o.decision == "allowed"
+
+
+async def test_concurrent_checks_share_one_pipelined_connection(redis_url: str,
+                                                                built: list[Limiter]) -> None:
+    lim = Limiter(config([limit("one", "1/hour", burst=299, store="redis")],
+                         redis_url=redis_url, timeout_ms=2000),
+                  clock=FakeClock(), redis_fake_time=True)
+    built.append(lim)
+    await lim.start()
+    reqs = [FakeRequest({"X-User-Id": f"u{i % 2}"}) for i in range(1000)]
+    outcomes = await asyncio.gather(*(lim.check(route("one"), r) for r in reqs))
+    assert sum(o.allowed for o in outcomes) == 600          # 300 per user, exactly
+    store = lim.redis
+    assert store is not None and store.available and store.failures == 0
+    assert store.client.connects == 1                        # one connection, all in flight
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of its own that requires the password "pw"; yields its port."""
+    exe = shutil.which("redis-server")
+    assert exe is not None
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path),
+                             "--requirepass", "pw"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_password_protected_redis_through_the_limiter(password_redis: int,
+                                                            built: list[Limiter]) -> None:
+    port = password_redis
+    lim = Limiter(config([limit("a", "1/minute", burst=1, store="redis",
+                                on_store_error="deny")],
+                         redis_url=f"redis://:pw@127.0.0.1:{port}/5"))
+    built.append(lim)
+    await lim.start()
+    assert [(await lim.check(route("a"), FakeRequest())).status for _ in range(3)] == [
+        200, 200, 429]
+    client = redis.Redis(host="127.0.0.1", port=port, password="pw", db=5)
+    try:
+        assert len(client.keys("gw:rl:a:*")) == 1                      # in db 5
+    finally:
+        client.close()
