@@ -348,6 +348,13 @@ def chart_pixels(page: Any, chart: str, rgb: tuple[int, int, int]) -> int:
 
 
 P95, E5XX, TRAFFIC = (0xd2, 0x99, 0x22), (0xf8, 0x51, 0x49), (0x58, 0xa6, 0xff)
+P50, P99 = (0x58, 0xa6, 0xff), (0xf8, 0x51, 0x49)
+
+
+def latency_pixels(page: Any) -> int:
+    """p50, p95 and p99 together: with one bucket of data two of them can coincide, and the
+    later-drawn marker covers the other."""
+    return sum(chart_pixels(page, "latency", rgb) for rgb in (P50, P95, P99))
 
 
 @pytest.mark.timeout(120)
@@ -359,10 +366,11 @@ def test_service_page_draws_the_golden_signals(stack: Stack, session_factory: An
     for chart in ("latency", "traffic", "errors", "saturation"):
         page.wait_for_selector(f'[data-chart="{chart}"] canvas')
         assert int(page.get_attribute(f'[data-chart="{chart}"]', "data-points") or 0) > 0, chart
-    # the series were drawn: lines of their colours are on the canvas, not only axes and grid
-    assert chart_pixels(page, "latency", P95) > 8
-    assert chart_pixels(page, "errors", E5XX) > 8
-    assert chart_pixels(page, "traffic", TRAFFIC) > 8
+    # the series were drawn: their colours are on the canvas, not only axes and grid (all the
+    # traffic may sit in one minute bucket, drawn as a single point marker of a few pixels)
+    assert latency_pixels(page) >= 4
+    assert chart_pixels(page, "errors", E5XX) >= 4
+    assert chart_pixels(page, "traffic", TRAFFIC) >= 4
     # the summary agrees with the API
     _, doc = api(stack.control_url, "/v1/health/overview")
     checkout = next(x for x in doc["services"] if x["service"] == "checkout")
@@ -376,8 +384,10 @@ def test_service_page_draws_the_golden_signals(stack: Stack, session_factory: An
     page.click('.ranges button[data-range="24h"]')
     wait_until(page, "() => location.hash.endsWith('range=24h')")
     s.settle()
-    assert int(page.get_attribute('[data-chart="latency"]', "data-points") or 0) > 0
-    assert chart_pixels(page, "latency", P95) > 5
+    # the charts are rebuilt for the new range: wait for the redraw rather than race it
+    wait_until(page, """() => Number(document.querySelector('[data-chart="latency"]')
+                                  ?.getAttribute('data-points') || 0) > 0""")
+    assert latency_pixels(page) >= 4
     assert s.real_errors() == [], s.log.errors
 
     phone = session_factory(PHONE)
