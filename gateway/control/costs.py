@@ -72,7 +72,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -85,6 +85,7 @@ from gateway.control.ingest import Batch
 from gateway.control.store import Store
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
 
+T = TypeVar("T")
 log = logging.getLogger("gateway.control.costs")
 
 BUCKET_S = 900
@@ -776,6 +777,21 @@ def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, act
     return finops.view(store, row, now, alerts=True)
 
 
+def _evaluated_view(store: Any, finops: Any, bid: int, now: float) -> web.Response:
+    """After a change to budget `bid`: evaluate every budget again and answer its fresh view."""
+    finops.evaluate(store, now)
+    new = store.budget(bid)
+    assert new is not None
+    return _json(finops.view(store, new, now, alerts=True))
+
+
+async def _run_and_publish(request: web.Request, db: Any, run: Callable[[], T]) -> T:
+    """Run a change on the database thread, then hand any alerts it raised to the notifier."""
+    resp = await db.call(run)
+    publish_events(request.app)
+    return resp
+
+
 @_requires("budgets:write")
 async def create_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
@@ -829,14 +845,9 @@ async def update_budget(request: web.Request) -> web.Response:
                             {"before": before.to_doc(), "after": spec.to_doc()}, at=now)
         except sqlite3.IntegrityError:
             return _problem(409, f"a budget named {spec.name!r} exists already")
-        finops.evaluate(store, now)
-        new = store.budget(bid)
-        assert new is not None
-        return _json(finops.view(store, new, now, alerts=True))
+        return _evaluated_view(store, finops, bid, now)
 
-    resp = await db.call(run)
-    publish_events(request.app)
-    return resp
+    return await _run_and_publish(request, db, run)
 
 
 @_requires("budgets:write")
@@ -901,14 +912,9 @@ async def set_override(request: web.Request) -> web.Response:
             store.audit(actor, "override", f"budget:{bid}", reason,
                         {"amount_cents": cents, "expires_at": expires,
                          "budget_amount_cents": spec.amount_cents}, at=now)
-        finops.evaluate(store, now)
-        new = store.budget(bid)
-        assert new is not None
-        return _json(finops.view(store, new, now, alerts=True))
+        return _evaluated_view(store, finops, bid, now)
 
-    resp = await db.call(run)
-    publish_events(request.app)
-    return resp
+    return await _run_and_publish(request, db, run)
 
 
 @_requires("budgets:write")
@@ -924,14 +930,9 @@ async def clear_override(request: web.Request) -> web.Response:
         with store.transaction():
             store.set_budget_override(bid, None, None, None, now)
             store.audit(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)
-        finops.evaluate(store, now)
-        new = store.budget(bid)
-        assert new is not None
-        return _json(finops.view(store, new, now, alerts=True))
+        return _evaluated_view(store, finops, bid, now)
 
-    resp = await db.call(run)
-    publish_events(request.app)
-    return resp
+    return await _run_and_publish(request, db, run)
 
 
 def setup(app: web.Application, *, evaluate_interval_s: float = 15.0,
