@@ -828,7 +828,7 @@ class Store:
     def _slo_alert(self, row: tuple[Any, ...]) -> dict[str, Any]:
         doc = dict(zip(self._SLO_ALERT_COLS, row))
         for key in self._SLO_ALERT_JSON:
-            doc[key] = orjson.loads(doc[key])
+            doc[key] = None if doc[key] is None else orjson.loads(doc[key])
         return doc
 
     def insert_slo_alert(self, fields: dict[str, Any]) -> int:
@@ -841,16 +841,22 @@ class Store:
             return int(cur.lastrowid or 0)
 
     def update_slo_alert(self, alert_id: int, fields: dict[str, Any]) -> bool:
-        cols = [c for c in fields if c in self._SLO_ALERT_COLS and c != "id"]
+        return self._update_row("alerts", self._SLO_ALERT_COLS, self._SLO_ALERT_JSON,
+                                alert_id, fields)
+
+    def _update_row(self, table: str, allowed: tuple[str, ...], json_cols: Any, row_id: Any,
+                    fields: dict[str, Any]) -> bool:
+        """UPDATE one row by id. Column names come from the constant `allowed` tuple, never from
+        input; JSON columns are encoded (None stays NULL)."""
+        cols = [c for c in fields if c in allowed and c != "id"]
         if len(cols) != len(fields):
-            raise ValueError(f"unknown alert columns: {sorted(set(fields) - set(cols))}")
-        vals = [orjson.dumps(fields[c]).decode() if c in self._SLO_ALERT_JSON else fields[c]
-                for c in cols]
-        # column names come from the constant tuple above, never from input
+            raise ValueError(f"unknown {table} columns: {sorted(set(fields) - set(cols))}")
+        vals = [orjson.dumps(fields[c]).decode() if c in json_cols and fields[c] is not None
+                else fields[c] for c in cols]
         with self.transaction():
             return self._db.execute(
-                "UPDATE alerts SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE id = ?",
-                (*vals, alert_id)).rowcount == 1
+                f"UPDATE {table} SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE id = ?",
+                (*vals, row_id)).rowcount == 1
 
     def slo_alert(self, alert_id: int) -> dict[str, Any] | None:
         with self._lock:
@@ -926,16 +932,8 @@ class Store:
         return incident_id
 
     def update_incident(self, incident_id: str, fields: dict[str, Any]) -> bool:
-        cols = [c for c in fields if c in self._INCIDENT_COLS and c != "id"]
-        if len(cols) != len(fields):
-            raise ValueError(f"unknown incident columns: {sorted(set(fields) - set(cols))}")
-        vals = [None if c in self._INCIDENT_JSON and fields[c] is None else
-                orjson.dumps(fields[c]).decode() if c in self._INCIDENT_JSON else fields[c]
-                for c in cols]
-        with self.transaction():
-            return self._db.execute(
-                "UPDATE incidents SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE id = ?",
-                (*vals, incident_id)).rowcount == 1
+        return self._update_row("incidents", self._INCIDENT_COLS, self._INCIDENT_JSON,
+                                incident_id, fields)
 
     def incident(self, incident_id: str) -> dict[str, Any] | None:
         with self._lock:
