@@ -72,6 +72,14 @@ async def start_gateway(tmp_path: Path, urls: list[str], clock: FakeClock,
     return gw
 
 
+async def trip_by_killing(gw: GatewayServer, upstream: UpstreamProcess,
+                          session: aiohttp.ClientSession) -> None:
+    """Kill the upstream and send failure_threshold (3) requests: the circuit is then open."""
+    upstream.kill()
+    for _ in range(3):
+        assert (await fetch(session, "GET", url_of(gw, "/")))[0] == 502
+
+
 class AcceptCounter:
     """A listener on the upstream's port that only counts connection attempts."""
 
@@ -233,9 +241,7 @@ async def test_admin_reset_closes_an_open_circuit(
     clock = FakeClock()
     gw = await start_gateway(tmp_path, [upstream_process.url], clock)
     try:
-        upstream_process.kill()
-        for _ in range(3):
-            await fetch(session, "GET", url_of(gw, "/"))
+        await trip_by_killing(gw, upstream_process, session)
         status, _, data = await fetch(session, "GET", admin_url(gw, "/admin/breakers"))
         (snap,) = orjson.loads(data)
         assert snap["state"] == "open" and snap["failure_count"] >= 3
@@ -258,9 +264,7 @@ async def test_reload_keeps_breaker_state_of_unchanged_upstreams(
     clock = FakeClock()
     gw = await start_gateway(tmp_path, [upstream_process.url], clock)
     try:
-        upstream_process.kill()
-        for _ in range(3):
-            await fetch(session, "GET", url_of(gw, "/"))
+        await trip_by_killing(gw, upstream_process, session)
         assert gw.runtime.upstreams["up"].breaker.state == "open"
         path = Path(gw.config_path)
         path.write_text(path.read_text().replace("drain_s: 5", "drain_s: 6"))
