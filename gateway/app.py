@@ -23,6 +23,7 @@ from gateway.breaker import BreakerSet
 from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Config, ConfigError, split_hostport
+from gateway.downstream import DownstreamServer
 from gateway.eventloop import new_loop
 from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
@@ -74,7 +75,7 @@ class GatewayServer:
         # A worker's admin socket is private to its supervisor (0700 directory): no token there.
         self.token = "" if admin_unix else cfg.admin.token
         self.state = "starting"
-        self._server: web.Server | None = None
+        self._server: DownstreamServer | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._shipper: Any = None
@@ -134,8 +135,7 @@ class GatewayServer:
         await self.lag.start()
         if self.access_log is not None:
             await self.access_log.start()
-        self._server = web.Server(self.proxy.handle, access_log=None,
-                                  max_field_size=16384, max_line_size=16384)
+        self._server = DownstreamServer(self.proxy.handle)
         sock = self._listen_sock or bind_socket(cfg.listen, reuse_port=cfg.workers > 1)
         self._listener = await loop.create_server(self._server, sock=sock, backlog=2048)
         self.proxy_address = sock.getsockname()[:2]
@@ -190,7 +190,6 @@ class GatewayServer:
             self._listener.close()
         if self._server is not None:
             # Idle keep-alive connections close now; busy ones after their current response.
-            self._server.pre_shutdown()
             await self._server.shutdown(drain_s)
         if self._listener is not None:
             await self._listener.wait_closed()

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
+from gateway.downstream import ClientGone, Request
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
     REDUCED_CAPACITY,
@@ -41,8 +40,6 @@ HOP_BY_HOP = frozenset({
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
                               "x-forwarded-host", "host", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
-
-REQUEST_ID = web.RequestKey("request_id", str)
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
@@ -93,20 +90,15 @@ class Runtime:
         self.drained = asyncio.Event()
 
 
-class ClientGone(Exception):
-    """The downstream client went away while we were reading its body or writing ours."""
-
-
-def _problem(status: int, detail: str, type_: str = "about:blank",
-             headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
-    resp = web.Response(status=status, body=problem_body(status, detail, type_, **extra),
-                        headers=headers)
-    resp.content_type = PROBLEM_CONTENT_TYPE
-    return resp
+def _problem(request: Request, status: int, detail: str, type_: str = "about:blank",
+             headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> None:
+    request.respond(status, (("Content-Type", PROBLEM_CONTENT_TYPE),
+                             ("X-Request-Id", request.request_id), *headers),
+                    problem_body(status, detail, type_, **extra))
 
 
 class Proxy:
-    """The request handler given to aiohttp's low-level server."""
+    """The request handler given to the downstream server."""
 
     def __init__(self, runtime: Runtime, signals: Signals,
                  access_log: AccessLog | None = None,
@@ -118,44 +110,41 @@ class Proxy:
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
         rt = self.runtime
         rt.inflight += 1
         signals = self.signals
         signals.inflight += 1
         try:
-            return await self._handle(rt, request)
+            await self._handle(rt, request)
         finally:
             signals.inflight -= 1
             rt.inflight -= 1
             if rt.retired and rt.inflight == 0:
                 rt.drained.set()
 
-    async def _handle(self, rt: Runtime, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, rt: Runtime, request: Request) -> None:
         t0 = perf_counter()
         method = request.method
-        target = request.raw_path
+        target = request.target
         q = target.find("?")
         path = target if q < 0 else target[:q]
         # One id per request, the client's own if it sent one: on every response and log line.
-        request_id = request.headers.get("X-Request-Id") or \
+        request_id = request.request_id = request.x_request_id or \
             f"{self._id_prefix}{next(self._ids):010x}"
-        request[REQUEST_ID] = request_id
 
         # 1. match
         route = rt.router.match(method, request.host, path)
         if route is None:
-            resp = _problem(404, f"no route matches {method} {path}",
-                            headers={"X-Request-Id": request_id})
+            _problem(request, 404, f"no route matches {method} {path}")
             self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
-            return resp
+            return
         guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
             self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
                          "budget", "-")
-            resp = web.Response(status=r[0], headers=r[1], body=r[2])
-            resp.headers["X-Request-Id"] = request_id
-            return resp
+            request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
+            return
 
         # 2. limits
         extra_headers: tuple[tuple[str, str], ...] = ()
@@ -164,12 +153,11 @@ class Proxy:
             outcome = await rt.limiter.check(route, request)
             limit_decision = outcome.decision
             if not outcome.allowed:
-                resp = web.Response(status=outcome.status, body=outcome.body,
-                                    headers=outcome.headers)
-                resp.headers["X-Request-Id"] = request_id
+                request.respond(outcome.status, (*outcome.headers, ("X-Request-Id", request_id)),
+                                outcome.body)
                 self._record(route.name, route.upstream, route.service, method, outcome.status,
                              t0, None, 0, 0, request, limit_decision, "-")
-                return resp
+                return
             extra_headers = outcome.headers
 
         # 3. breaker
@@ -177,29 +165,27 @@ class Proxy:
         breaker = up.breaker
         if not breaker.acquire():
             retry = breaker.retry_after_s()
-            resp = _problem(503, f"upstream {up.name!r} is unavailable (circuit {breaker.state});"
-                                 f" retry in {retry}s", REDUCED_CAPACITY,
-                            {"Retry-After": str(retry), "X-Request-Id": request_id},
-                            upstream=up.name)
+            _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
+                                   f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
+                     (("Retry-After", str(retry)),), upstream=up.name)
             self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
                          request, limit_decision, breaker.state)
-            return resp
+            return
 
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
         try:
-            return await self._forward(rt, request, route, up, t0, method, target,
-                                       request_id, extra_headers, limit_decision, verdict)
+            await self._forward(rt, request, route, up, t0, method, target,
+                                request_id, extra_headers, limit_decision, verdict)
         except BaseException:
             if not verdict[0]:
                 breaker.release()
             raise
 
-    async def _forward(self, rt: Runtime, request: web.BaseRequest, route: RouteConfig,
+    async def _forward(self, rt: Runtime, request: Request, route: RouteConfig,
                        up: UpstreamRuntime, t0: float, method: str, target: str,
                        request_id: str, extra_headers: tuple[tuple[str, str], ...],
-                       limit_decision: str,
-                       verdict: list[bool]) -> web.StreamResponse:
+                       limit_decision: str, verdict: list[bool]) -> None:
         breaker = up.breaker
         index = up.selector.pick()
         pool = up.pools[index]
@@ -209,26 +195,25 @@ class Proxy:
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
-        if request.body_exists and request.version >= (1, 1) and \
-                request.headers.get("Expect", "").lower() == "100-continue":
-            # Limits and breaker have passed: take the body now rather than leave the client
-            # waiting out its expect timeout.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request.body_exists:
             body = None
-        elif content_length is not None and content_length <= SMALL_BODY:
-            try:
-                body = await request.read()
-            except (ConnectionError, asyncio.IncompleteReadError, OSError):
-                verdict[0] = True
-                breaker.release()
-                self._record(route.name, up.name, route.service, method, 499, t0, None, 0, 0,
-                             request, limit_decision, breaker.state)
-                _cut(request)
-                return web.Response(status=499)
-            body_counter[0] = len(body)
         else:
-            body = _stream_body(request, body_counter)
+            # Limits and breaker have passed: take the body now rather than leave a client
+            # that sent `Expect: 100-continue` waiting out its timeout.
+            request.send_continue()
+            if content_length is not None and content_length <= SMALL_BODY:
+                try:
+                    body = await request.read()
+                except ClientGone:
+                    verdict[0] = True
+                    breaker.release()
+                    self._record(route.name, up.name, route.service, method, 499, t0, None, 0,
+                                 0, request, limit_decision, breaker.state)
+                    request.cut()
+                    return
+                body_counter[0] = len(body)
+            else:
+                body = _stream_body(request, body_counter)
 
         t_up = perf_counter()
         try:
@@ -241,18 +226,18 @@ class Proxy:
             self._record(route.name, up.name, route.service, method, exc.status, t0,
                          perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
                          breaker.state)
-            return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
+            _problem(request, exc.status, exc.detail)
+            return
         except ClientGone:
             verdict[0] = True
             breaker.release()
             self._record(route.name, up.name, route.service, method, 499, t0,
                          perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
                          breaker.state)
-            _cut(request)
-            return web.Response(status=499)
+            request.cut()
+            return
 
         status = uresp.status
-        # A plain list: aiohttp copies whatever it is given into its own CIMultiDict.
         resp_headers: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         has_request_id = has_ratelimit = False
@@ -282,37 +267,27 @@ class Proxy:
 
         # 5. respond (small known-length bodies in one write; the rest streamed)
         bytes_out = 0
-        resp: web.StreamResponse | None = None
         try:
             if not uresp.has_body:
-                if method == "HEAD" and uresp.content_length is not None:
-                    resp_headers.append(("Content-Length", str(uresp.content_length)))
                 uresp.release()
-                resp = web.Response(status=status, reason=uresp.reason, headers=resp_headers)
+                request.respond(status, resp_headers, reason=uresp.reason,
+                                content_length=uresp.content_length
+                                if method == "HEAD" else None)
             elif uresp.content_length is not None and uresp.content_length <= SMALL_RESPONSE:
                 data = await uresp.read_all(SMALL_RESPONSE)
                 uresp.release()
                 bytes_out = len(data)
-                resp = web.Response(status=status, reason=uresp.reason, body=data,
-                                    headers=resp_headers)
+                request.respond(status, resp_headers, data, reason=uresp.reason)
             else:
-                resp = web.StreamResponse(status=status, reason=uresp.reason,
-                                          headers=resp_headers)
-                if uresp.content_length is not None:
-                    resp.content_length = uresp.content_length
-                try:
-                    await resp.prepare(request)
-                    while True:
-                        chunk = await uresp.read()
-                        if not chunk:
-                            break
-                        bytes_out += len(chunk)
-                        await resp.write(chunk)
-                    await resp.write_eof()
-                except UpstreamError:
-                    raise
-                except (ConnectionError, OSError) as exc:
-                    raise ClientGone(str(exc)) from exc
+                request.start(status, resp_headers, reason=uresp.reason,
+                              content_length=uresp.content_length)
+                while True:
+                    chunk = await uresp.read()
+                    if not chunk:
+                        break
+                    bytes_out += len(chunk)
+                    await request.write(chunk)
+                request.end()
                 uresp.release()
         except UpstreamError as exc:
             verdict[0] = True
@@ -322,12 +297,13 @@ class Proxy:
             self._record(route.name, up.name, route.service, method, exc.status, t0,
                          perf_counter() - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
-            if resp is not None and resp.prepared:
+            if request.headers_sent:
                 # The status line is gone already: cut the connection so the client sees a
                 # truncated body rather than a complete-looking one.
-                _cut(request)
-                return resp
-            return _problem(exc.status, exc.detail, headers={"X-Request-Id": request_id})
+                request.cut()
+            else:
+                _problem(request, exc.status, exc.detail)
+            return
         except ClientGone:
             verdict[0] = True
             uresp.abort()
@@ -335,8 +311,8 @@ class Proxy:
             self._record(route.name, up.name, route.service, method, 499, t0,
                          perf_counter() - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
-            _cut(request)
-            return resp if resp is not None else web.Response(status=499)
+            request.cut()
+            return
 
         verdict[0] = True
         breaker.on_result(status)
@@ -344,16 +320,14 @@ class Proxy:
         self._record(route.name, up.name, route.service, method, status, t0,
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
-        return resp
 
-    def _upstream_headers(self, request: web.BaseRequest, authority: str, cfg: Config,
+    def _upstream_headers(self, request: Request, authority: str, cfg: Config,
                           request_id: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = host = None
         has_request_id = False
-        # aiohttp's parser has already decoded the headers: iterate those, in arrival order.
-        for name, value in request.headers.items():
+        for name, value in request.headers:
             lname = name.lower()
             if lname in _REQUEST_DROP:
                 if lname == "x-forwarded-for":
@@ -372,8 +346,7 @@ class Proxy:
             out.append((name, value))
         if connection_listed:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        peer_ip = peer[0] if peer else "unknown"
+        peer_ip = request.peer_ip or "unknown"
         trusted = _is_trusted(peer_ip, cfg)
         out.append(("Host", host or authority))
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
@@ -385,23 +358,17 @@ class Proxy:
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
                 t0: float, upstream_s: float | None, bytes_in: int, bytes_out: int,
-                request: web.BaseRequest, limit: str, breaker: str) -> None:
+                request: Request, limit: str, breaker: str) -> None:
         duration = perf_counter() - t0
         self.signals.record(route, upstream, service, method, status, duration, upstream_s,
                             bytes_in, bytes_out)
         log = self.access_log
         if log is not None:
-            path = request.raw_path.split("?", 1)[0]
-            log.log(request_id=request.get(REQUEST_ID, ""), method=method,
+            path = request.target.split("?", 1)[0]
+            log.log(request_id=request.request_id, method=method,
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
                     bytes_out=bytes_out, limit=limit, breaker=breaker)
-
-
-def _cut(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.close()
 
 
 _TRUST_CACHE: dict[tuple[int, str], bool] = {}
@@ -425,19 +392,11 @@ def _is_trusted(ip: str, cfg: Config) -> bool:
     return hit
 
 
-async def _stream_body(request: web.BaseRequest, counter: list[int]) -> AsyncIterator[bytes]:
-    content = request.content
+async def _stream_body(request: Request, counter: list[int]) -> AsyncIterator[bytes]:
+    chunk = request.chunk
     while True:
-        try:
-            chunk = await content.readany()
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
-            raise ClientGone(str(exc)) from exc
-        except Exception as exc:  # aiohttp's payload errors when the client cuts the body
-            if type(exc).__name__ in ("ClientPayloadError", "PayloadEncodingError",
-                                      "ContentLengthError", "TransferEncodingError"):
-                raise ClientGone(str(exc)) from exc
-            raise
-        if not chunk:
+        data = await chunk()           # ClientGone if the client cuts the body short
+        if not data:
             return
-        counter[0] += len(chunk)
-        yield chunk
+        counter[0] += len(data)
+        yield data

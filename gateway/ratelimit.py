@@ -66,8 +66,7 @@ from gateway.errors import (
 )
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
+    from gateway.downstream import Request
     from gateway.ratelimit_redis import RedisStore
 
 log = logging.getLogger("gateway.ratelimit")
@@ -679,7 +678,7 @@ class Limiter:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    async def check(self, route: RouteConfig, request: web.BaseRequest) -> LimitOutcome:
+    async def check(self, route: RouteConfig, request: Request) -> LimitOutcome:
         """Decide for one request; takes a token from every policy of the route if admitted."""
         names = route.limits
         if not names:
@@ -757,15 +756,15 @@ class Limiter:
             local = self._local
             local.refund([group.buckets[j] for j in pos], [idents[j] for j in pos], 1)
 
-    def _identifiers(self, plan: _Plan, request: web.BaseRequest) -> list[str]:
+    def _identifiers(self, plan: _Plan, request: Request) -> list[str]:
         out: list[str] = []
-        headers = request.headers
+        get = request.get
         for p in plan.policies:
             kind = p.kind
             if kind == "ip_address":
                 out.append(self._client_ip(request))
                 continue
-            value = headers.get(p.header)
+            value = get(p.header)
             if not value:
                 out.append(ANONYMOUS)
             elif kind == "api_key":
@@ -774,10 +773,8 @@ class Limiter:
                 out.append(_bounded(value))
         return out
 
-    def _client_ip(self, request: web.BaseRequest) -> str:
-        transport = request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        host = peer[0] if isinstance(peer, (tuple, list)) and peer else None
+    def _client_ip(self, request: Request) -> str:
+        host = request.peer_ip
         if not host:
             return ANONYMOUS
         if not self._trusted:
@@ -791,7 +788,7 @@ class Limiter:
             self._trusted_peers[host] = trusted
         if not trusted:
             return str(host)
-        return client_address(host, request.headers.getall("X-Forwarded-For", ()),
+        return client_address(host, request.getall("X-Forwarded-For"),
                               self._trusted)
 
     def _emit(self, plan: _Plan, evaluated: Sequence[int] | range,

@@ -5,6 +5,7 @@ with tolerances in test_ratelimit_redis.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -44,21 +45,19 @@ from tests.fakes import FakeClock
 # Helpers shared with the other test_ratelimit_* modules
 
 
-class FakeTransport:
-    def __init__(self, peer: Any) -> None:
-        self.peer = peer
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-
 class FakeRequest:
-    """What Limiter.check reads of an aiohttp request: headers and the transport's peer."""
+    """What Limiter.check reads of a downstream Request: header lookups and the peer's IP."""
 
     def __init__(self, headers: dict[str, str] | list[tuple[str, str]] | None = None,
                  peer: str | None = "192.0.2.1") -> None:
         self.headers = CIMultiDict(headers or {})
-        self.transport = FakeTransport((peer, 40000) if peer is not None else None)
+        self.peer_ip = peer or ""
+
+    def get(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def getall(self, name: str) -> list[str]:
+        return self.headers.getall(name, [])
 
 
 def limit(name: str, rate: str, burst: int = 0, key: str = "user_id", **kw: Any) -> LimitConfig:
@@ -686,30 +685,36 @@ async def test_workers_env_selects_the_shared_store(tmp_path: Path,
     await single.close()
 
 
-async def test_over_http_with_a_real_peer(aiohttp_client: Any) -> None:
-    """Through a real aiohttp server: the peer address comes from the transport, and the
+async def test_over_http_with_a_real_peer() -> None:
+    """Through the real downstream server: the peer address comes from the connection, and the
     outcome's status, headers and body reach the client as they are."""
-    from aiohttp import web
+    import aiohttp
+
+    from gateway.downstream import DownstreamServer, Request
 
     clock = FakeClock()
     lim = Limiter(config([limit("ip", "1/minute", burst=1, key="ip_address")]), clock=clock)
     r = route("ip")
 
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: Request) -> None:
         o = await lim.check(r, request)
         if not o.allowed:
-            return web.Response(status=o.status, headers=dict(o.headers), body=o.body)
-        return web.Response(text="ok", headers=dict(o.headers))
+            request.respond(o.status, o.headers, o.body)
+        else:
+            request.respond(200, o.headers, b"ok")
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    client = await aiohttp_client(app)
+    server = DownstreamServer(handler)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
     statuses = []
-    for _ in range(3):
-        async with client.get("/") as resp:
-            statuses.append(resp.status)
-            last = resp
-            body = await resp.read()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(f"http://127.0.0.1:{port}/") as resp:
+                statuses.append(resp.status)
+                last = resp
+                body = await resp.read()
+    listener.close()
+    await server.shutdown(1.0)
     assert statuses == [200, 200, 429]
     assert last.headers["Retry-After"] == "60"
     assert parse_items(last.headers["RateLimit-Policy"]) == {"ip": {"q": 1, "w": 60}}

@@ -1,0 +1,667 @@
+"""The downstream HTTP/1.1 server: the side clients talk to.
+
+asyncio.Protocol + httptools (llhttp, the parser of Node and uvicorn), the mirror of upstream.py.
+It replaced aiohttp's server on the proxy listener because aiohttp's request/response machinery
+was the ceiling of the hot path: with the same upstream client, the same upstream and wrk -c32 on
+this 2-core box, an aiohttp low-level server proxies 18-19k req/s and this protocol 29-31k. The
+admin API and the control plane stay on aiohttp (not hot paths).
+
+What a connection does:
+* keep-alive: HTTP/1.1 by default, HTTP/1.0 with `Connection: keep-alive`; pipelined requests are
+  answered in order, one handler at a time per connection (a later request's body is buffered
+  until its turn, within the flow-control limits below);
+* request bodies stream with backpressure: llhttp decodes Content-Length and chunked framing,
+  reading pauses while more than `BODY_HIGH_WATER` bytes wait for the handler;
+* responses go out in one write when the handler has the whole body, else streamed with
+  Content-Length, chunked, or (HTTP/1.0) until close; HEAD, 1xx, 204 and 304 carry no body;
+* a response sent before its request body fully arrived closes the connection after it (the
+  rest of that body is never read, so nothing of it can be taken for the next request);
+* limits: request target and each header field <= 16 KiB (414 / 431), the head <= 64 KiB and
+  128 fields (431); a started head must arrive within `header_timeout_s` (408); an idle
+  keep-alive connection closes after `keepalive_timeout_s`;
+* malformed requests (llhttp strict mode: bad framing, Content-Length with Transfer-Encoding,
+  invalid characters) get a problem+json 400 and the connection closes;
+* `Upgrade` is not supported: such a request is answered as a plain one and the connection
+  closes after the response;
+* shutdown: idle connections close at once, busy ones after their current response (sent with
+  `Connection: close`), and what is left is cut at the drain deadline.
+
+Header names and values are decoded Latin-1 both ways, so bytes pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
+
+log = logging.getLogger("gateway.downstream")
+
+MAX_TARGET = 16 * 1024
+MAX_FIELD = 16 * 1024
+MAX_HEAD = 64 * 1024
+MAX_FIELDS = 128
+BODY_HIGH_WATER = 256 * 1024     # buffered request body that pauses reading ...
+BODY_LOW_WATER = 64 * 1024       # ... until the handler has taken it down to this
+MAX_PIPELINE = 16                # requests parsed ahead of the one being answered
+ONE_WRITE = 16 * 1024            # bodies up to this are joined to the head: one buffer, one send
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_DATE_NAMES = frozenset({"Date", "date", "DATE"})
+_SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect",
+                      b"x-request-id"})
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES: dict[int, str] = {}
+
+
+class ClientGone(Exception):
+    """The downstream client went away while we were reading its body or writing ours."""
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP error."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _status_line(status: int, reason: str | None) -> str:
+    if reason is None or reason == _REASONS.get(status):
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = _STATUS_LINES[status] = \
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        return line
+    return f"HTTP/1.1 {status} {reason}\r\n"
+
+
+class _DateHeader:
+    """`Date: ...\r\n`, refreshed once a second by the servers' tick (not per response)."""
+
+    value = f"Date: {formatdate(usegmt=True)}\r\n"
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = f"Date: {formatdate(usegmt=True)}\r\n"
+
+
+class Request:
+    """One request on a connection, and the one response it gets.
+
+    The handler reads the head fields, takes the body with `read()` / `chunk()`, and answers
+    with either `respond()` (whole body in hand: one write) or `start()` + `write()` + `end()`.
+    `cut()` closes the connection instead (a truncated response, a client to drop).
+    Handlers give headers without framing (Content-Length, Transfer-Encoding, Connection):
+    those are the server's."""
+
+    __slots__ = (
+        "_body_done",
+        "_buffered",
+        "_chunked_out",
+        "_chunks",
+        "_conn",
+        "_continue_sent",
+        "_state",
+        "_waiter",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "peer_ip",
+        "request_id",
+        "target",
+        "version",
+        "x_request_id",
+    )
+
+    def __init__(self, conn: HttpConnection, method: str, target: str, version: str,
+                 headers: list[tuple[str, str]], special: dict[bytes, str],
+                 keep_alive: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.peer_ip = conn.peer_ip
+        self.request_id = ""
+        self.host = special.get(b"host", "")
+        self.x_request_id = special.get(b"x-request-id")
+        self.chunked = b"transfer-encoding" in special
+        cl = special.get(b"content-length")
+        self.content_length = int(cl) if cl is not None and not self.chunked else None
+        self.expect_continue = (version == "1.1" and
+                                special.get(b"expect", "").lower() == "100-continue")
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._body_done = not (self.chunked or self.content_length)
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue_sent = False
+        self._state = 0                 # 0: nothing sent, 1: head sent, 2: response complete
+        self._chunked_out = False
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target} HTTP/{self.version}>"
+
+    # -- head ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> str | None:
+        """The first value of a header (case-insensitive), or None."""
+        name = name.lower()
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return None
+
+    def getall(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for n, v in self.headers if n.lower() == name]
+
+    @property
+    def body_exists(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def headers_sent(self) -> bool:
+        return self._state > 0
+
+    @property
+    def finished(self) -> bool:
+        return self._state == 2
+
+    # -- body ----------------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        """`100 Continue` if the client waits for it (call once the request is admitted)."""
+        if self.expect_continue and not self._continue_sent and not self._body_done \
+                and self._state == 0 and not self._conn.lost:
+            self._continue_sent = True
+            self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def chunk(self) -> bytes:
+        """The next piece of the body; b"" at its end. ClientGone if the client left first."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft()
+                self._buffered -= len(data)
+                if self._buffered <= BODY_LOW_WATER:
+                    self._conn.resume_for_body()
+                return data
+            if self._body_done:
+                return b""
+            if self._conn.lost or self._conn.eof:
+                raise ClientGone("the client closed the connection before the whole body")
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while True:
+            data = await self.chunk()
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def _complete(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- response ------------------------------------------------------------------------
+
+    def respond(self, status: int, headers: Iterable[tuple[str, str]], body: bytes = b"",
+                reason: str | None = None, content_length: int | None = None) -> None:
+        """The whole response in one write. `content_length` is for HEAD answers (the length
+        the GET would have); otherwise it is the body's."""
+        if self._state:
+            raise RuntimeError("response already started")
+        self._state = 2
+        conn = self._conn
+        if conn.lost:
+            return
+        no_body = status in _NO_BODY_STATUS or status < 200
+        if no_body or (content_length is None and not body and self.method == "HEAD"):
+            framing = ""            # (a HEAD answer whose GET length is unknown: none given)
+        else:
+            framing = f"Content-Length: {len(body) if content_length is None else content_length}\r\n"
+        head = self._head(status, reason, headers, framing)
+        if no_body or self.method == "HEAD" or not body:
+            conn.transport.write(head)
+        elif len(body) <= ONE_WRITE:
+            conn.transport.write(head + body)
+        else:
+            conn.transport.writelines((head, body))
+        conn.response_done(self)
+
+    def start(self, status: int, headers: Iterable[tuple[str, str]], reason: str | None = None,
+              content_length: int | None = None) -> None:
+        """Send the head of a streamed response: Content-Length if known, else chunked
+        (HTTP/1.1) or until close (HTTP/1.0)."""
+        if self._state:
+            raise RuntimeError("response already started")
+        self._state = 1
+        conn = self._conn
+        if conn.lost:
+            raise ClientGone("the client closed the connection")
+        if status in _NO_BODY_STATUS or status < 200 or self.method == "HEAD":
+            framing = "" if content_length is None or status in _NO_BODY_STATUS \
+                else f"Content-Length: {content_length}\r\n"
+        elif content_length is not None:
+            framing = f"Content-Length: {content_length}\r\n"
+        elif self.version == "1.1":
+            framing = "Transfer-Encoding: chunked\r\n"
+            self._chunked_out = True
+        else:
+            framing = ""
+            self.keep_alive = False     # the end of the body is the end of the connection
+        conn.transport.write(self._head(status, reason, headers, framing))
+
+    async def write(self, data: bytes) -> None:
+        """A piece of a streamed body; waits while the client is slower than we are."""
+        conn = self._conn
+        if conn.lost:
+            raise ClientGone("the client closed the connection")
+        if not data or self.method == "HEAD":
+            return
+        if self._chunked_out:
+            conn.transport.writelines((f"{len(data):x}\r\n".encode(), data, b"\r\n"))
+        else:
+            conn.transport.write(data)
+        if conn.write_paused:
+            await conn.drain()
+
+    def end(self) -> None:
+        """The end of a streamed body."""
+        if self._state != 1:
+            raise RuntimeError("no streamed response to end")
+        self._state = 2
+        conn = self._conn
+        if conn.lost:
+            return
+        if self._chunked_out and self.method != "HEAD":
+            conn.transport.write(b"0\r\n\r\n")
+        conn.response_done(self)
+
+    def cut(self) -> None:
+        """Close the connection now (after what was written): a truncated response, or none."""
+        self._state = 2
+        self.keep_alive = False
+        self._conn.close()
+
+    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+              framing: str) -> bytes:
+        conn = self._conn
+        if not self._body_done or conn.server.draining or conn.closing:
+            self.keep_alive = False
+        parts = [_status_line(status, reason)]
+        has_date = False
+        for name, value in headers:
+            if name in _DATE_NAMES:
+                has_date = True
+            parts.append(f"{name}: {value}\r\n")
+        if not has_date:
+            parts.append(_DateHeader.value)
+        if not self.keep_alive:
+            parts.append("Connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append("Connection: keep-alive\r\n")
+        parts.append(framing)
+        parts.append("\r\n")
+        return "".join(parts).encode("latin-1")
+
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs the handler for each in turn."""
+
+    def __init__(self, server: DownstreamServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer_ip = ""
+        self.lost = False
+        self.eof = False
+        self.closing = False
+        self.write_paused = False
+        self.idle_since = self.loop.time()
+        self.head_started: float | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._current: Request | None = None        # being answered
+        self._parsing: Request | None = None        # receiving its body
+        self._pipeline: deque[Request] = deque()
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._special: dict[bytes, str] = {}
+        self._head_bytes = 0
+        self._field_bytes = 0
+        self._paused_body = False
+        self._paused_pipeline = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- transport -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (tuple, list)) and peer:
+            self.peer_ip = str(peer[0])
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.head_started is not None:
+            # llhttp hands a header field over only when it is complete: bound what it
+            # accumulates meanwhile (whole reads after the one the head began in).
+            if self._head_bytes > MAX_HEAD:
+                self._error(431, f"request head larger than {MAX_HEAD} bytes")
+                return
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # What follows the head belongs to another protocol: stop reading, answer this
+            # request as a plain one, then close.
+            self.closing = True
+            for req in (self._current, *self._pipeline):
+                if req is not None:
+                    req.keep_alive = False
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._error(cause.status, cause.detail)
+            else:
+                log.error("request parser callback failed", exc_info=cause)
+                self._error(500, "internal error while reading the request")
+        except httptools.HttpParserError as exc:
+            detail = str(exc).strip() or type(exc).__name__
+            self._error(400, f"malformed request: {detail}")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self._task is None:
+            self.closing = True
+            return False                # nothing to answer: close
+        # A client that half-closes after its request still gets its response (then we close).
+        self.closing = True
+        if self._parsing is not None:
+            self._parsing._wake()       # a body cut short: its reader gets ClientGone
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.closing = True
+        self.server.connections.discard(self)
+        for req in (self._current, self._parsing):
+            if req is not None:
+                req._wake()
+        self._pipeline.clear()
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.lost:
+            self._drain_waiter = self.loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self.lost:
+            raise ClientGone("the client closed the connection")
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def resume_for_body(self) -> None:
+        if self._paused_body:
+            self._paused_body = False
+            if not self._paused_pipeline and not self.closing:
+                self.transport.resume_reading()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._special = {}
+        self._head_bytes = 0
+        self._field_bytes = 0
+        self.head_started = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_TARGET:
+            raise _Reject(414, f"request target longer than {MAX_TARGET} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        if size > MAX_FIELD:
+            raise _Reject(431, f"header field longer than {MAX_FIELD} bytes")
+        self._field_bytes += size
+        if self._field_bytes > MAX_HEAD:
+            raise _Reject(431, f"request head larger than {MAX_HEAD} bytes")
+        headers = self._headers
+        if len(headers) >= MAX_FIELDS:
+            raise _Reject(431, f"more than {MAX_FIELDS} header fields")
+        v = value.decode("latin-1")
+        headers.append((name.decode("latin-1"), v))
+        lname = name.lower()
+        if lname in _SPECIAL:
+            if lname == b"content-length" and lname in self._special:
+                raise _Reject(400, "more than one Content-Length")
+            self._special.setdefault(lname, v)
+
+    def on_headers_complete(self) -> None:
+        self.head_started = None
+        parser = self._parser
+        req = Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"),
+                      parser.get_http_version(), self._headers, self._special,
+                      parser.should_keep_alive() and not parser.should_upgrade())
+        self._parsing = req
+        if self._current is None and self._task is None:
+            self._task = self.loop.create_task(self._serve(req))
+        else:
+            self._pipeline.append(req)
+            if len(self._pipeline) >= MAX_PIPELINE and not self._paused_pipeline:
+                self._paused_pipeline = True
+                self.transport.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is None:
+            return
+        if req._state == 2:
+            return                      # answered already: the rest is dropped
+        req._feed(body)
+        if req._buffered > BODY_HIGH_WATER and not self._paused_body:
+            self._paused_body = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        if req is not None:
+            req._complete()
+        self._parsing = None
+
+    # -- answering -----------------------------------------------------------------------
+
+    async def _serve(self, req: Request | None) -> None:
+        """Answer requests in arrival order while any are waiting; one task per busy stretch."""
+        handler = self.server.handler
+        try:
+            while req is not None:
+                self._current = req
+                try:
+                    await handler(req)
+                except ClientGone:
+                    req.cut()
+                except Exception:
+                    log.exception("request handler failed",
+                                  extra={"method": req.method, "target": req.target,
+                                         "request_id": req.request_id})
+                    self._fail(req)
+                else:
+                    if req._state != 2:
+                        log.error("request handler returned without finishing its response",
+                                  extra={"method": req.method, "target": req.target})
+                        self._fail(req)
+                self._current = None
+                if self.closing or self.lost:
+                    return
+                req = self._pipeline.popleft() if self._pipeline else None
+                if req is not None:
+                    self._current = req
+                    if self._paused_pipeline and len(self._pipeline) < MAX_PIPELINE // 2:
+                        self._paused_pipeline = False
+                        if not self._paused_body:
+                            self.transport.resume_reading()
+                    if self.write_paused:
+                        await self.drain()
+        except ClientGone:
+            pass
+        finally:
+            self._task = None
+            self._current = None
+            self.idle_since = self.loop.time()
+            if self.server.draining and not self.closing:
+                self.close()
+
+    def _fail(self, req: Request) -> None:
+        if req._state == 0:
+            req.keep_alive = False
+            req.respond(500, [("Content-Type", PROBLEM_CONTENT_TYPE),
+                              ("X-Request-Id", req.request_id)],
+                        problem_body(500, "internal error"))
+        else:
+            req.cut()
+
+    def response_done(self, req: Request) -> None:
+        if not req.keep_alive:
+            self.close()
+
+    def _error(self, status: int, detail: str) -> None:
+        """Answer a request we could not parse (once nothing else is being answered) and
+        close the connection."""
+        self.head_started = None
+        self._pipeline.clear()
+        body = problem_body(status, detail)
+        head = (f"{_status_line(status, None)}Content-Type: {PROBLEM_CONTENT_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\n{_DateHeader.value}Connection: close\r\n\r\n")
+        current = self._current
+        if current is not None and not current.finished:
+            if self._parsing is current:
+                # Its own body is malformed: nothing more can be read; its reader gets
+                # ClientGone once the connection is gone.
+                self.close()
+                return
+            # The request being answered keeps its response; the bad one gets no answer.
+            current.keep_alive = False
+            self.closing = True
+            return
+        if not self.lost:
+            self.transport.write(head.encode("latin-1") + body)
+        self.close()
+
+    # -- timeouts and shutdown -----------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def sweep(self, now: float) -> None:
+        """Called about once a second: close an idle keep-alive connection, or one whose
+        request head is taking too long to arrive."""
+        server = self.server
+        if self.head_started is not None:
+            if now - self.head_started > server.header_timeout_s and self._task is None:
+                self._error(408, "request head not received in time")
+        elif self._task is None and now - self.idle_since > server.keepalive_timeout_s:
+            self.close()
+
+
+class DownstreamServer:
+    """The protocol factory given to `loop.create_server`, and what is shared by its
+    connections: the handler, the timeouts, the drain state."""
+
+    def __init__(self, handler: Handler, *, keepalive_timeout_s: float = 75.0,
+                 header_timeout_s: float = 30.0) -> None:
+        self.handler = handler
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.header_timeout_s = header_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[HttpConnection] = set()
+        self.draining = False
+        self._tick_handle: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._tick)
+
+    def __call__(self) -> HttpConnection:
+        return HttpConnection(self)
+
+    def _tick(self) -> None:
+        _DateHeader.refresh()
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.sweep(now)
+        self._tick_handle = self.loop.call_later(1.0, self._tick)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now and busy ones after their response; cut what is left
+        after `timeout` seconds."""
+        self.draining = True
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"connections": len(self.connections),
+                "busy": sum(1 for c in self.connections if c.busy)}
