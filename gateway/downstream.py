@@ -367,6 +367,7 @@ class HttpConnection(asyncio.Protocol):
         self._paused_body = False
         self._paused_pipeline = False
         self._task: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[Request | None] | None = None
 
     # -- transport -----------------------------------------------------------------------
 
@@ -409,7 +410,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self._task is None:
+        if self._current is None:
             self.closing = True
             return False                # nothing to answer: close
         # A client that half-closes after its request still gets its response (then we close).
@@ -426,6 +427,9 @@ class HttpConnection(asyncio.Protocol):
             if req is not None:
                 req._wake()
         self._pipeline.clear()
+        waiting = self._next
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -500,7 +504,13 @@ class HttpConnection(asyncio.Protocol):
                       parser.get_http_version(), self._headers, self._special,
                       parser.should_keep_alive() and not parser.should_upgrade())
         self._parsing = req
-        if self._current is None and self._task is None:
+        waiting = self._next
+        if waiting is not None:
+            self._next = None
+            self._current = req
+            waiting.set_result(req)
+        elif self._task is None:
+            self._current = req
             self._task = self.loop.create_task(self._serve(req))
         else:
             self._pipeline.append(req)
@@ -528,11 +538,11 @@ class HttpConnection(asyncio.Protocol):
     # -- answering -----------------------------------------------------------------------
 
     async def _serve(self, req: Request | None) -> None:
-        """Answer requests in arrival order while any are waiting; one task per busy stretch."""
+        """Answer requests in arrival order. One task per connection, waiting on a future for
+        the next request (cheaper than a task per request: ~2 of ~45 us)."""
         handler = self.server.handler
         try:
             while req is not None:
-                self._current = req
                 try:
                     await handler(req)
                 except ClientGone:
@@ -549,24 +559,29 @@ class HttpConnection(asyncio.Protocol):
                         self._fail(req)
                 self._current = None
                 if self.closing or self.lost:
+                    self.close()
                     return
-                req = self._pipeline.popleft() if self._pipeline else None
-                if req is not None:
-                    self._current = req
+                if self._pipeline:
+                    req = self._current = self._pipeline.popleft()
                     if self._paused_pipeline and len(self._pipeline) < MAX_PIPELINE // 2:
                         self._paused_pipeline = False
                         if not self._paused_body:
                             self.transport.resume_reading()
                     if self.write_paused:
                         await self.drain()
+                    continue
+                self.idle_since = self.loop.time()
+                if self.server.draining:
+                    self.close()
+                    return
+                self._next = self.loop.create_future()
+                req = await self._next      # set (and `_current` with it) by the parser
         except ClientGone:
             pass
         finally:
             self._task = None
+            self._next = None
             self._current = None
-            self.idle_since = self.loop.time()
-            if self.server.draining and not self.closing:
-                self.close()
 
     def _fail(self, req: Request) -> None:
         if req._state == 0:
@@ -608,16 +623,16 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None
+        return self._current is not None
 
     def sweep(self, now: float) -> None:
         """Called about once a second: close an idle keep-alive connection, or one whose
         request head is taking too long to arrive."""
         server = self.server
         if self.head_started is not None:
-            if now - self.head_started > server.header_timeout_s and self._task is None:
+            if now - self.head_started > server.header_timeout_s and self._current is None:
                 self._error(408, "request head not received in time")
-        elif self._task is None and now - self.idle_since > server.keepalive_timeout_s:
+        elif self._current is None and now - self.idle_since > server.keepalive_timeout_s:
             self.close()
 
 
@@ -640,10 +655,14 @@ class DownstreamServer:
 
     def _tick(self) -> None:
         _DateHeader.refresh()
-        now = self.loop.time()
+        self.sweep(self.loop.time())
+        self._tick_handle = self.loop.call_later(1.0, self._tick)
+
+    def sweep(self, now: float) -> None:
+        """Enforce the timeouts as of loop time `now` (the tick does this once a second;
+        tests call it with a time of their choosing)."""
         for conn in list(self.connections):
             conn.sweep(now)
-        self._tick_handle = self.loop.call_later(1.0, self._tick)
 
     async def shutdown(self, timeout: float) -> None:
         """Close idle connections now and busy ones after their response; cut what is left

@@ -10,9 +10,8 @@ Flow control: the protocol buffers received body chunks for the reader and pause
 `HIGH_WATER` buffered bytes, resuming below `LOW_WATER`, so a 1 GiB body never sits in memory; the
 request body is written with `drain` semantics (pause_writing/resume_writing).
 
-Text encodings: the request head is encoded UTF-8 with `surrogateescape`, which gives back the exact
-bytes aiohttp decoded (it decodes the path and headers that way); response header names and values
-are decoded Latin-1, which never fails.
+Text encodings: Latin-1 both ways, as on the downstream side (downstream.py decodes the client's
+target and headers that way), so header bytes pass through unchanged and decoding never fails.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def _expire_waiter(fut: asyncio.Future[Any]) -> None:
 def _request_head(method: str, target: str, headers: list[tuple[str, str]],
                   framing: str) -> bytes:
     lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    return f"{method} {target} HTTP/1.1\r\n{lines}{framing}\r\n".encode("utf-8", "surrogateescape")
+    return f"{method} {target} HTTP/1.1\r\n{lines}{framing}\r\n".encode("latin-1")
 
 
 class UpstreamResponse:
@@ -185,6 +184,7 @@ class _Connection(asyncio.Protocol):
         "complete",
         "connection_hdr",
         "content_length",
+        "deadline",
         "drain_fut",
         "exc",
         "got_bytes",
@@ -207,6 +207,7 @@ class _Connection(asyncio.Protocol):
         "state",
         "swap_parser",
         "timer",
+        "timer_at",
         "transport",
         "until_close",
         "upgrade",
@@ -226,7 +227,12 @@ class _Connection(asyncio.Protocol):
         # Per exchange; None/False between exchanges.
         self.head_fut: asyncio.Future[None] | None = None
         self.read_fut: asyncio.Future[None] | None = None
+        # The deadline timer is left armed between exchanges (arming one costs ~3 us): when it
+        # fires it expires the exchange in progress if that one is late, re-arms for it if not,
+        # and lets go of an idle connection.
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline = 0.0
         self.resp: UpstreamResponse | None = None
         self.exc: UpstreamError | None = None
         self.got_bytes = False
@@ -413,7 +419,13 @@ class _Connection(asyncio.Protocol):
                 f"{self.pool.endpoint.url} closed the reused keep-alive connection")
         loop = self.loop
         self.head_fut = head_fut = loop.create_future()
-        self.timer = loop.call_at(deadline, self._on_deadline)
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None or deadline < self.timer_at:
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(deadline, self._on_deadline)
+            self.timer_at = deadline
         self.resp = None
         self.exc = None
         self.got_bytes = False
@@ -509,13 +521,19 @@ class _Connection(asyncio.Protocol):
     def _done(self, keep_alive: bool) -> None:
         self.complete = True
         self.keep_alive = keep_alive
-        self._cancel_timer()
         fut = self.read_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
 
     def _on_deadline(self) -> None:
         self.timer = None
+        if self.complete or self.head_fut is None or self.state == _CLOSED:
+            return                      # idle between exchanges: disarmed until the next one
+        deadline = self.deadline
+        if self.loop.time() < deadline:  # armed for an earlier exchange: follow this one
+            self.timer = self.loop.call_at(deadline, self._on_deadline)
+            self.timer_at = deadline
+            return
         self._expire()
 
     def _expire(self) -> None:
@@ -574,6 +592,7 @@ class EndpointPool:
     __slots__ = (
         "_closed",
         "_idle",
+        "_loop",
         "_max",
         "_opened",
         "_total",
@@ -597,6 +616,7 @@ class EndpointPool:
         self._total = 0             # slots taken: connecting + in use + idle
         self._opened = 0
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None   # the first request's
         self.max_buffered_bytes = 0
         """High-water mark of response bytes buffered on one connection (a flow-control stat)."""
 
@@ -633,7 +653,9 @@ class EndpointPool:
         body included, must end within `timeout_s`). Whatever the body iterator raises (the
         client went away) propagates unchanged. The caller must `release()` or `abort()` the
         response."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         if body is None:
             framing = "Content-Length: 0\r\n" if method in _BODY_METHODS else ""
