@@ -240,11 +240,13 @@ class Request:
                 reason: str | None = None, content_length: int | None = None) -> None:
         """The whole response in one write. `content_length` is for HEAD answers (the length
         the GET would have); otherwise it is the body's."""
-        if self._state:
-            raise RuntimeError("response already started")
-        self._state = 2
         conn = self._conn
+        if self._state:
+            if self._state == 2 and conn.closing:
+                return              # the server answered already (a malformed body: 400)
+            raise RuntimeError("response already started")
         if conn.lost:
+            self._state = 2
             return
         no_body = status in _NO_BODY_STATUS or status < 200
         if no_body or (content_length is None and not body and self.method == "HEAD"):
@@ -252,6 +254,7 @@ class Request:
         else:
             framing = f"Content-Length: {len(body) if content_length is None else content_length}\r\n"
         head = self._head(status, reason, headers, framing)
+        self._state = 2             # (only now: a head that cannot be built leaves room for a 500)
         if no_body or self.method == "HEAD" or not body:
             conn.transport.write(head)
         elif len(body) <= ONE_WRITE:
@@ -264,12 +267,11 @@ class Request:
               content_length: int | None = None) -> None:
         """Send the head of a streamed response: Content-Length if known, else chunked
         (HTTP/1.1) or until close (HTTP/1.0)."""
+        conn = self._conn
+        if conn.lost or conn.transport.is_closing():
+            raise ClientGone("the client closed the connection")
         if self._state:
             raise RuntimeError("response already started")
-        self._state = 1
-        conn = self._conn
-        if conn.lost:
-            raise ClientGone("the client closed the connection")
         if status in _NO_BODY_STATUS or status < 200 or self.method == "HEAD":
             framing = "" if content_length is None or status in _NO_BODY_STATUS \
                 else f"Content-Length: {content_length}\r\n"
@@ -281,12 +283,14 @@ class Request:
         else:
             framing = ""
             self.keep_alive = False     # the end of the body is the end of the connection
-        conn.transport.write(self._head(status, reason, headers, framing))
+        head = self._head(status, reason, headers, framing)
+        self._state = 1
+        conn.transport.write(head)
 
     async def write(self, data: bytes) -> None:
         """A piece of a streamed body; waits while the client is slower than we are."""
         conn = self._conn
-        if conn.lost:
+        if conn.lost or conn.transport.is_closing():
             raise ClientGone("the client closed the connection")
         if not data or self.method == "HEAD":
             return
@@ -318,7 +322,8 @@ class Request:
     def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
               framing: str) -> bytes:
         conn = self._conn
-        if not self._body_done or conn.server.draining or conn.closing:
+        if not self._body_done or conn.server.draining or conn.closing or \
+                (conn.eof and not conn._pipeline):
             self.keep_alive = False
         parts = [_status_line(status, reason)]
         has_date = False
@@ -410,11 +415,11 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self._current is None:
+        if self._current is None and not self._pipeline:
             self.closing = True
             return False                # nothing to answer: close
-        # A client that half-closes after its request still gets its response (then we close).
-        self.closing = True
+        # A client that half-closes after its requests still gets their responses; the last
+        # one says `Connection: close`.
         if self._parsing is not None:
             self._parsing._wake()       # a body cut short: its reader gets ClientGone
         return True
@@ -558,6 +563,12 @@ class HttpConnection(asyncio.Protocol):
                                   extra={"method": req.method, "target": req.target})
                         self._fail(req)
                 self._current = None
+                if req._chunks:         # a body the handler did not read: let it go
+                    req._chunks.clear()
+                    req._buffered = 0
+                if self._paused_body and (self._parsing is None or
+                                          self._parsing._buffered <= BODY_LOW_WATER):
+                    self.resume_for_body()
                 if self.closing or self.lost:
                     self.close()
                     return
@@ -571,7 +582,7 @@ class HttpConnection(asyncio.Protocol):
                         await self.drain()
                     continue
                 self.idle_since = self.loop.time()
-                if self.server.draining:
+                if self.server.draining or self.eof:
                     self.close()
                     return
                 self._next = self.loop.create_future()
@@ -601,14 +612,21 @@ class HttpConnection(asyncio.Protocol):
         close the connection."""
         self.head_started = None
         self._pipeline.clear()
+        on_reject = self.server.on_reject
+        if on_reject is not None:
+            on_reject(status, detail, self.peer_ip)
         body = problem_body(status, detail)
         head = (f"{_status_line(status, None)}Content-Type: {PROBLEM_CONTENT_TYPE}\r\n"
                 f"Content-Length: {len(body)}\r\n{_DateHeader.value}Connection: close\r\n\r\n")
         current = self._current
         if current is not None and not current.finished:
             if self._parsing is current:
-                # Its own body is malformed: nothing more can be read; its reader gets
-                # ClientGone once the connection is gone.
+                # Its own body is malformed: nothing more can be read. The client gets the 400
+                # unless its response has begun; the handler's reader gets ClientGone.
+                if current._state == 0 and not self.lost:
+                    current._state = 2
+                    current.keep_alive = False
+                    self.transport.write(head.encode("latin-1") + body)
                 self.close()
                 return
             # The request being answered keeps its response; the bad one gets no answer.
@@ -641,13 +659,17 @@ class DownstreamServer:
     connections: the handler, the timeouts, the drain state."""
 
     def __init__(self, handler: Handler, *, keepalive_timeout_s: float = 75.0,
-                 header_timeout_s: float = 30.0) -> None:
+                 header_timeout_s: float = 30.0,
+                 on_reject: Callable[[int, str, str], None] | None = None) -> None:
         self.handler = handler
+        self.on_reject = on_reject
+        """Told (status, detail, peer IP) of each request refused before the handler saw it."""
         self.keepalive_timeout_s = keepalive_timeout_s
         self.header_timeout_s = header_timeout_s
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
         self.draining = False
+        _DateHeader.refresh()           # (stale if no server ticked in this process lately)
         self._tick_handle: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._tick)
 
     def __call__(self) -> HttpConnection:

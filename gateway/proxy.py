@@ -321,6 +321,15 @@ class Proxy:
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
 
+    def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
+        """A request the server refused before it was whole (400, 408, 414, 431): counted like
+        any other response, under route "-"."""
+        self.signals.record("-", "-", "-", "OTHER", status, 0.0, None, 0, 0)
+        log = self.access_log
+        if log is not None:
+            log.log(request_id="", method="-", path="-", route="-", upstream="-", status=status,
+                    duration_ms=0.0, bytes_in=0, bytes_out=0, limit="-", breaker="-")
+
     def _upstream_headers(self, request: Request, authority: str, cfg: Config,
                           request_id: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

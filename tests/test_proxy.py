@@ -340,3 +340,34 @@ async def test_access_log_lines_match_the_responses(tmp_path: Path, upstream: Up
     assert [d["route"] for d in lines] == ["main", "main", "-"]
     assert "secret123" not in log_path.read_text()
     assert all(d["duration_ms"] >= 0 and "time" in d for d in lines)
+
+
+async def test_malformed_requests_get_400_and_are_counted(tmp_path: Path, upstream: Upstream,
+                                                          session: aiohttp.ClientSession) -> None:
+    """Requests the server refuses before any handler (bad framing, oversized heads) get a
+    problem+json answer, never reach the upstream, and show in the request metrics."""
+    async with running_gateway(tmp_path, gateway_yaml([upstream.url])) as gw:
+        cases = [
+            (b"NOT HTTP AT ALL\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+            (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        ]
+        for raw, want in cases:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+            writer.write(raw)
+            answer = await asyncio.wait_for(reader.read(), 5)   # the server closes after it
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {want} ".encode()), (raw[:40], head)
+            assert b"Content-Type: application/problem+json" in head
+            assert b"Connection: close" in head
+            assert orjson.loads(body)["status"] == want
+        assert upstream.requests == 0
+        _, _, data = await fetch(session, "GET", admin_url(gw, "/metrics"))
+        text = data.decode()
+        for code, n in (("400", 2), ("431", 1), ("414", 1)):
+            line = next(ln for ln in text.splitlines() if ln.startswith("gateway_requests_total{")
+                        and 'route="-"' in ln and f'code="{code}"' in ln)
+            assert line.endswith(f" {n}.0"), line
