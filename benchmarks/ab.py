@@ -2,10 +2,13 @@
 
     python benchmarks/ab.py signals [--rounds 5] [--duration 5] [--connections 32]
     python benchmarks/ab.py limit   [...]
+    python benchmarks/ab.py redis   [...]
 
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
 route without it (target: <= 5 %).
+`redis`: that limit in Redis (a private redis-server, the gateway's own RESP client) vs in memory
+(issue 3's target: Redis keeps >= 70 % of the local throughput).
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -25,7 +28,9 @@ import psutil
 from run import GATEWAY_YAML, ROOT, free_port, wait_port, wrk
 
 ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
-                 'burst: 1000000, headers: true}\n')
+                 'burst: 1000000, headers: true}\n'
+                 '  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
+                 'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -33,7 +38,7 @@ STUBBED = ("import sys; import gateway.signals as s; "
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -42,20 +47,34 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gw-ab-"))
     procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "upstream.py"), str(up)])]
     ports = {}
+    redis_line = ""
     try:
         wait_port(up)
+        if args.variant == "redis":
+            rport = free_port()
+            procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "",
+                                           "--appendonly", "no", "--bind", "127.0.0.1"],
+                                          stdout=subprocess.DEVNULL, cwd=tmp))
+            wait_port(rport)
+            redis_line = f'redis: {{url: "redis://127.0.0.1:{rport}/0", timeout_ms: 25}}\n'
         shipped = ["-m", "gateway"]
-        variants = ((("with", shipped, ""), ("without", ["-c", STUBBED], ""))
-                    if args.variant == "signals" else
-                    (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")))
+        variants = {
+            "signals": (("with", shipped, ""), ("without", ["-c", STUBBED], "")),
+            "limit": (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")),
+            "redis": (("with", shipped, "limits: [roomy_redis]"),
+                      ("without", shipped, "limits: [roomy_headers]")),
+        }[args.variant]
+        gateways = []
         for name, prefix, limits in variants:
             port = free_port()
             cfg = tmp / f"{port}.yaml"
             text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
                                        limits=limits)
-            cfg.write_text(text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
-            procs.append(subprocess.Popen([sys.executable, *prefix, "run", "--config", str(cfg)],
-                                          stderr=subprocess.DEVNULL, cwd=tmp))
+            cfg.write_text(redis_line +
+                           text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
+            gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
+                                              str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp))
+            procs.append(gateways[-1])
             wait_port(port)
             ports[name] = port
         url = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
@@ -63,7 +82,7 @@ def main() -> int:
             wrk(url[name], 2, args.connections)  # warm-up
         rps: dict[str, list[float]] = {name: [] for name in url}
         cpu_us: dict[str, list[float]] = {name: [] for name in url}  # gateway CPU per request
-        gw_proc = {name: psutil.Process(p.pid) for name, p in zip(url, procs[1:])}
+        gw_proc = {name: psutil.Process(p.pid) for name, p in zip(url, gateways)}
         for i in range(args.rounds):
             for name in url:
                 t0 = gw_proc[name].cpu_times()
@@ -81,6 +100,11 @@ def main() -> int:
             p.wait(timeout=15)
     on, off = statistics.median(rps["with"]), statistics.median(rps["without"])
     c_on, c_off = statistics.median(cpu_us["with"]), statistics.median(cpu_us["without"])
+    if args.variant == "redis":
+        print(f"redis: median Redis {on:,.0f} req/s, local {off:,.0f} req/s: Redis keeps "
+              f"{on / off:.0%} (target >= 70 %); gateway CPU per request {c_on:.1f} vs "
+              f"{c_off:.1f} us")
+        return 0
     print(f"{args.variant}: median with {on:,.0f} req/s, without {off:,.0f} req/s; "
           f"throughput cost {1 - on / off:+.1%} (target <= 5 %)")
     print(f"{args.variant}: gateway CPU per request with {c_on:.1f} us, without {c_off:.1f} us; "
