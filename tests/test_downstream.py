@@ -237,6 +237,35 @@ async def say_target(req: Request) -> None:
     req.respond(200, [("Content-Type", "text/plain")], req.target.encode())
 
 
+def body_reader() -> tuple[Handler, list[str], asyncio.Event]:
+    """A handler that reads the whole body and notes "read", or "gone" on ClientGone; `done`
+    is set when it has finished."""
+    outcome: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(req: Request) -> None:
+        try:
+            await req.read()
+            outcome.append("read")
+        except ClientGone:
+            outcome.append("gone")
+        done.set()
+
+    return handler, outcome, done
+
+
+def held(target: str) -> tuple[Handler, asyncio.Event]:
+    """`say_target`, except that the request for `target` waits until the event is set."""
+    release = asyncio.Event()
+
+    async def handler(req: Request) -> None:
+        if req.target == target:
+            await release.wait()
+        await say_target(req)
+
+    return handler, release
+
+
 # ---------------------------------------------------------------------------------------------
 # Connections: keep-alive, HTTP/1.0, Connection: close
 
@@ -378,12 +407,7 @@ async def test_pipelined_requests_in_one_write_are_answered_in_order() -> None:
 
 
 async def test_pipelined_slow_first_handler_and_fast_later_ones_stay_in_order() -> None:
-    release = asyncio.Event()
-
-    async def handler(req: Request) -> None:
-        if req.target == "/slow":
-            await release.wait()
-        await say_target(req)
+    handler, release = held("/slow")
 
     async with serve(handler) as gw:
         c = await Client.open(gw)
@@ -635,16 +659,7 @@ async def test_client_closing_mid_body_gives_client_gone_to_chunk() -> None:
 
 
 async def test_client_reset_mid_body_gives_client_gone_to_chunk() -> None:
-    outcome: list[str] = []
-    done = asyncio.Event()
-
-    async def handler(req: Request) -> None:
-        try:
-            await req.read()
-            outcome.append("read")
-        except ClientGone:
-            outcome.append("gone")
-        done.set()
+    handler, outcome, done = body_reader()
 
     async with serve(handler) as gw:
         c = await Client.open(gw)
@@ -687,16 +702,7 @@ async def test_half_close_after_pipelined_requests_answers_all_of_them() -> None
 
 
 async def test_invalid_chunk_after_handler_started_closes_and_reader_gets_client_gone() -> None:
-    outcome: list[str] = []
-    done = asyncio.Event()
-
-    async def handler(req: Request) -> None:
-        try:
-            await req.read()
-            outcome.append("read")
-        except ClientGone:
-            outcome.append("gone")
-        done.set()
+    handler, outcome, done = body_reader()
 
     async with serve(handler) as gw:
         c = await Client.open(gw)
@@ -1226,12 +1232,7 @@ async def test_handler_raising_while_building_the_head_gets_500() -> None:
 
 
 async def test_keepalive_timeout_closes_idle_connection_but_not_busy_one() -> None:
-    release = asyncio.Event()
-
-    async def handler(req: Request) -> None:
-        if req.target == "/busy":
-            await release.wait()
-        await say_target(req)
+    handler, release = held("/busy")
 
     loop = asyncio.get_running_loop()
     async with serve(handler, keepalive_timeout_s=5.0, header_timeout_s=5.0) as gw:
@@ -1313,12 +1314,7 @@ async def test_shutdown_closes_idle_connections_at_once() -> None:
 
 
 async def test_shutdown_lets_busy_response_finish_with_connection_close() -> None:
-    release = asyncio.Event()
-
-    async def handler(req: Request) -> None:
-        if req.target == "/busy":
-            await release.wait()
-        await say_target(req)
+    handler, release = held("/busy")
 
     async with serve(handler) as gw:
         busy = await Client.open(gw)
