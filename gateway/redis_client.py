@@ -67,7 +67,8 @@ def _arg(a: bytes | str | float) -> bytes:
     if isinstance(a, bytes):
         return a
     if isinstance(a, str):
-        # surrogateescape: header values aiohttp decoded go back to their exact bytes
+        # Identifiers are header values decoded Latin-1 (downstream.py): any fixed encoding
+        # keeps keys consistent; surrogateescape never fails on a str from elsewhere.
         return a.encode("utf-8", "surrogateescape")
     if isinstance(a, bool):
         raise TypeError("a bool is not a Redis argument; send 1 or 0")
