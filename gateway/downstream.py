@@ -52,12 +52,14 @@ MAX_FIELDS = 128
 BODY_HIGH_WATER = 256 * 1024     # buffered request body that pauses reading ...
 BODY_LOW_WATER = 64 * 1024       # ... until the handler has taken it down to this
 MAX_PIPELINE = 16                # requests parsed ahead of the one being answered
+LINGER_S = 5.0                   # after answering early, how long to drain the client's body
 ONE_WRITE = 16 * 1024            # bodies up to this are joined to the head: one buffer, one send
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _DATE_NAMES = frozenset({"Date", "date", "DATE"})
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect",
-                      b"x-request-id"})
+                      b"x-request-id", b"connection"})
+_SINGLE = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES: dict[int, str] = {}
 
@@ -252,7 +254,8 @@ class Request:
         if no_body or (content_length is None and not body and self.method == "HEAD"):
             framing = ""            # (a HEAD answer whose GET length is unknown: none given)
         else:
-            framing = f"Content-Length: {len(body) if content_length is None else content_length}\r\n"
+            n = len(body) if content_length is None else content_length
+            framing = f"Content-Length: {n}\r\n"
         head = self._head(status, reason, headers, framing)
         self._state = 2             # (only now: a head that cannot be built leaves room for a 500)
         if no_body or self.method == "HEAD" or not body:
@@ -322,8 +325,8 @@ class Request:
     def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
               framing: str) -> bytes:
         conn = self._conn
-        if not self._body_done or conn.server.draining or conn.closing or \
-                (conn.eof and not conn._pipeline):
+        if not self._body_done or conn.server.draining or \
+                ((conn.closing or conn.eof) and not conn._pipeline):
             self.keep_alive = False
         parts = [_status_line(status, reason)]
         has_date = False
@@ -369,6 +372,11 @@ class HttpConnection(asyncio.Protocol):
         self._special: dict[bytes, str] = {}
         self._head_bytes = 0
         self._field_bytes = 0
+        self._meta_bytes = 0
+        self._body_at = 0.0             # last progress of the body being received
+        self._paused_at = 0.0           # when writing paused (a client not reading)
+        self._linger_at: float | None = None
+        self._closed_at: float | None = None
         self._paused_body = False
         self._paused_pipeline = False
         self._task: asyncio.Task[None] | None = None
@@ -393,6 +401,16 @@ class HttpConnection(asyncio.Protocol):
                 self._error(431, f"request head larger than {MAX_HEAD} bytes")
                 return
             self._head_bytes += len(data)
+        else:
+            p = self._parsing
+            if p is not None and p.chunked:
+                # Chunk-size lines and trailer fields: bounded like a head (llhttp hands a
+                # trailer field over only when it is complete). Body bytes reset the count.
+                if self._meta_bytes > MAX_HEAD:
+                    self._error(431, f"chunk metadata or trailer section larger than "
+                                     f"{MAX_HEAD} bytes")
+                    return
+                self._meta_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -415,7 +433,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self._current is None and not self._pipeline:
+        if self._linger_at is not None or (self._current is None and not self._pipeline):
             self.closing = True
             return False                # nothing to answer: close
         # A client that half-closes after its requests still gets their responses; the last
@@ -441,6 +459,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._paused_at = self.loop.time()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -461,10 +480,28 @@ class HttpConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
+            self._closed_at = self.loop.time()
             self.transport.close()
 
+    def linger(self) -> None:
+        """Answered before the request body was all in: send our FIN after the response but
+        keep reading (and dropping) what the client still sends, so that closing does not
+        reset the connection under a response it has not read yet; closed on the client's
+        EOF or after LINGER_S."""
+        self.closing = True
+        self._linger_at = self.loop.time()
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+            if self._paused_body or self._paused_pipeline:
+                self._paused_body = self._paused_pipeline = False
+                transport.resume_reading()
+        else:
+            self.close()
+
     def resume_for_body(self) -> None:
-        if self._paused_body:
+        p = self._parsing
+        if self._paused_body and (p is None or p._buffered <= BODY_LOW_WATER):
             self._paused_body = False
             if not self._paused_pipeline and not self.closing:
                 self.transport.resume_reading()
@@ -491,6 +528,8 @@ class HttpConnection(asyncio.Protocol):
         self._field_bytes += size
         if self._field_bytes > MAX_HEAD:
             raise _Reject(431, f"request head larger than {MAX_HEAD} bytes")
+        if self._parsing is not None:
+            return      # a trailer field (after a chunked body): counted, never merged
         headers = self._headers
         if len(headers) >= MAX_FIELDS:
             raise _Reject(431, f"more than {MAX_FIELDS} header fields")
@@ -498,17 +537,48 @@ class HttpConnection(asyncio.Protocol):
         headers.append((name.decode("latin-1"), v))
         lname = name.lower()
         if lname in _SPECIAL:
-            if lname == b"content-length" and lname in self._special:
-                raise _Reject(400, "more than one Content-Length")
-            self._special.setdefault(lname, v)
+            special = self._special
+            if lname in special:
+                if lname in _SINGLE:
+                    raise _Reject(400, f"more than one {name.decode('latin-1')} field")
+                if lname == b"connection":
+                    special[lname] += ", " + v
+                return
+            special[lname] = v
 
     def on_headers_complete(self) -> None:
         self.head_started = None
         parser = self._parser
-        req = Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"),
-                      parser.get_http_version(), self._headers, self._special,
-                      parser.should_keep_alive() and not parser.should_upgrade())
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
+        method = parser.get_method().decode("ascii")
+        special = self._special
+        url = self._url
+        if url[:1] != b"/":
+            url = self._absolute_form(method, url, special)
+        elif version == "1.1" and b"host" not in special:
+            raise _Reject(400, "an HTTP/1.1 request must carry a Host field")
+        keep_alive = parser.should_keep_alive()
+        te = special.get(b"transfer-encoding")
+        if te is not None:
+            if te.strip().lower() != "chunked":
+                raise _Reject(501, f"Transfer-Encoding {te!r} is not supported (chunked is)")
+            if version == "1.0":
+                keep_alive = False      # RFC 9112 6.1: chunked from a 1.0 client
+        if parser.should_upgrade():
+            if te is not None or special.get(b"content-length", "0") != "0":
+                raise _Reject(400, "Upgrade with a request body is not supported")
+            keep_alive = False
+        conn_field = special.get(b"connection")
+        if keep_alive and conn_field is not None and "close" in conn_field.lower():
+            keep_alive = False
+        req = Request(self, method, url.decode("latin-1"), version, self._headers, special,
+                      keep_alive)
+        self._meta_bytes = 0
         self._parsing = req
+        if not req._body_done:
+            self._body_at = self.loop.time()
         waiting = self._next
         if waiting is not None:
             self._next = None
@@ -519,14 +589,39 @@ class HttpConnection(asyncio.Protocol):
             self._task = self.loop.create_task(self._serve(req))
         else:
             self._pipeline.append(req)
-            if len(self._pipeline) >= MAX_PIPELINE and not self._paused_pipeline:
+            # Read ahead no further than one queued body, and MAX_PIPELINE heads.
+            if (len(self._pipeline) >= MAX_PIPELINE or not req._body_done) and \
+                    not self._paused_pipeline:
                 self._paused_pipeline = True
                 self.transport.pause_reading()
+
+    @staticmethod
+    def _absolute_form(method: str, url: bytes, special: dict[bytes, str]) -> bytes:
+        """RFC 9112 3.2.2: `http://authority/path?query` names its host in the target, which
+        replaces the Host field. Other target forms (CONNECT's authority, `*`) are refused."""
+        if method == "CONNECT":
+            raise _Reject(501, "CONNECT is not supported")
+        if not url.lower().startswith((b"http://", b"https://")):
+            raise _Reject(400, "the request target must be a path (/...) or an absolute URI")
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Reject(400, "invalid request target") from None
+        if not parsed.host:
+            raise _Reject(400, "invalid request target")
+        authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        special[b"host"] = authority.decode("latin-1")
+        target = parsed.path or b"/"
+        if parsed.query:
+            target += b"?" + parsed.query
+        return target
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
         if req is None:
             return
+        self._meta_bytes = 0
+        self._body_at = self.loop.time()
         if req._state == 2:
             return                      # answered already: the rest is dropped
         req._feed(body)
@@ -548,6 +643,8 @@ class HttpConnection(asyncio.Protocol):
         handler = self.server.handler
         try:
             while req is not None:
+                if self.write_paused:   # a client that does not read: answer no more
+                    await self.drain()
                 try:
                     await handler(req)
                 except ClientGone:
@@ -569,8 +666,10 @@ class HttpConnection(asyncio.Protocol):
                 if self._paused_body and (self._parsing is None or
                                           self._parsing._buffered <= BODY_LOW_WATER):
                     self.resume_for_body()
-                if self.closing or self.lost:
-                    self.close()
+                if self.lost or self.transport.is_closing() or \
+                        (self.closing and not self._pipeline):
+                    if self._linger_at is None:
+                        self.close()
                     return
                 if self._pipeline:
                     req = self._current = self._pipeline.popleft()
@@ -578,8 +677,6 @@ class HttpConnection(asyncio.Protocol):
                         self._paused_pipeline = False
                         if not self._paused_body:
                             self.transport.resume_reading()
-                    if self.write_paused:
-                        await self.drain()
                     continue
                 self.idle_since = self.loop.time()
                 if self.server.draining or self.eof:
@@ -605,13 +702,15 @@ class HttpConnection(asyncio.Protocol):
 
     def response_done(self, req: Request) -> None:
         if not req.keep_alive:
-            self.close()
+            if not req._body_done and not self.lost and self._linger_at is None:
+                self.linger()
+            else:
+                self.close()
 
     def _error(self, status: int, detail: str) -> None:
         """Answer a request we could not parse (once nothing else is being answered) and
         close the connection."""
         self.head_started = None
-        self._pipeline.clear()
         on_reject = self.server.on_reject
         if on_reject is not None:
             on_reject(status, detail, self.peer_ip)
@@ -629,9 +728,11 @@ class HttpConnection(asyncio.Protocol):
                     self.transport.write(head.encode("latin-1") + body)
                 self.close()
                 return
-            # The request being answered keeps its response; the bad one gets no answer.
-            current.keep_alive = False
+            # The requests parsed before the bad one keep their answers (the last says
+            # Connection: close); the bad one gets none.
             self.closing = True
+            if not self._pipeline:
+                current.keep_alive = False
             return
         if not self.lost:
             self.transport.write(head.encode("latin-1") + body)
@@ -644,9 +745,30 @@ class HttpConnection(asyncio.Protocol):
         return self._current is not None
 
     def sweep(self, now: float) -> None:
-        """Called about once a second: close an idle keep-alive connection, or one whose
-        request head is taking too long to arrive."""
+        """Called about once a second: close an idle keep-alive connection, one whose request
+        head or body stalls, one whose client stopped reading, or a lingering one."""
         server = self.server
+        if self.lost:
+            return
+        if self._linger_at is not None:
+            if now - self._linger_at > LINGER_S:
+                self.transport.abort()
+            return
+        if self.write_paused and now - self._paused_at > server.send_timeout_s:
+            self.transport.abort()      # the handler's write() gets ClientGone
+            return
+        p = self._parsing
+        if p is not None and not p._body_done and not self._paused_body and \
+                not self._paused_pipeline and now - self._body_at > server.body_timeout_s:
+            if p is self._current and p._state == 0:
+                self._error(408, "request body not received in time")
+            else:
+                self.transport.abort()
+            return
+        if self._closed_at is not None:
+            if now - self._closed_at > server.send_timeout_s:
+                self.transport.abort()  # closed with data the client never took
+            return
         if self.head_started is not None:
             if now - self.head_started > server.header_timeout_s and self._current is None:
                 self._error(408, "request head not received in time")
@@ -659,9 +781,14 @@ class DownstreamServer:
     connections: the handler, the timeouts, the drain state."""
 
     def __init__(self, handler: Handler, *, keepalive_timeout_s: float = 75.0,
-                 header_timeout_s: float = 30.0,
+                 header_timeout_s: float = 30.0, body_timeout_s: float = 60.0,
+                 send_timeout_s: float = 60.0,
                  on_reject: Callable[[int, str, str], None] | None = None) -> None:
         self.handler = handler
+        self.body_timeout_s = body_timeout_s
+        """Longest pause between two pieces of a request body (nginx client_body_timeout)."""
+        self.send_timeout_s = send_timeout_s
+        """Longest a client may leave a response unread (nginx send_timeout)."""
         self.on_reject = on_reject
         """Told (status, detail, peer IP) of each request refused before the handler saw it."""
         self.keepalive_timeout_s = keepalive_timeout_s

@@ -38,7 +38,7 @@ HOP_BY_HOP = frozenset({
     "trailer", "proxy-authenticate", "proxy-authorization",
 })
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
-                              "x-forwarded-host", "host", "expect"}
+                              "x-forwarded-host", "host", "expect", "x-request-id"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
@@ -334,15 +334,15 @@ class Proxy:
                           request_id: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
-        xff = proto = fwd_host = host = None
-        has_request_id = False
+        xff = proto = fwd_host = None
+        # The one Host the router saw (a second Host field is refused; an absolute-form
+        # target's authority replaces it).
+        host = request.host
         for name, value in request.headers:
             lname = name.lower()
             if lname in _REQUEST_DROP:
                 if lname == "x-forwarded-for":
                     xff = value if xff is None else f"{xff}, {value}"
-                elif lname == "host":
-                    host = value
                 elif lname == "x-forwarded-proto":
                     proto = value
                 elif lname == "x-forwarded-host":
@@ -350,8 +350,6 @@ class Proxy:
                 elif lname == "connection":
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
                 continue
-            if lname == "x-request-id":
-                has_request_id = True
             out.append((name, value))
         if connection_listed:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
@@ -361,8 +359,7 @@ class Proxy:
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
         out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
-        if not has_request_id:
-            out.append(("X-Request-Id", request_id))
+        out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
         return out
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
