@@ -135,7 +135,8 @@ class GatewayServer:
         await self.lag.start()
         if self.access_log is not None:
             await self.access_log.start()
-        self._server = DownstreamServer(self.proxy.handle, on_reject=self.proxy.record_rejected)
+        self._server = DownstreamServer(self.proxy.handle,
+                                        on_reject=self.proxy.record_rejected)
         sock = self._listen_sock or bind_socket(cfg.listen, reuse_port=cfg.workers > 1)
         self._listener = await loop.create_server(self._server, sock=sock, backlog=2048)
         self.proxy_address = sock.getsockname()[:2]

@@ -571,7 +571,8 @@ class HttpConnection(asyncio.Protocol):
                 raise _Reject(400, "Upgrade with a request body is not supported")
             keep_alive = False
         conn_field = special.get(b"connection")
-        if keep_alive and conn_field is not None and "close" in conn_field.lower():
+        if keep_alive and conn_field is not None and \
+                "close" in (t.strip() for t in conn_field.lower().split(",")):
             keep_alive = False
         req = Request(self, method, url.decode("latin-1"), version, self._headers, special,
                       keep_alive)
@@ -729,8 +730,13 @@ class HttpConnection(asyncio.Protocol):
                 self.close()
                 return
             # The requests parsed before the bad one keep their answers (the last says
-            # Connection: close); the bad one gets none.
+            # Connection: close); the bad one (a queued request whose body is malformed) gets
+            # none and is never handed to the handler.
             self.closing = True
+            bad = self._parsing
+            if bad is not None and self._pipeline and self._pipeline[-1] is bad:
+                self._pipeline.pop()
+            self._parsing = None
             if not self._pipeline:
                 current.keep_alive = False
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -9,6 +10,14 @@ import orjson
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
 
 _TITLES = {
     400: "Bad Request",
@@ -32,7 +41,7 @@ def problem_body(status: int, detail: str, type_: str = "about:blank",
     """Serialise a problem details object (RFC 9457)."""
     doc: dict[str, Any] = {
         "type": type_,
-        "title": title or _TITLES.get(status, "Error"),
+        "title": title or _TITLES.get(status) or _phrase(status),
         "status": status,
         "detail": detail,
     }
