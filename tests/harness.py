@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import uvloop
 from aiohttp import web
 
 from gateway import config as config_mod
@@ -185,3 +189,19 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str,
 
 
 __all__ = ["ROOT", "free_port", "wait_port"]
+
+
+def under_uvloop(namespace: dict[str, Any]) -> Callable[..., None]:
+    """A test that runs every argument-less `async def test_*` defined so far in a module (pass
+    `globals()`) once more on a uvloop loop, the loop the gateway runs on:
+    `test_under_uvloop = under_uvloop(globals())`."""
+    scenarios = [fn for name, fn in sorted(namespace.items())
+                 if name.startswith("test_") and inspect.iscoroutinefunction(fn)
+                 and not inspect.signature(fn).parameters]
+
+    @pytest.mark.parametrize("scenario", scenarios, ids=lambda fn: fn.__name__[5:])
+    def test_under_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(scenario())  # type: ignore[arg-type]
+
+    return test_under_uvloop

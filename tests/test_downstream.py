@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 import aiohttp
-import pytest
-import uvloop
 
 from gateway.downstream import (
     BODY_HIGH_WATER,
@@ -32,6 +30,7 @@ from gateway.downstream import (
     HttpConnection,
     Request,
 )
+from tests.harness import under_uvloop
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -1619,11 +1618,4 @@ async def test_pipelined_mix_cut_at_random_points_gives_the_same_answers() -> No
 # ---------------------------------------------------------------------------------------------
 # The same scenarios under uvloop
 
-SCENARIOS = [fn for name, fn in sorted(globals().items())
-             if name.startswith("test_") and asyncio.iscoroutinefunction(fn)]
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda fn: fn.__name__[5:])
-def test_under_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())  # type: ignore[arg-type]
+test_under_uvloop = under_uvloop(globals())

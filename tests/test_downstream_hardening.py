@@ -12,19 +12,17 @@ Timeouts are driven by calling `sweep(now)` with a loop time of our choosing.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvloop
 from aiohttp import web
 
 from gateway.app import GatewayServer
 from gateway.downstream import LINGER_S, ClientGone, HttpConnection, Request
-from tests.harness import Upstream, gateway_yaml, running_gateway
+from tests.harness import Upstream, gateway_yaml, running_gateway, under_uvloop
 from tests.test_downstream import (
     Client,
     Gateway,
@@ -495,15 +493,7 @@ async def test_pipelined_request_with_malformed_body_is_not_handed_to_the_handle
 # ---------------------------------------------------------------------------------------------
 # The same server-level scenarios under uvloop
 
-SCENARIOS = [fn for name, fn in sorted(globals().items())
-             if name.startswith("test_") and inspect.iscoroutinefunction(fn)
-             and not inspect.signature(fn).parameters]
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda fn: fn.__name__[5:])
-def test_under_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())  # type: ignore[arg-type]
+test_under_uvloop = under_uvloop(globals())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-import uvloop
 
 from gateway.config import Endpoint
 from gateway.errors import GatewayError, UpstreamConnectError, UpstreamResetError, UpstreamTimeout
 from gateway.upstream import HIGH_WATER, EndpointPool, UpstreamBodyTooLarge
+from tests.harness import under_uvloop
 
 MiB = 1024 * 1024
 
@@ -962,11 +962,4 @@ async def test_large_streamed_upload_with_backpressure() -> None:
 # ---------------------------------------------------------------------------------------------
 # The same scenarios under uvloop
 
-SCENARIOS = [fn for name, fn in sorted(globals().items())
-             if name.startswith("test_") and asyncio.iscoroutinefunction(fn)]
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda fn: fn.__name__[5:])
-def test_under_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())  # type: ignore[arg-type]
+test_under_uvloop = under_uvloop(globals())
