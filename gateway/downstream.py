@@ -64,6 +64,18 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES: dict[int, str] = {}
 
 
+def _refuse_dot_segments(target: bytes) -> None:
+    """Routes match on the raw path: `/public/../admin` would match `/public` while an upstream
+    that normalises serves `/admin`. Paths with `.` or `..` segments (also as %2e) are refused,
+    as clients normalise them before sending (curl, browsers)."""
+    q = target.find(b"?")
+    path = target if q < 0 else target[:q]
+    for seg in path.split(b"/"):
+        if seg and len(seg) <= 6 and \
+                seg.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+            raise _Reject(400, "dot segments ('.' or '..') in the request path are refused")
+
+
 class ClientGone(Exception):
     """The downstream client went away while we were reading its body or writing ours."""
 
@@ -559,6 +571,8 @@ class HttpConnection(asyncio.Protocol):
             url = self._absolute_form(method, url, special)
         elif version == "1.1" and b"host" not in special:
             raise _Reject(400, "an HTTP/1.1 request must carry a Host field")
+        if b"/." in url or b"%2" in url:
+            _refuse_dot_segments(url)
         keep_alive = parser.should_keep_alive()
         te = special.get(b"transfer-encoding")
         if te is not None:

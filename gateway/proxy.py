@@ -38,7 +38,8 @@ HOP_BY_HOP = frozenset({
     "trailer", "proxy-authenticate", "proxy-authorization",
 })
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
-                              "x-forwarded-host", "host", "expect", "x-request-id"}
+                              "x-forwarded-host", "host", "expect", "x-request-id",
+                              "forwarded", "x-real-ip"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
@@ -335,6 +336,7 @@ class Proxy:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = None
+        claims: list[tuple[str, str]] = []     # Forwarded, X-Real-IP: kept from trusted peers
         # The one Host the router saw (a second Host field is refused; an absolute-form
         # target's authority replaces it).
         host = request.host
@@ -349,6 +351,8 @@ class Proxy:
                     fwd_host = value
                 elif lname == "connection":
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
+                elif lname == "forwarded" or lname == "x-real-ip":
+                    claims.append((name, value))
                 continue
             out.append((name, value))
         if connection_listed:
@@ -359,6 +363,8 @@ class Proxy:
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
         out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
+        if claims and trusted:
+            out.extend(claims)
         out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
         return out
 

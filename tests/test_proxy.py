@@ -13,6 +13,7 @@ import pytest
 import yarl
 from aiohttp import web
 
+from gateway.app import GatewayServer
 from tests.conftest import free_port
 from tests.harness import Upstream, admin_url, fetch, gateway_yaml, running_gateway, url_of
 
@@ -371,3 +372,49 @@ async def test_malformed_requests_get_400_and_are_counted(tmp_path: Path, upstre
             line = next(ln for ln in text.splitlines() if ln.startswith("gateway_requests_total{")
                         and 'route="-"' in ln and f'code="{code}"' in ln)
             assert line.endswith(f" {n}.0"), line
+
+
+async def test_dot_segments_are_refused_before_routing(tmp_path: Path, upstream: Upstream,
+                                                      session: aiohttp.ClientSession) -> None:
+    """`/public/../admin` would match a `/public` route while an upstream that normalises
+    serves `/admin`: such paths are refused; dots inside names are not dot segments."""
+    text = gateway_yaml([upstream.url]).replace('path_prefix: "/"', 'path_prefix: "/public"')
+    async with running_gateway(tmp_path, text) as gw:
+        for target in (b"/public/../admin", b"/public/%2e%2E/admin", b"/public/.%2e/admin",
+                       b"/public/./x", b"/public/x/..", b"/public/x/.?q=1"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 "), (target, answer[:60])
+            assert b"dot segments" in answer
+        assert upstream.requests == 0
+        for target in ("/public/.well-known/x", "/public/file.txt", "/public/a..b/..c",
+                       "/public/%2e%2ex", "/public/x?path=/../etc"):
+            status, _, _ = await fetch(session, "GET",
+                                       yarl.URL(url_of(gw, target), encoded=True))
+            assert status == 200, target
+
+
+async def test_forwarded_and_x_real_ip_only_from_trusted_peers(tmp_path: Path,
+                                                               upstream: Upstream) -> None:
+    """An upstream may take `Forwarded` or `X-Real-IP` as the client's address: they pass only
+    from a trusted proxy (like X-Forwarded-Proto/Host), never from an arbitrary client."""
+    request = (b"GET /headers HTTP/1.1\r\nHost: t\r\nForwarded: for=10.9.9.9\r\n"
+               b"X-Real-IP: 10.9.9.9\r\nConnection: close\r\n\r\n")
+
+    async def seen_by_upstream(gw: GatewayServer) -> dict[str, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return {k.lower(): v for k, v in orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["headers"]}
+
+    async with running_gateway(tmp_path, gateway_yaml([upstream.url])) as gw:
+        seen = await seen_by_upstream(gw)
+        assert "forwarded" not in seen and "x-real-ip" not in seen
+        assert seen["x-forwarded-for"] == "127.0.0.1"
+    trusted = gateway_yaml([upstream.url], extra='trusted_proxies: ["127.0.0.1/32"]\n')
+    async with running_gateway(tmp_path, trusted) as gw:
+        seen = await seen_by_upstream(gw)
+        assert seen["forwarded"] == "for=10.9.9.9" and seen["x-real-ip"] == "10.9.9.9"
