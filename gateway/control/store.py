@@ -272,6 +272,16 @@ BucketRow = tuple[int, int, str, str, int, int, int, int, int, int, float, float
 HistKey = tuple[int, int, str, str]   # win_s, bucket_start, service, route
 
 
+def _and(sql: str, args: list[Any], *conditions: tuple[str, Any]) -> str:
+    """`sql` with ` AND <condition>` for each (condition, value) whose value is not None; the
+    value joins `args`."""
+    for condition, value in conditions:
+        if value is not None:
+            sql += f" AND {condition}"
+            args.append(value)
+    return sql
+
+
 class Store:
     """The control plane database. Open with `Store(path)`; `close()` when done."""
 
@@ -455,9 +465,7 @@ class Store:
         sql = ("SELECT " + ", ".join(_SIGNAL_COLUMNS) + " FROM buckets "
                "WHERE win_s = ? AND route = ? AND bucket_start >= ? AND bucket_start < ?")
         args: list[Any] = [win_s, route, since, until]
-        if service is not None:
-            sql += " AND service = ?"
-            args.append(service)
+        sql = _and(sql, args, ("service = ?", service))
         sql += " ORDER BY bucket_start, service LIMIT ?"
         args.append(limit)
         with self._lock:
@@ -493,9 +501,7 @@ class Store:
         sql = ("SELECT bucket_start, policy, decision, count FROM limit_counts "
                "WHERE win_s = ? AND bucket_start >= ? AND bucket_start < ?")
         args: list[Any] = [win_s, since, until]
-        if policy is not None:
-            sql += " AND policy = ?"
-            args.append(policy)
+        sql = _and(sql, args, ("policy = ?", policy))
         sql += " ORDER BY bucket_start, policy, decision"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
@@ -573,15 +579,7 @@ class Store:
         """Newest first."""
         sql = "SELECT id, at, actor, action, target, reason, details FROM audit WHERE 1 = 1"
         args: list[Any] = []
-        if since is not None:
-            sql += " AND at >= ?"
-            args.append(since)
-        if actor is not None:
-            sql += " AND actor = ?"
-            args.append(actor)
-        if action is not None:
-            sql += " AND action = ?"
-            args.append(action)
+        sql = _and(sql, args, ("at >= ?", since), ("actor = ?", actor), ("action = ?", action))
         sql += " ORDER BY at DESC, id DESC LIMIT ?"
         args.append(limit)
         with self._lock:
@@ -619,9 +617,7 @@ class Store:
         sql = ("SELECT service, bucket_start, route, cost_type, unit, price, quantity "
                "FROM cost_usage WHERE bucket_start >= ? AND bucket_start < ?")
         args: list[Any] = [since, until]
-        if service is not None:
-            sql += " AND service = ?"
-            args.append(service)
+        sql = _and(sql, args, ("service = ?", service))
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -647,9 +643,7 @@ class Store:
         sql = ("SELECT service, cost_type, period_start, period_end, micros FROM cost_charges "
                "WHERE period_start < ? AND (period_end > ? OR period_start >= ?)")
         args: list[Any] = [until, since, since]
-        if service is not None:
-            sql += " AND service = ?"
-            args.append(service)
+        sql = _and(sql, args, ("service = ?", service))
         with self._lock:
             return self._db.execute(sql + " ORDER BY id", args).fetchall()
 
@@ -883,14 +877,9 @@ class Store:
         """Newest first."""
         sql = "SELECT " + ", ".join(self._SLO_ALERT_COLS) + " FROM alerts WHERE 1 = 1"
         args: list[Any] = []
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
         if open_only:
             sql += " AND status != 'resolved'"
-        if service is not None:
-            sql += " AND service = ?"
-            args.append(service)
+        sql = _and(sql, args, ("status = ?", status), ("service = ?", service))
         sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
         args.append(limit)
         with self._lock:
@@ -950,12 +939,7 @@ class Store:
             sql += " AND status != 'resolved'"
         elif active is False:
             sql += " AND status = 'resolved'"
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
-        if service is not None:
-            sql += " AND affected_service = ?"
-            args.append(service)
+        sql = _and(sql, args, ("status = ?", status), ("affected_service = ?", service))
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(limit)
         with self._lock:
