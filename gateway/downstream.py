@@ -20,7 +20,12 @@ What a connection does:
   128 fields (431); a started head must arrive within `header_timeout_s` (408); an idle
   keep-alive connection closes after `keepalive_timeout_s`;
 * malformed requests (llhttp strict mode: bad framing, Content-Length with Transfer-Encoding,
-  invalid characters) get a problem+json 400 and the connection closes;
+  invalid characters) get a problem+json 400 and the connection closes; so do targets with a
+  `#fragment` or with dot segments (also behind `\\`, `%5c`, `%2f` or before `;`), and a Host
+  with `..`, `/` or `\\`: routes match the raw target, so every spelling an upstream might
+  normalise into another path must be refused here;
+* field values lose trailing spaces and tabs as well as the leading ones llhttp strips (RFC 9110
+  5.5), so the limiter, the router and the upstream all see the same value;
 * `Upgrade` is not supported: such a request is answered as a plain one and the connection
   closes after the response;
 * shutdown: idle connections close at once, busy ones after their current response (sent with
