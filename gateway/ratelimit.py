@@ -857,9 +857,11 @@ class Limiter:
         """Whether `peer` (the connection's address) is in `trusted_proxies`. The one check the
         limiter and the proxy's forwarding headers share; cached per config version (this
         limiter), bounded."""
+        if not self._trusted:
+            return False
         trusted = self._trusted_peers.get(peer)
         if trusted is None:
-            addr = _parse_ip(peer) if self._trusted and peer else None
+            addr = _parse_ip(peer) if peer else None
             trusted = addr is not None and _trusted(addr, self._trusted)
             if len(self._trusted_peers) > 4096:
                 self._trusted_peers.clear()
@@ -870,7 +872,7 @@ class Limiter:
         host = request.peer_ip
         if not host:
             return ANONYMOUS
-        if not self._trusted or not self.trusts(host):
+        if not self.trusts(host):
             return str(host)
         return client_address(host, request.getall("X-Forwarded-For"),
                               self._trusted)
