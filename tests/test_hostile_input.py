@@ -596,7 +596,7 @@ def test_every_id_route_of_the_control_plane_answers_hostile_ids_with_a_4xx_prob
     assert ("GET", "/v1/budgets/{id}") in routes and ("POST", "/v1/alerts/{id}/ack") in routes
     ids = ["99999999999999999999999", "9223372036854775808", "18446744073709551616", "-1",
            "0", "abc", "1e3", "%C2%B2", "%D9%A3", "%00", "%ED%A0%80", "%FF", "+1", " 1",
-           "1" * 400]
+           "%0A", "1%0D%0AX-Injected:%201", "1" * 400]
     log = open(tmp_path / "control.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config", str(path)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
