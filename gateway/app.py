@@ -96,6 +96,7 @@ class GatewayServer:
         breakers.add_listener(self._on_breaker_transition)
         limiter = Limiter(cfg, clock=self.clock, previous=previous.limiter if previous else None)
         limiter.add_listener(self.signals.record_limit)
+        self.signals.set_evictions_source(lambda: limiter.evictions)
         upstreams: dict[str, UpstreamRuntime] = {}
         for u in cfg.upstreams:
             pools = []

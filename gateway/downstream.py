@@ -20,7 +20,12 @@ What a connection does:
   128 fields (431); a started head must arrive within `header_timeout_s` (408); an idle
   keep-alive connection closes after `keepalive_timeout_s`;
 * malformed requests (llhttp strict mode: bad framing, Content-Length with Transfer-Encoding,
-  invalid characters) get a problem+json 400 and the connection closes;
+  invalid characters) get a problem+json 400 and the connection closes; so do targets with a
+  `#fragment` or with dot segments (also behind `\\`, `%5c`, `%2f` or before `;`), and a Host
+  with `..`, `/` or `\\`: routes match the raw target, so every spelling an upstream might
+  normalise into another path must be refused here;
+* field values lose trailing spaces and tabs as well as the leading ones llhttp strips (RFC 9110
+  5.5), so the limiter, the router and the upstream all see the same value;
 * `Upgrade` is not supported: such a request is answered as a plain one and the connection
   closes after the response;
 * shutdown: idle connections close at once, busy ones after their current response (sent with
@@ -67,13 +72,24 @@ _STATUS_LINES: dict[int, str] = {}
 def _refuse_dot_segments(target: bytes) -> None:
     """Routes match on the raw path: `/public/../admin` would match `/public` while an upstream
     that normalises serves `/admin`. Paths with `.` or `..` segments (also as %2e) are refused,
-    as clients normalise them before sending (curl, browsers)."""
+    as clients normalise them before sending (curl, browsers). Upstreams differ in what else
+    separates segments, so `\\` and `%5c` (WHATWG URL parsers: Node, browsers), `%2f` (servers
+    that decode before normalising) and a `;parameter` after the dots (Tomcat's `..;`) count
+    as separators too."""
     q = target.find(b"?")
     path = target if q < 0 else target[:q]
+    if b"\\" in path or b"%" in path:
+        path = (path.replace(b"\\", b"/").replace(b"%5c", b"/").replace(b"%5C", b"/")
+                .replace(b"%2f", b"/").replace(b"%2F", b"/"))
     for seg in path.split(b"/"):
-        if seg and len(seg) <= 6 and \
-                seg.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
-            raise _Reject(400, "dot segments ('.' or '..') in the request path are refused")
+        if seg and (seg[:1] == b"." or seg[:3] in (b"%2e", b"%2E")):
+            semi = seg.find(b";")
+            if semi >= 0:
+                seg = seg[:semi]
+            if len(seg) <= 6 and \
+                    seg.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+                raise _Reject(400, "dot segments ('.' or '..') in the request path are "
+                                   "refused (also with \\, %5c or %2f as the separator)")
 
 
 class ClientGone(Exception):
@@ -545,6 +561,10 @@ class HttpConnection(asyncio.Protocol):
         headers = self._headers
         if len(headers) >= MAX_FIELDS:
             raise _Reject(431, f"more than {MAX_FIELDS} header fields")
+        if value[-1:] in b" \t" and value:
+            # llhttp strips the leading optional whitespace only (RFC 9110 5.5: both sides):
+            # `X-Api-Key: K ` must key, route and reach the upstream as `K`.
+            value = value.rstrip(b" \t")
         v = value.decode("latin-1")
         headers.append((name.decode("latin-1"), v))
         lname = name.lower()
@@ -567,11 +587,20 @@ class HttpConnection(asyncio.Protocol):
         method = parser.get_method().decode("ascii")
         special = self._special
         url = self._url
+        if b"#" in url:
+            # A fragment is not part of the target (RFC 9112 3.2): routed with it, `/login#x`
+            # would miss the `/login` route while the upstream serves `/login`.
+            raise _Reject(400, "a fragment ('#') in the request target is refused")
         if url[:1] != b"/":
             url = self._absolute_form(method, url, special)
         elif version == "1.1" and b"host" not in special:
             raise _Reject(400, "an HTTP/1.1 request must carry a Host field")
-        if b"/." in url or b"%2" in url:
+        host = special.get(b"host")
+        if host is not None and (".." in host or "/" in host or "\\" in host):
+            # Routes match the host without one trailing dot; `api.internal..` or `a/b` name
+            # no host at all (nginx refuses them the same way).
+            raise _Reject(400, f"invalid Host {host[:100]!r}")
+        if b"/." in url or b"%2" in url or b"\\" in url or b"%5" in url:
             _refuse_dot_segments(url)
         keep_alive = parser.should_keep_alive()
         te = special.get(b"transfer-encoding")

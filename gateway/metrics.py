@@ -104,12 +104,16 @@ RSS = MetricDef(
 WORKERS = MetricDef(
     "gateway_worker_processes", "gauge",
     "Worker processes covered by this exposition (1 per worker; summed when merged).")
+RATELIMIT_EVICTIONS = MetricDef(
+    "gateway_ratelimit_evictions_total", "counter",
+    "Local rate-limit buckets evicted before they were full again: more clients active at once "
+    "than the bucket table holds (GATEWAY_RATELIMIT_SLOTS).")
 
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
     BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
     REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
-    RSS, WORKERS)
+    RSS, WORKERS, RATELIMIT_EVICTIONS)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -212,6 +216,8 @@ class SignalsCollector(Collector):
         yield CounterMetricFamily(CPU_SECONDS.name, CPU_SECONDS.help, value=t.cpu_seconds)
         yield GaugeMetricFamily(RSS.name, RSS.help, value=t.rss_bytes)
         yield GaugeMetricFamily(WORKERS.name, WORKERS.help, value=1)
+        yield CounterMetricFamily(RATELIMIT_EVICTIONS.name, RATELIMIT_EVICTIONS.help,
+                                  value=t.ratelimit_evictions)
 
 
 def render(signals: Signals) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +192,8 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id)
+        headers = self._upstream_headers(request, up.authorities[index], rt.limiter.trusts,
+                                         request_id)
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
@@ -331,7 +332,8 @@ class Proxy:
             log.log(request_id="", method="-", path="-", route="-", upstream="-", status=status,
                     duration_ms=0.0, bytes_in=0, bytes_out=0, limit="-", breaker="-")
 
-    def _upstream_headers(self, request: Request, authority: str, cfg: Config,
+    def _upstream_headers(self, request: Request, authority: str,
+                          trusts: Callable[[str], bool],
                           request_id: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
@@ -358,7 +360,7 @@ class Proxy:
         if connection_listed:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
         peer_ip = request.peer_ip or "unknown"
-        trusted = _is_trusted(peer_ip, cfg)
+        trusted = trusts(peer_ip)          # the limiter's check: one answer for both
         out.append(("Host", host or authority))
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
         out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
@@ -381,27 +383,6 @@ class Proxy:
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
                     bytes_out=bytes_out, limit=limit, breaker=breaker)
-
-
-_TRUST_CACHE: dict[tuple[int, str], bool] = {}
-
-
-def _is_trusted(ip: str, cfg: Config) -> bool:
-    if not cfg.trusted_proxies:
-        return False
-    key = (id(cfg), ip)
-    hit = _TRUST_CACHE.get(key)
-    if hit is None:
-        import ipaddress
-        try:
-            addr = ipaddress.ip_address(ip)
-            hit = any(addr in net for net in cfg.trusted_proxies)
-        except ValueError:
-            hit = False
-        if len(_TRUST_CACHE) > 4096:
-            _TRUST_CACHE.clear()
-        _TRUST_CACHE[key] = hit
-    return hit
 
 
 async def _stream_body(request: Request, counter: list[int]) -> AsyncIterator[bytes]:

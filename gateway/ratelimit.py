@@ -16,7 +16,10 @@ tokens as spent, which errs on the side of admitting less, never more.
 Stores (`BucketStore`, chosen from an explicit dict by `store:`):
 
 * `local`, one worker: `MemoryStore`, a dict per policy in the process. Buckets that are full again
-  are equivalent to absent ones and are swept out as the table grows.
+  are equivalent to absent ones and are swept out as the table grows. It is bounded like the
+  shared table (131072 buckets by default, GATEWAY_RATELIMIT_SLOTS overrides; ~230 bytes each):
+  past that, the buckets closest to full are evicted, so a flood of new keys costs bounded
+  memory and never frees the bucket of a client that is being limited before older ones.
 * `local`, `workers > 1`: `SharedStore`. The supervisor sets GATEWAY_WORKERS=N,
   GATEWAY_WORKER_INDEX=i and GATEWAY_SHARED_DIR=<private dir> before forking the workers; each
   worker maps the same file, `<GATEWAY_SHARED_DIR>/ratelimit.table`, a fixed-size open-addressing
@@ -34,6 +37,13 @@ Stores (`BucketStore`, chosen from an explicit dict by `store:`):
   `deny` answers 503, `local` uses a local bucket for that key (the shared one with workers > 1)
   until Redis answers again.
 
+Evictions (a bucket dropped before it was full again) are counted in both local stores and
+exported as `gateway_ratelimit_evictions_total`.
+
+A client that sends an identifying field a route's limit keys on (`X-User-Id`, `X-Client-Id`,
+`X-Api-Key`, `header:<Name>`) more than once is answered 400 (decision `refused`): the bucket
+would key on one value while the upstream receives both.
+
 Decisions go to listeners, `fn(policy_name, decision)` with decision one of allowed, limited,
 shadow_limited, store_error — one event per policy evaluated for a request (`store_error` whenever
 that policy's store failed, whatever `on_store_error` then decided). Shadow rejections are logged
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import heapq
 import ipaddress
 import logging
 import math
@@ -181,14 +192,29 @@ class LocalStore(BucketStore, Protocol):
 
 
 class MemoryStore:
-    """Buckets in a dict per policy in this process: `{ident: [tokens, stamp]}`."""
+    """Buckets in a dict per policy in this process: `{ident: [tokens, stamp]}`.
+
+    Bounded like the shared table: at most `max_buckets` buckets over all policies (about 230
+    bytes each; GATEWAY_RATELIMIT_SLOTS overrides the default of 131072, the shared table's
+    size). Buckets that are full again are equivalent to absent ones and are swept out as the
+    table grows; only when more clients than that are active at once are the buckets closest to
+    full evicted (an eighth of the table at a time, so that a flood of new keys pays for the
+    sweep in small amortised steps), and an evicted client restarts full. A client that keeps
+    its bucket low, the one a limit is for, is the last to go. `evictions` counts them."""
 
     SWEEP_MIN = 4096
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, max_buckets: int | None = None) -> None:
         self._clock = clock
         self._tables: dict[str, dict[str, list[float]]] = {}
-        self._sweep_at: dict[str, int] = {}
+        self._rates: dict[str, tuple[float, float]] = {}    # bucket id -> (rate, capacity)
+        if max_buckets is None:
+            max_buckets = _env_int("GATEWAY_RATELIMIT_SLOTS", 131072)
+        self.max_buckets = max(8, max_buckets)
+        self._count = 0
+        self._sweep_at = min(self.SWEEP_MIN, self.max_buckets)
+        self.evictions = 0
+        """Buckets dropped before they were full again (a table full of active clients)."""
 
     async def take(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int,
                    consume: bool) -> tuple[bool, list[float]]:
@@ -239,10 +265,11 @@ class MemoryStore:
         table = self._tables.get(b.id)
         if table is None:
             table = self._tables[b.id] = {}
-            self._sweep_at[b.id] = self.SWEEP_MIN
+            self._rates[b.id] = (b.rate, b.capacity)
         table[ident] = [max(0.0, left), now]
-        if len(table) > self._sweep_at[b.id]:
-            self._sweep(b, table, now)
+        self._count += 1
+        if self._count > self._sweep_at:
+            self._sweep(now)
 
     def refund(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int) -> None:
         now = self._clock.monotonic()
@@ -255,22 +282,50 @@ class MemoryStore:
 
     def drop(self, ids: set[str]) -> None:
         for i in ids:
-            self._tables.pop(i, None)
-            self._sweep_at.pop(i, None)
+            table = self._tables.pop(i, None)
+            self._rates.pop(i, None)
+            if table is not None:
+                self._count -= len(table)
 
-    def _sweep(self, b: Bucket, table: dict[str, list[float]], now: float) -> None:
-        # A full bucket is the same as no bucket; dropping them bounds memory to active clients.
-        full = [k for k, (t, s) in table.items()
-                if refill(t, s, now, b.rate, b.capacity) >= b.capacity - EPSILON]
-        for k in full:
-            del table[k]
-        self._sweep_at[b.id] = max(self.SWEEP_MIN, 2 * len(table))
+    def _sweep(self, now: float) -> None:
+        # A full bucket is the same as no bucket: dropping those bounds memory to active clients.
+        # If that is not enough, the buckets closest to full go (the shared table's rule).
+        live: list[tuple[float, dict[str, list[float]], str]] = []
+        for bid, table in self._tables.items():
+            rate, capacity = self._rates[bid]
+            full = []
+            for k, (t, stamp) in table.items():
+                full_at = stamp + (capacity - t) / rate
+                if full_at <= now + EPSILON:
+                    full.append(k)
+                else:
+                    live.append((full_at, table, k))
+            for k in full:
+                del table[k]
+        self._count = len(live)
+        limit = self.max_buckets
+        if self._count > limit - limit // 8:
+            n = self._count - (limit - limit // 8)
+            for _, table, k in heapq.nsmallest(n, live, key=_full_at):
+                del table[k]
+            self._count -= n
+            self.evictions += n
+        self._sweep_at = min(limit, max(self.SWEEP_MIN, 2 * self._count))
 
     def size(self, bucket_id: str) -> int:
         return len(self._tables.get(bucket_id, ()))
 
+    @property
+    def total(self) -> int:
+        """Buckets held over all policies."""
+        return self._count
+
     async def close(self) -> None:
         return None
+
+
+def _full_at(item: tuple[float, Any, str]) -> float:
+    return item[0]
 
 
 _TABLE_MAGIC = b"GWRLTB01"
@@ -313,6 +368,8 @@ class SharedStore:
             raise
         self._slots = slots
         self._probe = min(probe, slots)
+        self.evictions = 0
+        """Buckets this process overwrote before they were full again (a full window)."""
 
     async def take(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int,
                    consume: bool) -> tuple[bool, list[float]]:
@@ -327,9 +384,11 @@ class SharedStore:
             now = self._clock.monotonic()
             tokens: list[float] = []
             slots: list[int] = []
+            evicting: list[bool] = []
             admitted = True
             for b, d in zip(buckets, digests):
-                off, full_at = self._locate(d, now)
+                off, full_at, evicts = self._locate(d, now)
+                evicting.append(evicts)
                 t = b.capacity - (full_at - now) * b.rate if full_at > now else b.capacity
                 t = max(t, 0.0)
                 tokens.append(t)
@@ -338,8 +397,10 @@ class SharedStore:
                     admitted = False
             if admitted and consume:
                 mm = self._mm
-                for b, d, t, off in zip(buckets, digests, tokens, slots):
+                for b, d, t, off, evicts in zip(buckets, digests, tokens, slots, evicting):
                     if t >= cost - EPSILON:
+                        if evicts:
+                            self.evictions += 1
                         left = t - cost if t > cost else 0.0
                         _SLOT.pack_into(mm, off, d, now + (b.capacity - left) / b.rate)
             return admitted, tokens
@@ -352,7 +413,7 @@ class SharedStore:
         try:
             now = self._clock.monotonic()
             for b, d in zip(buckets, digests):
-                off, full_at = self._locate(d, now)
+                off, full_at, _ = self._locate(d, now)
                 if full_at > now:
                     _SLOT.pack_into(self._mm, off, d, max(now, full_at - cost / b.rate))
         finally:
@@ -367,8 +428,9 @@ class SharedStore:
         d = hashlib.blake2b(f"{b.id}\0{ident}".encode(), digest_size=16).digest()
         return d if d != _EMPTY else b"\x01" + d[1:]
 
-    def _locate(self, digest: bytes, now: float) -> tuple[int, float]:
-        """The slot offset for `digest` and its `full_at` (<= now for a fresh bucket).
+    def _locate(self, digest: bytes, now: float) -> tuple[int, float, bool]:
+        """The slot offset for `digest`, its `full_at` (<= now for a fresh bucket), and whether
+        writing it evicts another client's bucket that is not full yet.
 
         Linear probing over a window; slots are overwritten, never emptied, so a scan may stop at
         the first empty slot. A new key takes the first free slot of the window (empty or full
@@ -383,16 +445,16 @@ class SharedStore:
             off = _HEADER_SIZE + i * _SLOT.size
             d, full_at = _SLOT.unpack_from(mm, off)
             if d == digest:
-                return off, full_at
+                return off, full_at, False
             if d == _EMPTY:
-                return (free if free >= 0 else off), 0.0
+                return (free if free >= 0 else off), 0.0, False
             if free < 0:
                 if full_at <= now:
                     free = off
                 elif full_at < oldest_at:
                     oldest, oldest_at = off, full_at
             i = i + 1 if i + 1 < slots else 0
-        return (free if free >= 0 else oldest), 0.0
+        return (free, 0.0, False) if free >= 0 else (oldest, 0.0, True)
 
     async def close(self) -> None:
         if not self._mm.closed:
@@ -484,6 +546,7 @@ class LimitOutcome(NamedTuple):
     headers: tuple[tuple[str, str], ...]   # Retry-After, RateLimit-Policy, RateLimit, ...
     body: bytes                            # problem+json on reject, b"" when allowed
     decision: str                          # allowed | limited | shadow_limited | store_error
+                                           # (or refused: a duplicate identifying field)
 
 
 ALLOWED = LimitOutcome(True, 200, (), b"", "allowed")
@@ -676,6 +739,11 @@ class Limiter:
     def redis(self) -> RedisStore | None:
         return self._redis
 
+    @property
+    def evictions(self) -> int:
+        """Local buckets evicted before they were full again (the local table was full)."""
+        return self._local.evictions
+
     # -- the hot path ---------------------------------------------------------------------------
 
     async def check(self, route: RouteConfig, request: Request) -> LimitOutcome:
@@ -687,6 +755,8 @@ class Limiter:
         if plan is None:
             return ALLOWED
         idents = self._identifiers(plan, request)
+        if isinstance(idents, str):
+            return _duplicate(idents)
         if plan.local_only:  # the common case, without a suspension point
             ok, local_tokens = self._local.take_now(plan.buckets, idents, 1, True)
             if self._listeners or plan.has_shadow:
@@ -756,15 +826,25 @@ class Limiter:
             local = self._local
             local.refund([group.buckets[j] for j in pos], [idents[j] for j in pos], 1)
 
-    def _identifiers(self, plan: _Plan, request: Request) -> list[str]:
+    def _identifiers(self, plan: _Plan, request: Request) -> list[str] | str:
+        """One identifier per policy, or (a str) the name of an identifying field the client
+        sent more than once."""
         out: list[str] = []
-        get = request.get
+        getall = request.getall
         for p in plan.policies:
             kind = p.kind
             if kind == "ip_address":
                 out.append(self._client_ip(request))
                 continue
-            value = get(p.header)
+            values = getall(p.header)
+            if not values:
+                out.append(ANONYMOUS)
+                continue
+            if len(values) > 1:
+                # The bucket would key on one value while the upstream receives both: refused,
+                # so the limiter and the upstream can never disagree on who the client is.
+                return p.header
+            value = values[0]
             if not value:
                 out.append(ANONYMOUS)
             elif kind == "api_key":
@@ -773,20 +853,26 @@ class Limiter:
                 out.append(_bounded(value))
         return out
 
+    def trusts(self, peer: str) -> bool:
+        """Whether `peer` (the connection's address) is in `trusted_proxies`. The one check the
+        limiter and the proxy's forwarding headers share; cached per config version (this
+        limiter), bounded."""
+        if not self._trusted:
+            return False
+        trusted = self._trusted_peers.get(peer)
+        if trusted is None:
+            addr = _parse_ip(peer) if peer else None
+            trusted = addr is not None and _trusted(addr, self._trusted)
+            if len(self._trusted_peers) > 4096:
+                self._trusted_peers.clear()
+            self._trusted_peers[peer] = trusted
+        return trusted
+
     def _client_ip(self, request: Request) -> str:
         host = request.peer_ip
         if not host:
             return ANONYMOUS
-        if not self._trusted:
-            return str(host)
-        trusted = self._trusted_peers.get(host)
-        if trusted is None:
-            addr = _parse_ip(host)
-            trusted = addr is not None and _trusted(addr, self._trusted)
-            if len(self._trusted_peers) > 4096:
-                self._trusted_peers.clear()
-            self._trusted_peers[host] = trusted
-        if not trusted:
+        if not self.trusts(host):
             return str(host)
         return client_address(host, request.getall("X-Forwarded-For"),
                               self._trusted)
@@ -927,6 +1013,14 @@ _DENIED = LimitOutcome(
     (("Content-Type", PROBLEM_CONTENT_TYPE), ("Retry-After", "1")),
     problem_body(503, "the rate limit store is unavailable", REDUCED_CAPACITY),
     "store_error")
+
+
+def _duplicate(field: str) -> LimitOutcome:
+    return LimitOutcome(
+        False, 400, (("Content-Type", PROBLEM_CONTENT_TYPE),),
+        problem_body(400, f"more than one {field} field: a rate limit keys on it, so it must "
+                          f"appear at most once"),
+        "refused")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -20,22 +20,13 @@ class Router:
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         # (route, host, methods, prefix, prefix_with_slash)
         self._routes = tuple(
-            (r, r.host, r.methods, r.path_prefix,
+            (r, None if r.host is None else route_host(r.host), r.methods, r.path_prefix,
              r.path_prefix if r.path_prefix.endswith("/") else r.path_prefix + "/")
             for r in routes)
 
     def match(self, method: str, host: str | None, path: str) -> RouteConfig | None:
         """`host` may carry a port; `path` is the raw path without the query."""
-        if host:
-            h = host.lower()
-            if h.startswith("["):
-                h = h[: h.find("]") + 1]
-            else:
-                colon = h.rfind(":")
-                if colon != -1:
-                    h = h[:colon]
-        else:
-            h = ""
+        h = route_host(host) if host else ""
         for route, rhost, methods, prefix, prefix_slash in self._routes:
             if rhost is not None and rhost != h:
                 continue
@@ -45,6 +36,21 @@ class Router:
                 continue
             return route
         return None
+
+
+def route_host(host: str) -> str:
+    """The host a route matches: lower-case, without the port and without one trailing dot
+    (`API.example.com.:8080` is `api.example.com`), so that spellings an upstream or DNS treats
+    as the same host cannot skip a host-restricted route."""
+    h = host.lower()
+    if h[:1] == "[":
+        return h[: h.find("]") + 1]
+    colon = h.rfind(":")
+    if colon != -1:
+        h = h[:colon]
+    if h[-1:] == ".":
+        h = h[:-1]
+    return h
 
 
 def strip(prefix: str, target: str) -> str:

@@ -337,6 +337,7 @@ class Totals:
     cpu_percent: float          # of one core, since the previous scrape
     cpu_seconds: float
     rss_bytes: int
+    ratelimit_evictions: int = 0        # local rate-limit buckets evicted before full
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +356,7 @@ class Signals:
         "_cum_transitions",
         "_cum_upstream",
         "_ends",
+        "_evictions_source",
         "_inflight",
         "_inflight_max",
         "_interval_start",
@@ -404,6 +406,7 @@ class Signals:
         self._shipper: dict[str, int] = {}
         self._spooled = 0
         self._pool_sources: dict[str, Callable[[], tuple[int, int]]] = {}
+        self._evictions_source: Callable[[], int] | None = None
         self._pool_in_use_max: dict[str, int] = {}
         self._pool_max: dict[str, int] = {}
         # Two Process handles: cpu_percent() measures since the *same handle's* previous call,
@@ -496,6 +499,10 @@ class Signals:
         """`fn()` -> (connections in use, max connections), summed over the upstream's
         endpoints. Sampled by the loop-lag tick, at swap and at scrape."""
         self._pool_sources[upstream] = fn
+
+    def set_evictions_source(self, fn: Callable[[], int]) -> None:
+        """`fn()` -> local rate-limit buckets evicted so far (a counter), read at scrape."""
+        self._evictions_source = fn
 
     def clear_pool_sources(self) -> None:
         self._pool_sources.clear()
@@ -639,7 +646,8 @@ class Signals:
             inflight_max=self._inflight_max, loop_lag_s=self.loop_lag_s,
             loop_lag_max_s=self.loop_lag_max_s, pools=pools,
             cpu_percent=_cpu_percent(self._proc_scrape), cpu_seconds=_cpu_seconds(self._proc_scrape),
-            rss_bytes=_rss(self._proc_scrape))
+            rss_bytes=_rss(self._proc_scrape),
+            ratelimit_evictions=self._evictions_source() if self._evictions_source else 0)
 
 
 def _accumulate(into: dict[Any, list[Any]], key: Any, count: int, sum_s: float,

@@ -493,6 +493,41 @@ async def test_pipelined_request_with_malformed_body_is_not_handed_to_the_handle
 # ---------------------------------------------------------------------------------------------
 # The same server-level scenarios under uvloop
 
+# ---------------------------------------------------------------------------------------------
+# 9. Field values, fragments, separator dot segments, hosts
+
+
+async def test_field_values_lose_trailing_whitespace_like_leading() -> None:
+    async with serve(say_target) as gw:
+        c = await Client.open(gw)
+        await c.send(b"GET /t HTTP/1.1\r\nHost: public.example \r\nX-Api-Key: \tK \t\r\n"
+                     b"X-Empty: \t \r\nX-Inner: a  b\r\nExpect: 100-continue\t\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        assert (await c.response()).status == 200
+        (req,) = gw.seen
+        assert req.host == "public.example"
+        assert req.get("X-Api-Key") == "K" and req.get("X-Empty") == ""
+        assert req.get("X-Inner") == "a  b"                      # only the ends are trimmed
+        assert req.expect_continue
+        c.close()
+
+
+async def test_fragment_in_the_target_gets_400() -> None:
+    await _refused(b"GET /login#x HTTP/1.1\r\nHost: public.example\r\n\r\n", 400)
+    await _refused(b"GET http://public.example/login#x HTTP/1.1\r\nHost: p\r\n\r\n", 400)
+
+
+async def test_dot_segments_behind_other_separators_get_400() -> None:
+    for target in (b"/x/..\\api", b"/x/%2e%2e\\api", b"/x/..%5Capi", b"/x/..%2fapi",
+                   b"/x/..;/api", b"/x/%2E;a=b/api"):
+        await _refused(b"GET " + target + b" HTTP/1.1\r\nHost: public.example\r\n\r\n", 400)
+
+
+async def test_host_with_empty_label_or_slash_gets_400() -> None:
+    for host in (b"api.internal..", b"a/b", b"a\\b"):
+        await _refused(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 400)
+
+
 test_under_uvloop = under_uvloop(globals())
 
 

@@ -637,6 +637,106 @@ def test_memory_store_sweeps_full_buckets(monkeypatch: pytest.MonkeyPatch) -> No
     assert not store.take_now([b], ["c999"], 1, True)[0]   # a recent one is still tracked
 
 
+def test_memory_store_is_bounded_and_evicts_the_buckets_closest_to_full() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock, max_buckets=64)
+    slow = make_bucket(limit("s", "1/hour", burst=2))        # capacity 3
+    # a limited client: its bucket is empty, the farthest from full of all
+    for _ in range(3):
+        assert store.take_now([slow], ["victim"], 1, True)[0]
+    assert not store.take_now([slow], ["victim"], 1, True)[0]
+    for i in range(10_000):                                   # a flood of new keys
+        assert store.take_now([slow], [f"k{i}"], 1, True)[0]
+        clock.advance(0.01)
+        assert store.total <= 64
+    assert store.evictions >= 10_000 - 64
+    assert not store.take_now([slow], ["victim"], 1, True)[0]   # still tracked, still empty
+    # the evicted were the closest to full: the oldest flood keys; the newest are tracked
+    assert store.take_now([slow], ["k0"], 1, False)[1] == [3.0]
+    assert store.take_now([slow], ["k9999"], 1, False)[1][0] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_memory_store_bound_holds_across_policies_and_frees_full_buckets_first() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock, max_buckets=32)
+    fast = make_bucket(limit("f", "100/minute"))       # full again 0.6 s after a request
+    slow = make_bucket(limit("s", "1/hour"))
+    for i in range(4):
+        assert store.take_now([slow], [f"b{i}"], 1, True)[0]
+    for i in range(200):                     # the fast policy's flood evicts its own buckets
+        store.take_now([fast], [f"a{i}"], 1, True)
+        clock.advance(0.001)
+        assert store.total <= 32
+    assert store.evictions > 0
+    for i in range(4):                       # ... never the limited clients of the slow one
+        assert not store.take_now([slow], [f"b{i}"], 1, True)[0]
+    before = store.evictions
+    clock.advance(1.0)                       # every fast bucket is full again: free space
+    for i in range(24):
+        assert store.take_now([slow], [f"c{i}"], 1, True)[0]
+    assert store.size(fast.id) == 0 and store.size(slow.id) == 28
+    assert store.evictions == before
+
+
+def test_memory_store_size_comes_from_the_shared_tables_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_RATELIMIT_SLOTS", "1000")
+    assert MemoryStore().max_buckets == 1000
+    monkeypatch.delenv("GATEWAY_RATELIMIT_SLOTS")
+    assert MemoryStore().max_buckets == 131072
+
+
+def test_shared_store_counts_evictions_but_not_reuse_of_full_slots(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SharedStore(str(tmp_path / "t"), clock=clock, slots=4, probe=4)
+    slow = make_bucket(limit("s", "1/second", burst=0))
+    for k in "abcd":
+        store.take_now([slow], [k], 1, True)
+    assert store.evictions == 0
+    store.take_now([slow], ["e"], 1, True)
+    assert store.evictions == 1
+    store.take_now([slow], ["f"], 1, False)             # consumes nothing: evicts nothing
+    assert store.evictions == 1
+    clock.advance(2.0)
+    store.take_now([slow], ["g"], 1, True)              # a full slot is free
+    assert store.evictions == 1
+
+
+async def test_duplicate_identifying_fields_are_refused_naming_the_field(
+        make: Callable[..., Limiter]) -> None:
+    lim = make([limit("u", "10/second", key="user_id"),
+                limit("h", "10/second", key="header:X-Tenant"),
+                limit("k", "10/second", key="api_key")], clock=FakeClock())
+    events: list[tuple[str, str]] = []
+    lim.add_listener(lambda p, d: events.append((p, d)))
+    for field in ("X-User-Id", "X-Tenant", "X-Api-Key"):
+        out = await lim.check(route("u", "h", "k"),
+                              FakeRequest([(field, "v-one"), ("X-Other", "x"),
+                                           (field.lower(), "v-two")]))
+        assert (out.allowed, out.status, out.decision) == (False, 400, "refused")
+        doc = orjson.loads(out.body)
+        assert doc["status"] == 400 and f"more than one {field} field" in doc["detail"]
+        assert "v-one" not in doc["detail"] and "v-two" not in doc["detail"]   # no values
+    assert events == []                                              # nothing evaluated
+    # a duplicate of a field no policy of the route keys on passes
+    out = await lim.check(route("u"), FakeRequest([("X-User-Id", "a"), ("X-Tenant", "1"),
+                                                   ("X-Tenant", "2"), ("X-Api-Key", "k"),
+                                                   ("X-Api-Key", "l")]))
+    assert out.allowed
+
+
+async def test_trusts_unwraps_ipv4_mapped_peers_and_is_per_limiter(
+        limiters: list[Limiter]) -> None:
+    import ipaddress
+    lim = Limiter(config([limit("a", "1/second")], trusted=(ipaddress.ip_network("10.0.0.0/8"),)))
+    limiters.append(lim)
+    assert lim.trusts("10.0.0.1") and lim.trusts("::ffff:10.0.0.1")
+    assert not lim.trusts("11.0.0.1") and not lim.trusts("unknown") and not lim.trusts("")
+    other = Limiter(config([limit("a", "1/second")]), previous=lim)   # a reload: no proxies
+    limiters.append(other)
+    assert not other.trusts("10.0.0.1") and lim.trusts("10.0.0.1")
+
+
 def test_shared_store_reuses_full_slots_and_evicts_closest_to_full(tmp_path: Path) -> None:
     clock = FakeClock()
     store = SharedStore(str(tmp_path / "t"), clock=clock, slots=4, probe=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import RouteConfig
-from gateway.routing import Router, strip
+from gateway.routing import Router, route_host, strip
 
 
 def r(name: str, prefix: str = "/", methods: set[str] | None = None,
@@ -36,6 +36,9 @@ ROUTER = Router([
     ("GET", None, "/admin/users/1", "catch-all"),
     ("GET", None, "/pay%2F..%2Fadmin", "catch-all"),            # raw path, encoded slash is no /
     ("GET", "[::1]:8080", "/pay", "pay"),
+    ("GET", "api.example.com.", "/pay", "pay-host"),            # one trailing dot: same host
+    ("GET", "API.EXAMPLE.COM.:443", "/pay", "pay-host"),
+    ("GET", "api.example.com..", "/pay", "pay"),                # (the server refuses these)
 ])
 def test_first_match_wins(method: str, host: str | None, path: str, expected: str) -> None:
     route = ROUTER.match(method, host, path)
@@ -57,3 +60,23 @@ def test_no_match() -> None:
 ])
 def test_strip(prefix: str, target: str, expected: str) -> None:
     assert strip(prefix, target) == expected
+
+
+@pytest.mark.parametrize("host,expected", [
+    ("api.example.com", "api.example.com"),
+    ("API.Example.COM", "api.example.com"),
+    ("api.example.com.", "api.example.com"),
+    ("api.example.com.:8080", "api.example.com"),
+    ("api.example.com:8080", "api.example.com"),
+    ("[::1]:8080", "[::1]"),
+    ("[::1]", "[::1]"),
+    ("", ""),
+])
+def test_route_host_normalises_case_port_and_one_trailing_dot(host: str, expected: str) -> None:
+    assert route_host(host) == expected
+
+
+def test_route_host_in_config_is_normalised_too() -> None:
+    router = Router([r("h", host="Api.Example.com."), r("other")])
+    route = router.match("GET", "api.example.com", "/")
+    assert route is not None and route.name == "h"

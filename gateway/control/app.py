@@ -149,6 +149,20 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return problem(500, "internal error")
 
 
+MAX_ROW_ID = 2 ** 63 - 1      # SQLite's INTEGER (and PostgreSQL's bigint) ceiling
+
+
+def path_id(request: web.Request, what: str, name: str = "id") -> int:
+    """The integer row id in the path, for every `{id}` route of an integer-keyed resource.
+    Anything that cannot name a row (not ASCII digits, or beyond a signed 64-bit integer, which
+    the database driver would refuse with an error) is a 404 problem naming the id, never a
+    500."""
+    raw = request.match_info[name]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ROW_ID:
+        raise web.HTTPNotFound(reason=f"no {what} {raw[:64]!r}")
+    return int(raw)
+
+
 def _json(doc: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
 

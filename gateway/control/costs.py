@@ -685,10 +685,7 @@ def _ctx(request: web.Request) -> tuple[Any, Store, FinOps, float, str]:
 
 
 def _budget_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isdigit():
-        raise control_app.BadParam("id", f"must be a budget id (integer), got {raw!r}")
-    return int(raw)
+    return control_app.path_id(request, "budget")
 
 
 @_requires("costs:read")

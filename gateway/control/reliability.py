@@ -41,7 +41,17 @@ from gateway.config import _Errors, _name
 from gateway.control import alerts, deploygate, incidents
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import AlertError, Event
-from gateway.control.app import CLOCK, DB, PRINCIPAL, BadParam, _json, _limit, problem, requires
+from gateway.control.app import (
+    CLOCK,
+    DB,
+    PRINCIPAL,
+    BadParam,
+    _json,
+    _limit,
+    path_id,
+    problem,
+    requires,
+)
 from gateway.control.config import ControlConfig
 from gateway.control.evaluator import Evaluator, budget_report, load_slos
 from gateway.control.incidents import IncidentError
@@ -362,10 +372,7 @@ async def create_alert(request: web.Request) -> web.Response:
 
 
 def _alert_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isdigit():
-        raise web.HTTPNotFound(reason=f"no alert {raw!r}")
-    return int(raw)
+    return path_id(request, "alert")
 
 
 @requires("alerts:write")
