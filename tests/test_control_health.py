@@ -92,7 +92,8 @@ async def test_overview_statuses_for_each_threshold(tmp_path):
             [("up-lat", "open")]
         assert [b["state"] for b in doc["circuit_breakers"]] == ["open"]
         assert doc["incidents"] == []
-        assert doc["window"] == {"since": MINUTE - 240, "until": MINUTE + 60, "seconds": 300}
+        assert doc["window"] == {"since": MINUTE - 300, "until": MINUTE, "seconds": 300,
+                                 "complete_buckets_only": True}
 
 
 async def test_overview_window_moves_with_the_clock(tmp_path):
@@ -119,3 +120,32 @@ async def test_overview_window_moves_with_the_clock(tmp_path):
 def test_evaluate_edges(args, status, rules):
     got, reasons = health.evaluate(*args)
     assert got == status and [r["rule"] for r in reasons] == rules
+
+
+async def test_requests_per_second_is_true_at_every_second_of_a_minute(tmp_path):
+    """A steady 50 req/s, shipped every second, read at every second of a minute: only complete
+    minutes are used, so count / window.seconds is the true rate, never a sawtooth."""
+    start = DAY0 + 3_600                        # 01:00:00
+    clock = FakeClock(wall=start)
+    rate = 50
+    async with control_plane(tmp_path, clock) as (url, s, _app):
+        async def ship_second(t: float) -> None:
+            doc = batch(f"b-{t}", t, [series("r1", "steady", 200, count=rate,
+                                             latencies_us=[1000] * rate)], length=1.0)
+            assert (await ingest(s, url, doc))[0] == 200
+
+        for _ in range(6 * 60):                     # six minutes of history, one batch a second
+            await ship_second(clock.time())
+            clock.advance(1)
+        for second in range(60):                    # then read at 01:06:00, :01, ... :59
+            now = clock.time()
+            await ship_second(now)                  # the current minute keeps filling
+            clock.advance(0.5)
+            _, doc = await get(s, url, "/v1/health/overview", role="reader")
+            win = doc["window"]
+            assert (win["since"], win["until"], win["seconds"]) == (
+                start + 60, start + 6 * 60, 300), second
+            (svc,) = doc["services"]
+            assert svc["request_count"] / win["seconds"] == rate, second
+            assert svc["requests_per_s"] == rate, second
+            clock.advance(0.5)

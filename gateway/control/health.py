@@ -9,9 +9,12 @@ Rules (strictly greater than the threshold fires; `critical` beats `warning`):
 | cpu             | max cpu_percent reported by the gateways serving it     | > 70    | > 90     |
 | traffic_drop    | 1 - current / baseline requests (see below)             | > 50 %  | > 80 %   |
 
-Windows: latency, errors and CPU use the last 5 minutes = the current 1-minute bucket and the four
-before it. Traffic compares whole minutes only, so a partly elapsed minute never looks like a drop:
-the 5 most recent complete minutes against the same 5 minutes one hour earlier, and only when that
+Windows: everything uses whole, complete minutes only: the 5 most recent 1-minute buckets that
+have ended (`[minute - 300, minute)` where `minute` is the start of the current, unfinished one).
+A partly elapsed minute divided by a full window made requests/s a sawtooth between 0.8x and 1x
+of the true rate; complete buckets make `request_count / window.seconds` exact, at the price of
+up to a minute's delay. The answer says which window it used (`window.since/until/seconds`).
+Traffic compares those 5 minutes against the same 5 minutes one hour earlier, and only when that
 baseline had at least 100 requests (a quiet service does not flap).
 """
 
@@ -89,9 +92,9 @@ def evaluate(p95_ms: float | None, error_rate: float | None, cpu_percent: float 
 
 def windows(now: float) -> dict[str, float]:
     """The time ranges the overview uses (bucket_start ranges, half open)."""
-    minute = int(now // 60) * 60
+    minute = int(now // 60) * 60        # start of the current, unfinished minute
     return {
-        "since": minute + 60 - WINDOW_S, "until": minute + 60,
+        "since": minute - WINDOW_S, "until": minute,
         "traffic_since": minute - WINDOW_S, "traffic_until": minute,
         "baseline_since": minute - WINDOW_S - BASELINE_OFFSET_S,
         "baseline_until": minute - BASELINE_OFFSET_S,
@@ -118,6 +121,7 @@ def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
         "health_status": status,
         "reasons": reasons,
         "request_count": n,
+        "requests_per_s": n / WINDOW_S,
         "error_count_4xx": current.error_count_4xx,
         "error_count_5xx": current.error_count_5xx,
         "rate_limited": current.rate_limited,
@@ -169,7 +173,8 @@ def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
                                        traffic.get(name, 0), base.get(name, 0), svc_breakers))
     return {
         "generated_at": now,
-        "window": {"since": win["since"], "until": win["until"], "seconds": WINDOW_S},
+        "window": {"since": win["since"], "until": win["until"], "seconds": WINDOW_S,
+                   "complete_buckets_only": True},
         "traffic_window": {"since": win["traffic_since"], "until": win["traffic_until"],
                            "baseline_since": win["baseline_since"],
                            "baseline_until": win["baseline_until"],
