@@ -138,12 +138,13 @@ class Proxy:
         route = rt.router.match(method, request.host, path)
         if route is None:
             _problem(request, 404, f"no route matches {method} {path}")
-            self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
+            self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-",
+                         local="no_route")
             return
         guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
             self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
-                         "budget", "-")
+                         "budget", "-", local="budget")
             request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
             return
 
@@ -157,7 +158,7 @@ class Proxy:
                 request.respond(outcome.status, (*outcome.headers, ("X-Request-Id", request_id)),
                                 outcome.body)
                 self._record(route.name, route.upstream, route.service, method, outcome.status,
-                             t0, None, 0, 0, request, limit_decision, "-")
+                             t0, None, 0, 0, request, limit_decision, "-", local="limit")
                 return
             extra_headers = outcome.headers
 
@@ -170,7 +171,7 @@ class Proxy:
                                    f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
                      (("Retry-After", str(retry)),), upstream=up.name)
             self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
-                         request, limit_decision, breaker.state)
+                         request, limit_decision, breaker.state, local="breaker")
             return
 
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
@@ -209,7 +210,7 @@ class Proxy:
                     verdict[0] = True
                     breaker.release()
                     self._record(route.name, up.name, route.service, method, 499, t0, None, 0,
-                                 0, request, limit_decision, breaker.state)
+                                 0, request, limit_decision, breaker.state, local="client_gone")
                     request.cut()
                     return
                 body_counter[0] = len(body)
@@ -325,7 +326,7 @@ class Proxy:
     def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
         """A request the server refused before it was whole (400, 408, 414, 431): counted like
         any other response, under route "-"."""
-        self.signals.record("-", "-", "-", "OTHER", status, 0.0, None, 0, 0)
+        self.signals.record_local("-", "-", "-", "OTHER", status, 0.0, 0, "bad_request")
         log = self.access_log
         if log is not None:
             log.log(request_id="", method="-", path="-", route="-", upstream="-", status=status,
@@ -370,10 +371,14 @@ class Proxy:
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
                 t0: float, upstream_s: float | None, bytes_in: int, bytes_out: int,
-                request: Request, limit: str, breaker: str) -> None:
+                request: Request, limit: str, breaker: str, local: str = "") -> None:
         duration = perf_counter() - t0
-        self.signals.record(route, upstream, service, method, status, duration, upstream_s,
-                            bytes_in, bytes_out)
+        if local:   # answered by the gateway itself: shipped apart from the admitted requests
+            self.signals.record_local(route, upstream, service, method, status, duration,
+                                      bytes_out, local)
+        else:
+            self.signals.record(route, upstream, service, method, status, duration, upstream_s,
+                                bytes_in, bytes_out)
         log = self.access_log
         if log is not None:
             path = request.target.split("?", 1)[0]

@@ -10,6 +10,13 @@ Two readers share that one recording:
 * `/metrics` calls `totals()` at scrape time: cumulative-since-start totals (every swapped interval
   folded in) plus the live interval, so Prometheus counters never go backwards across swaps.
 
+Requests the gateway answered itself (a limit's 429, an open breaker's 503, a budget's 429, no
+route, a client gone before forwarding, a request refused before it was whole) are recorded by
+`record_local()` into series of their own, flagged with the reason. They count in every Prometheus
+series exactly like the others, but ship with `local: <reason>` so that the control plane keeps
+health, error rates and latency SLOs over the admitted requests (forwarded, or tried to be) and
+bills none of them. `record()` itself, the path of every admitted request, is unchanged.
+
 Saturation (in-flight requests, event-loop lag, CPU, RSS, upstream pool use) is sampled, not
 recorded per request: `LoopLagMonitor` ticks every 0.5 s and samples the pools too.
 
@@ -44,6 +51,9 @@ for no gain in recording cost and a 7x larger swap, scrape and memory bill."""
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 OTHER_METHOD = "OTHER"
 _METHOD_LABEL = {m: m for m in METHODS}
+
+LOCAL_REASONS = ("limit", "budget", "breaker", "no_route", "client_gone", "bad_request")
+"""Why the gateway answered a request itself (the `local` of a shipped series)."""
 
 LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -177,11 +187,12 @@ class _Cum:
 
 
 class _Series:
-    """One (route, upstream, service, method, code) of the live interval."""
+    """One (route, upstream, service, method, code) of the live interval (or, for answers of the
+    gateway itself, one (route, upstream, service, method, code, reason), with no `up`)."""
 
     __slots__ = ("bytes_in", "bytes_out", "count", "counts", "sum_s", "up")
 
-    def __init__(self, up: _Dist) -> None:
+    def __init__(self, up: _Dist | None) -> None:
         self.counts = _new_counts()
         self.count = 0
         self.sum_s = 0.0
@@ -206,6 +217,7 @@ class SeriesAggregate:
     bytes_out: int
     sum_s: float
     counts: Sequence[int]   # HDR counts (microseconds); see hdr_from_counts()
+    local: str = ""         # why the gateway answered itself (LOCAL_REASONS); "" when admitted
 
     def histogram(self) -> HdrHistogram:
         return hdr_from_counts(self.counts)
@@ -281,7 +293,8 @@ class Aggregates:
                 {"route": s.route, "upstream": s.upstream, "service": s.service,
                  "method": s.method, "code": s.code, "count": s.count,
                  "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
-                 "latency_us_hdr": encode_counts(s.counts)}
+                 "latency_us_hdr": encode_counts(s.counts),
+                 **({"local": s.local} if s.local else {})}
                 for s in self.series],
             "upstreams": [
                 {"upstream": u.upstream,
@@ -359,6 +372,7 @@ class Signals:
         "_inflight_max",
         "_interval_start",
         "_limits",
+        "_local",
         "_pool_in_use_max",
         "_pool_max",
         "_pool_sources",
@@ -388,6 +402,7 @@ class Signals:
         self.loop_lag_s = 0.0
         self.loop_lag_max_s = 0.0
         self._series: dict[tuple[str, str, str, str, int], _Series] = {}
+        self._local: dict[tuple[str, str, str, str, int, str], _Series] = {}
         self._upstreams: dict[str, _Dist] = {}
         self._limits: dict[tuple[str, str], int] = {}
         self._transitions: list[BreakerTransition] = []
@@ -458,6 +473,24 @@ class Signals:
             u.counts[((b + 1) << 7) + (us >> b) - 128] += 1
             u.count += 1
             u.sum_s += upstream_s
+
+    def record_local(self, route: str, upstream: str, service: str, method: str, code: int,
+                     duration_s: float, bytes_out: int, reason: str) -> None:
+        """Record one request the gateway answered itself (`reason` one of LOCAL_REASONS):
+        counted like any response in /metrics, shipped apart from the admitted ones."""
+        key = (route, upstream, service, _METHOD_LABEL.get(method, "OTHER"), code, reason)
+        s = self._local.get(key)
+        if s is None:
+            if reason not in LOCAL_REASONS:
+                raise ValueError(f"local reason {reason!r} is not one of {LOCAL_REASONS}")
+            s = self._local[key] = _Series(None)
+        us = int(duration_s * 1_000_000.0)
+        if not 0 <= us <= MAX_TRACKABLE_US:
+            us = _clamp_us(us)
+        s.counts[counts_index(us)] += 1
+        s.count += 1
+        s.sum_s += duration_s
+        s.bytes_out += bytes_out
 
     def _add_series(self, key: tuple[str, str, str, str, int]) -> _Series:
         up = self._upstreams.get(key[1])
@@ -544,6 +577,7 @@ class Signals:
         cumulative totals that /metrics reads.
         """
         series, self._series = self._series, {}
+        local, self._local = self._local, {}
         upstreams, self._upstreams = self._upstreams, {}
         limits, self._limits = self._limits, {}
         transitions, self._transitions = self._transitions, []
@@ -558,6 +592,7 @@ class Signals:
                                 rss_bytes=_rss(self._proc_interval))
 
         self._fold(series, upstreams, limits)
+        self._fold(local, {}, {})
 
         names = {k[1] for k in series if k[1] != NO_UPSTREAM}
         names.update(upstreams.keys() - {NO_UPSTREAM}, self._breaker_states, pool_in_use_max)
@@ -576,15 +611,20 @@ class Signals:
             interval_start=start, interval_end=end,
             series=tuple(SeriesAggregate(k[0], k[1], k[2], k[3], k[4], s.count, s.bytes_in,
                                          s.bytes_out, s.sum_s, s.counts)
-                         for k, s in series.items()),
+                         for k, s in series.items())
+            + tuple(SeriesAggregate(k[0], k[1], k[2], k[3], k[4], s.count, s.bytes_in,
+                                    s.bytes_out, s.sum_s, s.counts, k[5])
+                    for k, s in local.items()),
             upstreams=tuple(ups),
             limits=tuple(LimitAggregate(p, d, n) for (p, d), n in limits.items()),
             breaker_transitions=tuple(transitions),
             saturation=saturation)
 
-    def _fold(self, series: dict[tuple[str, str, str, str, int], _Series],
-              upstreams: dict[str, _Dist], limits: dict[tuple[str, str], int]) -> None:
-        for (route, upstream, _service, method, code), s in series.items():
+    def _fold(self, series: dict[Any, _Series], upstreams: dict[str, _Dist],
+              limits: dict[tuple[str, str], int]) -> None:
+        # keys: (route, upstream, service, method, code[, local reason])
+        for key, s in series.items():
+            route, upstream, method, code = key[0], key[1], key[3], key[4]
             rk = (route, upstream, method, code)
             self._cum_requests[rk] = self._cum_requests.get(rk, 0) + s.count
             dk = (route, upstream)
@@ -613,7 +653,9 @@ class Signals:
         # per label set: [count, sum, le counts...], starting from the cumulative part
         dur: dict[tuple[str, str], list[Any]] = {
             k: [c.count, c.sum_s, c.le] for k, c in self._cum_durations.items()}
-        for (route, upstream, _service, method, code), s in self._series.items():
+        live: list[tuple[Any, _Series]] = [*self._series.items(), *self._local.items()]
+        for key, s in live:
+            route, upstream, method, code = key[0], key[1], key[3], key[4]
             rk = (route, upstream, method, code)
             requests[rk] = requests.get(rk, 0) + s.count
             dk = (route, upstream)
