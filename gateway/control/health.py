@@ -5,9 +5,15 @@ Rules (strictly greater than the threshold fires; `critical` beats `warning`):
 | rule            | value                                                   | warning | critical |
 |-----------------|---------------------------------------------------------|---------|----------|
 | latency_p95     | p95 of the merged latency histogram, ms                 | > 500   | > 2000   |
-| error_rate      | 5xx / requests (4xx and 429 are not errors here)         | > 1 %   | > 5 %    |
+| error_rate      | 5xx / admitted requests (4xx and 429 are not errors)     | > 1 %   | > 5 %    |
 | cpu             | max cpu_percent reported by the gateways serving it     | > 70    | > 90     |
 | traffic_drop    | 1 - current / baseline requests (see below)             | > 50 %  | > 80 %   |
+
+Admitted requests: latency and error rates are of the requests the gateway forwarded or tried to
+forward. Those it answered itself (a limit's 429, an open breaker's 503, a budget's 429...) are
+counted apart (`rate_limited`, `local_answers`): a flood of 30-microsecond 429s must not turn a
+service whose upstream fails 17 % of its requests into a healthy 0.5 % with a p95 of 0.09 ms.
+`request_count` and `requests_per_s` are every answer (the traffic); `admitted_count` the rest.
 
 Windows: everything uses whole, complete minutes only: the 5 most recent 1-minute buckets that
 have ended (`[minute - 300, minute)` where `minute` is the start of the current, unfinished one).
@@ -47,6 +53,9 @@ class ServiceWindow:
     error_count_4xx: int = 0
     error_count_5xx: int = 0
     rate_limited: int = 0
+    local_count: int = 0
+    local_4xx: int = 0
+    local_5xx: int = 0
     cpu_percent: float = 0.0
     loop_lag_ms: float = 0.0
     inflight_max: int = 0
@@ -58,6 +67,9 @@ class ServiceWindow:
         self.error_count_4xx += row["error_count_4xx"]
         self.error_count_5xx += row["error_count_5xx"]
         self.rate_limited += row["rate_limited"]
+        self.local_count += row.get("local_count", 0)
+        self.local_4xx += row.get("local_4xx", 0)
+        self.local_5xx += row.get("local_5xx", 0)
         self.cpu_percent = max(self.cpu_percent, row["cpu_percent"])
         self.loop_lag_ms = max(self.loop_lag_ms, row["loop_lag_ms"])
         self.inflight_max = max(self.inflight_max, row["inflight_max"])
@@ -108,8 +120,11 @@ def _ms(us: int | None) -> float | None:
 def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
                    breakers: list[dict[str, Any]]) -> dict[str, Any]:
     n = current.request_count
-    p50, p95, p99 = histogram.percentiles(current.hist)
-    error_rate = current.error_count_5xx / n if n else None
+    admitted = n - current.local_count
+    e4xx = current.error_count_4xx - current.local_4xx
+    e5xx = current.error_count_5xx - current.local_5xx
+    p50, p95, p99 = histogram.percentiles(current.hist)     # of admitted requests only
+    error_rate = e5xx / admitted if admitted else None
     drop = None
     change = None
     if traffic_base >= MIN_BASELINE_REQUESTS:
@@ -122,11 +137,14 @@ def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
         "reasons": reasons,
         "request_count": n,
         "requests_per_s": n / WINDOW_S,
-        "error_count_4xx": current.error_count_4xx,
-        "error_count_5xx": current.error_count_5xx,
+        "admitted_count": admitted,
+        "error_count_4xx": e4xx,
+        "error_count_5xx": e5xx,
         "rate_limited": current.rate_limited,
+        "local_answers": {"count": current.local_count, "4xx": current.local_4xx,
+                          "5xx": current.local_5xx},
         "error_rate": error_rate if error_rate is not None else 0.0,
-        "4xx_rate": current.error_count_4xx / n if n else 0.0,
+        "4xx_rate": e4xx / admitted if admitted else 0.0,
         "latency_p50_ms": _ms(p50),
         "latency_p95_ms": _ms(p95),
         "latency_p99_ms": _ms(p99),

@@ -532,8 +532,10 @@
       const ended = g.xs.map((t) => t + r.step <= now);
       charts.traffic.update([g.xs, rows.map((x, i) => (!ended[i] ? null : x ? x.request_count / r.step : 0)),
         rows.map((x, i) => (!ended[i] ? null : x ? (x.rate_limited || 0) / r.step : 0))]);
-      charts.errors.update([g.xs, val((x) => (x.request_count ? 100 * x.error_count_5xx / x.request_count : null)),
-        val((x) => (x.request_count ? 100 * x.error_count_4xx / x.request_count : null))]);
+      // error rates of the admitted requests (what the gateway answered itself is counted apart)
+      const admittedOf = (x) => (isNum(x.admitted_count) ? x.admitted_count : x.request_count);
+      charts.errors.update([g.xs, val((x) => (admittedOf(x) ? 100 * x.error_count_5xx / admittedOf(x) : null)),
+        val((x) => (admittedOf(x) ? 100 * x.error_count_4xx / admittedOf(x) : null))]);
       charts.saturation.update([g.xs, val((x) => x.saturation && x.saturation.cpu_percent), val((x) => x.saturation && x.saturation.loop_lag_ms)]);
     }
 
@@ -550,6 +552,7 @@
         stat('4xx rate', fmtPct(s['4xx_rate'])),
         stat('p50', fmtMs(s.latency_p50_ms)), stat('p95', fmtMs(s.latency_p95_ms)), stat('p99', fmtMs(s.latency_p99_ms)),
         stat('Rate-limited', fmtInt(s.rate_limited)),
+        stat('Answered by the gateway', fmtInt(s.local_answers ? s.local_answers.count : 0)),
         stat('CPU (max)', isNum(s.saturation && s.saturation.cpu_percent) ? fmtNum(s.saturation.cpu_percent) + '%' : '—'),
         el('div', { class: 'stat' }, el('div', { class: 'label', text: 'Breakers' }), el('div', { class: 'value-chips' }, breakerChips(s.circuit_breakers))));
     }
@@ -607,8 +610,11 @@
       const rows = (res.data.rows || []).slice().sort((x, y) => x.bucket_start - y.bucket_start);
       // availability: bad = 5xx (+ 429 if counted); latency: slow requests are not in these rows,
       // so the traffic gives the shape (budget spent where the requests were)
-      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + (b.count_429 ? (r.rate_limited || 0) : 0)
-        : (r) => r.request_count;
+      // (availability counts every 5xx, the gateway's own 503s too; the rows' error_count_5xx
+      // is of admitted requests, so the local ones are added back)
+      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + ((r.local_answers && r.local_answers['5xx']) || 0)
+          + (b.count_429 ? (r.rate_limited || 0) : 0)
+        : (r) => (isNum(r.admitted_count) ? r.admitted_count : r.request_count);
       const totalBad = rows.reduce((n, r) => n + badOf(r), 0);
       if (!totalBad || !rows.length) return straight;
       const used = 1 - remaining;
