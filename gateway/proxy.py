@@ -92,10 +92,18 @@ class Runtime:
 
 
 def _problem(request: Request, status: int, detail: str, type_: str = "about:blank",
-             headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> None:
+             headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> int:
+    """Answer with a problem+json body; return the body bytes the client gets."""
+    body = problem_body(status, detail, type_, **extra)
     request.respond(status, (("Content-Type", PROBLEM_CONTENT_TYPE),
-                             ("X-Request-Id", request.request_id), *headers),
-                    problem_body(status, detail, type_, **extra))
+                             ("X-Request-Id", request.request_id), *headers), body)
+    return _sent(request, body)
+
+
+def _sent(request: Request, body: bytes | None) -> int:
+    """Body bytes a whole response puts on the wire (none for HEAD): the gateway's own answers
+    count in gateway_response_bytes_total like the upstreams' bodies."""
+    return 0 if not body or request.method == "HEAD" else len(body)
 
 
 class Proxy:
@@ -137,15 +145,15 @@ class Proxy:
         # 1. match
         route = rt.router.match(method, request.host, path)
         if route is None:
-            _problem(request, 404, f"no route matches {method} {path}")
-            self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-",
+            sent = _problem(request, 404, f"no route matches {method} {path}")
+            self._record("-", "-", "-", method, 404, t0, None, 0, sent, request, "-", "-",
                          local="no_route")
             return
         guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
-            self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
-                         "budget", "-", local="budget")
             request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
+            self._record(route.name, "-", route.service, method, r[0], t0, None, 0,
+                         _sent(request, r[2]), request, "budget", "-", local="budget")
             return
 
         # 2. limits
@@ -158,7 +166,8 @@ class Proxy:
                 request.respond(outcome.status, (*outcome.headers, ("X-Request-Id", request_id)),
                                 outcome.body)
                 self._record(route.name, route.upstream, route.service, method, outcome.status,
-                             t0, None, 0, 0, request, limit_decision, "-", local="limit")
+                             t0, None, 0, _sent(request, outcome.body), request, limit_decision,
+                             "-", local="limit")
                 return
             extra_headers = outcome.headers
 
@@ -167,10 +176,10 @@ class Proxy:
         breaker = up.breaker
         if not breaker.acquire():
             retry = breaker.retry_after_s()
-            _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
-                                   f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
-                     (("Retry-After", str(retry)),), upstream=up.name)
-            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
+            sent = _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
+                                          f"{breaker.state}); retry in {retry}s",
+                            REDUCED_CAPACITY, (("Retry-After", str(retry)),), upstream=up.name)
+            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, sent,
                          request, limit_decision, breaker.state, local="breaker")
             return
 
@@ -225,10 +234,11 @@ class Proxy:
             verdict[0] = True
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
+            t_done = perf_counter()
+            sent = _problem(request, exc.status, exc.detail)
             self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                         t_done - t_up, body_counter[0], sent, request, limit_decision,
                          breaker.state)
-            _problem(request, exc.status, exc.detail)
             return
         except ClientGone:
             verdict[0] = True
@@ -296,15 +306,16 @@ class Proxy:
             uresp.abort()
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
-            self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         perf_counter() - t_up, body_counter[0], bytes_out, request,
-                         limit_decision, breaker.state)
+            t_done = perf_counter()
             if request.headers_sent:
                 # The status line is gone already: cut the connection so the client sees a
                 # truncated body rather than a complete-looking one.
                 request.cut()
             else:
-                _problem(request, exc.status, exc.detail)
+                bytes_out += _problem(request, exc.status, exc.detail)
+            self._record(route.name, up.name, route.service, method, exc.status, t0,
+                         t_done - t_up, body_counter[0], bytes_out, request,
+                         limit_decision, breaker.state)
             return
         except ClientGone:
             verdict[0] = True
@@ -326,7 +337,9 @@ class Proxy:
     def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
         """A request the server refused before it was whole (400, 408, 414, 431): counted like
         any other response, under route "-"."""
-        self.signals.record_local("-", "-", "-", "OTHER", status, 0.0, 0, "bad_request")
+        # (the server answers it with problem_body(status, detail))
+        self.signals.record_local("-", "-", "-", "OTHER", status, 0.0,
+                                  len(problem_body(status, detail)), "bad_request")
         log = self.access_log
         if log is not None:
             log.log(request_id="", method="-", path="-", route="-", upstream="-", status=status,

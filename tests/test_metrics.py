@@ -508,3 +508,58 @@ def test_promtool_accepts_rules_config_exposition_and_rule_unit_tests() -> None:
     feed_mix(s)
     s.record_breaker_transition("payments", "closed", "open", "x")
     promtool("check", "metrics", stdin=merge_expositions([render(s), render(s)]))
+
+
+async def test_response_bytes_count_every_body_the_client_received(tmp_path) -> None:
+    """gateway_response_bytes_total is every body byte the client read: the upstream's 200s and
+    the gateway's own problem+json answers (404, 429, 502, 503, and a 400 to a bad request)."""
+    from gateway import config as config_mod
+    from gateway.app import GatewayServer
+    from tests.conftest import free_port
+    from tests.harness import Upstream, admin_url, url_of
+
+    upstream = Upstream()
+    await upstream.start()
+    text = (
+        'listen: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+        "upstreams:\n"
+        f'  - {{name: up, endpoints: ["{upstream.url}"]}}\n'
+        f'  - {{name: dead, endpoints: ["http://127.0.0.1:{free_port()}"], connect_timeout_s: 1,'
+        " breaker: {failure_threshold: 2, reset_timeout_s: 60}}\n"
+        "routes:\n"
+        '  - {name: ok, match: {path_prefix: "/ok"}, upstream: up, limits: [few]}\n'
+        '  - {name: gone, match: {path_prefix: "/dead"}, upstream: dead}\n'
+        'limits: [{name: few, key: ip_address, rate: "1/hour", burst: 4}]\n')
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = GatewayServer(str(path), config_mod.load(path), clock=FakeClock())
+    await gw.start()
+    try:
+        read = 0
+        codes: list[int] = []
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            for p in ["/ok/bytes/1000"] * 8 + ["/dead/x"] * 4 + ["/nowhere"] * 2:
+                async with s.get(url_of(gw, p)) as resp:
+                    read += len(await resp.read())
+                    codes.append(resp.status)
+            async with s.head(url_of(gw, "/nowhere")) as resp:     # HEAD: no body
+                read += len(await resp.read())
+        assert sorted(set(codes)) == [200, 404, 429, 502, 503], codes
+        # a request the server refuses before it is whole: 400 and its problem body
+        assert gw.proxy_address is not None
+        r, w = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        raw = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        read += len(body)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(admin_url(gw, "/metrics")) as resp:
+                samples = parse(await resp.read())
+    finally:
+        await gw.stop()
+        await upstream.stop()
+    sent = sum(v for (name, _labels), v in samples.items()
+               if name == "gateway_response_bytes_total")
+    assert sent == read
