@@ -225,8 +225,8 @@ class SignalsCollector(Collector):
         quantiles = GaugeMetricFamily(
             DURATION_QUANTILES.name, DURATION_QUANTILES.help,
             labels=DURATION_QUANTILES.labels + (("worker",) if worker else ()))
-        for (route, upstream), values in sorted(t.quantiles.items()):
-            for q, v in zip(QUANTILES, values, strict=True):
+        for (route, upstream), at in sorted(t.quantiles.items()):
+            for q, v in zip(QUANTILES, at, strict=True):
                 quantiles.add_metric([route, upstream, _go_float(q), *worker], v)
         yield quantiles
 

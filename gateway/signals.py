@@ -195,17 +195,22 @@ class _Cum:
 
 class _Series:
     """One (route, upstream, service, method, code) of the live interval (or, for answers of the
-    gateway itself, one (route, upstream, service, method, code, reason), with no `up`)."""
+    gateway itself, one (route, upstream, service, method, code, reason), whose `up` is
+    _NO_DIST: nothing is ever timed upstream for them)."""
 
     __slots__ = ("bytes_in", "bytes_out", "count", "counts", "sum_s", "up")
 
-    def __init__(self, up: _Dist | None) -> None:
+    def __init__(self, up: _Dist) -> None:
         self.counts = _new_counts()
         self.count = 0
         self.sum_s = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.up = up
+
+
+_NO_DIST = _Dist()
+"""The `up` of the series of the gateway's own answers: never recorded into."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +501,7 @@ class Signals:
         if s is None:
             if reason not in LOCAL_REASONS:
                 raise ValueError(f"local reason {reason!r} is not one of {LOCAL_REASONS}")
-            s = self._local[key] = _Series(None)
+            s = self._local[key] = _Series(_NO_DIST)
         us = int(duration_s * 1_000_000.0)
         if not 0 <= us <= MAX_TRACKABLE_US:
             us = _clamp_us(us)

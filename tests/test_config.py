@@ -215,8 +215,8 @@ def test_metrics_latency_buckets_parse_and_errors_name_the_key() -> None:
     assert cfg.metrics.latency_buckets == (0.05, 0.1, 0.2, 1.0)
     assert config.load_text(BASE, env={}).metrics.latency_buckets is None
     for value, error in (
-            ("[0.1, 0.1]", "metrics.latency_buckets[1]: must be greater than the bound before "
-                           "it (0.1)"),
+            ("[0.1, 0.1]", ("metrics.latency_buckets[1]: must be greater than the bound before "
+                            "it (0.1)")),
             ("[0.5, 0.2]", "metrics.latency_buckets[1]: must be greater than the bound before"),
             ("[0, 1]", "metrics.latency_buckets[0]: must be > 0"),
             ("[-1]", "metrics.latency_buckets[0]: must be > 0"),

@@ -5,7 +5,6 @@ response-bytes counter it stores equals the body bytes a client read, for 200s, 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 
@@ -50,14 +49,14 @@ async def test_prometheus_stores_exactly_the_bytes_the_client_read(tmp_path: Pat
         "  - job_name: gateway\n"
         "    scrape_interval: 1s\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{admin}']}}]\n")
-    prom: subprocess.Popen[bytes] | None = None
+    prom: asyncio.subprocess.Process | None = None
     try:
         gw.start()
-        prom = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        prom = await asyncio.create_subprocess_exec(
+            PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)
         read: dict[str, int] = {"ok": 0, "gone": 0}
         codes: list[int] = []
         async with aiohttp.ClientSession(auto_decompress=False) as s:
@@ -88,12 +87,12 @@ async def test_prometheus_stores_exactly_the_bytes_the_client_read(tmp_path: Pat
                 assert await _query(s, base, f'sum(gateway_requests_total{{code="{code}"}})') \
                     == {"": float(n)}, code
     finally:
-        if prom is not None:
+        if prom is not None and prom.returncode is None:
             prom.terminate()
             try:
-                prom.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(prom.wait(), 10)
+            except TimeoutError:
                 prom.kill()
-                prom.wait(timeout=5)
+                await asyncio.wait_for(prom.wait(), 5)
         gw.stop()
         await upstream.stop()
