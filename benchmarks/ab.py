@@ -27,8 +27,9 @@ from pathlib import Path
 import psutil
 from run import GATEWAY_YAML, ROOT, free_port, wait_port, wrk
 
-ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
-                 'burst: 1000000, headers: true}\n'
+ROOMY_LOCAL = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
+               'burst: 1000000, headers: true}\n')
+ROOMY_HEADERS = (ROOMY_LOCAL +
                  '  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
                  'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
@@ -70,8 +71,9 @@ def main() -> int:
             cfg = tmp / f"{port}.yaml"
             text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
                                        limits=limits)
-            cfg.write_text(redis_line +
-                           text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
+            # (the Redis policy only where a redis: section exists: check refuses it otherwise)
+            roomy = ROOMY_HEADERS if redis_line else ROOMY_LOCAL
+            cfg.write_text(redis_line + text.replace("limits:\n", "limits:\n" + roomy, 1))
             gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
                                               str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp))
             procs.append(gateways[-1])

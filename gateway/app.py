@@ -33,6 +33,10 @@ from gateway.upstream import EndpointPool
 
 log = logging.getLogger("gateway")
 
+QUANTILE_INTERVAL_S = 10.0
+"""The interval of the quantile gauges when no control plane is configured (with one, the
+shipper's `ship_interval_s`, 10 s by default, closes the intervals)."""
+
 
 def bind_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
     host, port = split_hostport(listen)
@@ -65,7 +69,8 @@ class GatewayServer:
         self.worker_index = worker_index
         self.admin_unix = admin_unix
         self._listen_sock = listen_sock
-        self.signals = Signals(clock)
+        self.signals = Signals(clock, **({"buckets_s": cfg.metrics.latency_buckets}
+                                         if cfg.metrics.latency_buckets else {}))
         self.lag = LoopLagMonitor(self.signals)
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
         self.runtime = self._build_runtime(cfg, None)
@@ -79,6 +84,7 @@ class GatewayServer:
         self._listener: asyncio.base_events.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._shipper: Any = None
+        self._ticker: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self.proxy_address: tuple[str, int] | None = None
@@ -155,6 +161,8 @@ class GatewayServer:
             self.admin_address = srv.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
         if cfg.control_plane is not None:
             self._start_shipper(cfg)
+        else:   # no shipper to close intervals: close them here, for the quantile gauges
+            self._ticker = asyncio.get_running_loop().create_task(self._close_intervals())
         self.state = "ready"
         log.info("gateway started", extra={
             "listen": _fmt(self.proxy_address), "admin": self.admin_unix or _fmt(self.admin_address),
@@ -173,6 +181,14 @@ class GatewayServer:
                                 on_spooled=self.signals.set_spooled,
                                 on_directives=self.budget_guard.update)
         asyncio.get_running_loop().create_task(self._shipper.start())
+
+    async def _close_intervals(self) -> None:
+        """Without a control plane: end an interval every QUANTILE_INTERVAL_S (the aggregates
+        are dropped; /metrics' counters are cumulative and unaffected), so that the quantile
+        gauges always describe a recent, completed interval."""
+        while True:
+            await asyncio.sleep(QUANTILE_INTERVAL_S)
+            self.signals.swap()
 
     async def _snapshot(self) -> dict[str, Any] | None:
         """The interval's aggregates for the shipper; None when nothing happened. The swap is
@@ -197,6 +213,9 @@ class GatewayServer:
             await self._listener.wait_closed()
         if self._shipper is not None:
             await self._shipper.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.lag.stop()
@@ -248,6 +267,9 @@ class GatewayServer:
                               f"running {getattr(cur, key)!r}, file has {getattr(cfg, key)!r}")
         if cfg.admin.listen != cur.admin.listen:
             errors.append("admin.listen: cannot change on reload (restart the gateway)")
+        if cfg.metrics != cur.metrics:     # Prometheus histograms keep their buckets for life
+            errors.append("metrics.latency_buckets: cannot change on reload (restart the "
+                          "gateway)")
         if errors:
             raise ConfigError(errors)
 
@@ -272,7 +294,7 @@ class GatewayServer:
         return self.state == "ready", self.state
 
     async def metrics(self) -> tuple[bytes, str]:
-        return metrics.render(self.signals), metrics.CONTENT_TYPE
+        return metrics.render(self.signals, self.worker_index), metrics.CONTENT_TYPE
 
     async def breakers(self) -> list[dict[str, Any]]:
         return self.runtime.breakers.snapshot()

@@ -138,6 +138,11 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    latency_buckets: tuple[float, ...] | None = None   # seconds; None: signals' defaults
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     workers: int = 1
@@ -151,6 +156,7 @@ class Config:
     control_plane: ControlPlaneConfig | None = None
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     version: str = ""
     source: str = ""
 
@@ -634,6 +640,33 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
 
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
             "limits", "routes", "control_plane", "access_log", "demo_upstream"}
+TOP_KEYS = TOP_KEYS | {"metrics"}
+
+
+def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
+    """`metrics: {latency_buckets: [seconds, ...]}`: the `le` bounds of the latency histograms,
+    positive and strictly ascending, at most 100 of them."""
+    m = _mapping(value, path, errs, {"latency_buckets"})
+    if m is None or m.get("latency_buckets") is None:
+        return MetricsConfig()
+    p = f"{path}.latency_buckets"
+    items = _list(m["latency_buckets"], p, errs)
+    if items is None:
+        return MetricsConfig()
+    if not items or len(items) > 100:
+        errs.add(p, f"must list 1 to 100 bucket bounds (seconds), got {len(items)}")
+        return MetricsConfig()
+    bounds: list[float] = []
+    for i, v in enumerate(items):
+        b = _num(v, f"{p}[{i}]", errs, minimum=0, exclusive_min=True)
+        if b is None:
+            return MetricsConfig()
+        if bounds and b <= bounds[-1]:
+            errs.add(f"{p}[{i}]", f"must be greater than the bound before it ({bounds[-1]:g}): "
+                                  "bounds are ascending seconds")
+            return MetricsConfig()
+        bounds.append(float(b))
+    return MetricsConfig(latency_buckets=tuple(bounds))
 
 
 def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
@@ -700,6 +733,8 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
                 kw["access_log"] = AccessLogConfig(**{k: v for k, v in lkw.items()
                                                       if v is not None})
     kw["control_plane"] = parse_control_plane(m.get("control_plane"), "control_plane", errs)
+    if "metrics" in m and m["metrics"] is not None:
+        kw["metrics"] = parse_metrics(m["metrics"], "metrics", errs)
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from gateway.signals import BREAKER_STATES, LATENCY_BUCKETS_S, HistogramTotal, Signals
+from gateway.signals import BREAKER_STATES, LATENCY_BUCKETS_S, QUANTILES, HistogramTotal, Signals
 
 CONTENT_TYPE: str = CONTENT_TYPE_LATEST
 
@@ -108,12 +108,19 @@ RATELIMIT_EVICTIONS = MetricDef(
     "gateway_ratelimit_evictions_total", "counter",
     "Local rate-limit buckets evicted before they were full again: more clients active at once "
     "than the bucket table holds (GATEWAY_RATELIMIT_SLOTS).")
+# Exact percentiles cannot be summed across workers: with `workers > 1` each worker's come with
+# its `worker` label (see render()), so merging keeps them apart.
+DURATION_QUANTILES = MetricDef(
+    "gateway_request_duration_quantile_seconds", "gauge",
+    "Exact HDR percentiles of request latency (as gateway_request_duration_seconds) over the "
+    "last completed interval (the shipper's, else 10 s).",
+    ("route", "upstream", "quantile"), merge="max")
 
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
     BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
     REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
-    RSS, WORKERS, RATELIMIT_EVICTIONS)
+    RSS, WORKERS, RATELIMIT_EVICTIONS, DURATION_QUANTILES)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -149,8 +156,9 @@ def _histogram(family: HistogramMetricFamily, le: tuple[str, ...], labels: list[
 class SignalsCollector(Collector):
     """A prometheus-client Collector over a Signals, read at scrape time."""
 
-    def __init__(self, signals: Signals) -> None:
+    def __init__(self, signals: Signals, worker: int | None = None) -> None:
         self._signals = signals
+        self._worker = worker
 
     def collect(self) -> Iterator[Metric]:
         t = self._signals.totals()
@@ -219,10 +227,20 @@ class SignalsCollector(Collector):
         yield CounterMetricFamily(RATELIMIT_EVICTIONS.name, RATELIMIT_EVICTIONS.help,
                                   value=t.ratelimit_evictions)
 
+        worker = () if self._worker is None else (str(self._worker),)
+        quantiles = GaugeMetricFamily(
+            DURATION_QUANTILES.name, DURATION_QUANTILES.help,
+            labels=DURATION_QUANTILES.labels + (("worker",) if worker else ()))
+        for (route, upstream), at in sorted(t.quantiles.items()):
+            for q, v in zip(QUANTILES, at, strict=True):
+                quantiles.add_metric([route, upstream, _go_float(q), *worker], v)
+        yield quantiles
 
-def render(signals: Signals) -> bytes:
-    """This process's Prometheus text exposition (serve with CONTENT_TYPE). Loop thread only."""
-    return generate_latest(SignalsCollector(signals))
+
+def render(signals: Signals, worker: int | None = None) -> bytes:
+    """This process's Prometheus text exposition (serve with CONTENT_TYPE). Loop thread only.
+    `worker`: this worker's index when it is one of several (labels its quantile gauges)."""
+    return generate_latest(SignalsCollector(signals, worker))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,10 +92,18 @@ class Runtime:
 
 
 def _problem(request: Request, status: int, detail: str, type_: str = "about:blank",
-             headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> None:
+             headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> int:
+    """Answer with a problem+json body; return the body bytes the client gets."""
+    body = problem_body(status, detail, type_, **extra)
     request.respond(status, (("Content-Type", PROBLEM_CONTENT_TYPE),
-                             ("X-Request-Id", request.request_id), *headers),
-                    problem_body(status, detail, type_, **extra))
+                             ("X-Request-Id", request.request_id), *headers), body)
+    return _sent(request, body)
+
+
+def _sent(request: Request, body: bytes | None) -> int:
+    """Body bytes a whole response puts on the wire (none for HEAD): the gateway's own answers
+    count in gateway_response_bytes_total like the upstreams' bodies."""
+    return 0 if not body or request.method == "HEAD" else len(body)
 
 
 class Proxy:
@@ -137,14 +145,15 @@ class Proxy:
         # 1. match
         route = rt.router.match(method, request.host, path)
         if route is None:
-            _problem(request, 404, f"no route matches {method} {path}")
-            self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
+            sent = _problem(request, 404, f"no route matches {method} {path}")
+            self._record("-", "-", "-", method, 404, t0, None, 0, sent, request, "-", "-",
+                         local="no_route")
             return
         guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
-            self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
-                         "budget", "-")
             request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
+            self._record(route.name, "-", route.service, method, r[0], t0, None, 0,
+                         _sent(request, r[2]), request, "budget", "-", local="budget")
             return
 
         # 2. limits
@@ -157,7 +166,8 @@ class Proxy:
                 request.respond(outcome.status, (*outcome.headers, ("X-Request-Id", request_id)),
                                 outcome.body)
                 self._record(route.name, route.upstream, route.service, method, outcome.status,
-                             t0, None, 0, 0, request, limit_decision, "-")
+                             t0, None, 0, _sent(request, outcome.body), request, limit_decision,
+                             "-", local="limit")
                 return
             extra_headers = outcome.headers
 
@@ -166,11 +176,11 @@ class Proxy:
         breaker = up.breaker
         if not breaker.acquire():
             retry = breaker.retry_after_s()
-            _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
-                                   f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
-                     (("Retry-After", str(retry)),), upstream=up.name)
-            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
-                         request, limit_decision, breaker.state)
+            sent = _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
+                                          f"{breaker.state}); retry in {retry}s",
+                            REDUCED_CAPACITY, (("Retry-After", str(retry)),), upstream=up.name)
+            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, sent,
+                         request, limit_decision, breaker.state, local="breaker")
             return
 
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
@@ -210,7 +220,7 @@ class Proxy:
                     verdict[0] = True
                     breaker.release()
                     self._record(route.name, up.name, route.service, method, 499, t0, None, 0,
-                                 0, request, limit_decision, breaker.state)
+                                 0, request, limit_decision, breaker.state, local="client_gone")
                     request.cut()
                     return
                 body_counter[0] = len(body)
@@ -225,10 +235,11 @@ class Proxy:
             verdict[0] = True
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
+            t_done = perf_counter()
+            sent = _problem(request, exc.status, exc.detail)
             self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                         t_done - t_up, body_counter[0], sent, request, limit_decision,
                          breaker.state)
-            _problem(request, exc.status, exc.detail)
             return
         except ClientGone:
             verdict[0] = True
@@ -296,15 +307,16 @@ class Proxy:
             uresp.abort()
             breaker.on_result(exc.kind)
             up.selector.on_result(index, True)
-            self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         perf_counter() - t_up, body_counter[0], bytes_out, request,
-                         limit_decision, breaker.state)
+            t_done = perf_counter()
             if request.headers_sent:
                 # The status line is gone already: cut the connection so the client sees a
                 # truncated body rather than a complete-looking one.
                 request.cut()
             else:
-                _problem(request, exc.status, exc.detail)
+                bytes_out += _problem(request, exc.status, exc.detail)
+            self._record(route.name, up.name, route.service, method, exc.status, t0,
+                         t_done - t_up, body_counter[0], bytes_out, request,
+                         limit_decision, breaker.state)
             return
         except ClientGone:
             verdict[0] = True
@@ -326,7 +338,9 @@ class Proxy:
     def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
         """A request the server refused before it was whole (400, 408, 414, 431): counted like
         any other response, under route "-"."""
-        self.signals.record("-", "-", "-", "OTHER", status, 0.0, None, 0, 0)
+        # (the server answers it with problem_body(status, detail))
+        self.signals.record_local("-", "-", "-", "OTHER", status, 0.0,
+                                  len(problem_body(status, detail)), "bad_request")
         log = self.access_log
         if log is not None:
             log.log(request_id="", method="-", path="-", route="-", upstream="-", status=status,
@@ -372,10 +386,14 @@ class Proxy:
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
                 t0: float, upstream_s: float | None, bytes_in: int, bytes_out: int,
-                request: Request, limit: str, breaker: str) -> None:
+                request: Request, limit: str, breaker: str, local: str = "") -> None:
         duration = perf_counter() - t0
-        self.signals.record(route, upstream, service, method, status, duration, upstream_s,
-                            bytes_in, bytes_out)
+        if local:   # answered by the gateway itself: shipped apart from the admitted requests
+            self.signals.record_local(route, upstream, service, method, status, duration,
+                                      bytes_out, local)
+        else:
+            self.signals.record(route, upstream, service, method, status, duration, upstream_s,
+                                bytes_in, bytes_out)
         log = self.access_log
         if log is not None:
             path = request.target.split("?", 1)[0]

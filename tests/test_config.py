@@ -208,3 +208,22 @@ def test_gateway_check_command(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid(path: Path) -> None:
     res = run_check(ROOT / path)
     assert res.returncode == 0, res.stderr
+
+
+def test_metrics_latency_buckets_parse_and_errors_name_the_key() -> None:
+    cfg = config.load_text(BASE + "metrics: {latency_buckets: [0.05, 0.1, 0.2, 1]}\n", env={})
+    assert cfg.metrics.latency_buckets == (0.05, 0.1, 0.2, 1.0)
+    assert config.load_text(BASE, env={}).metrics.latency_buckets is None
+    for value, error in (
+            ("[0.1, 0.1]", ("metrics.latency_buckets[1]: must be greater than the bound before "
+                            "it (0.1)")),
+            ("[0.5, 0.2]", "metrics.latency_buckets[1]: must be greater than the bound before"),
+            ("[0, 1]", "metrics.latency_buckets[0]: must be > 0"),
+            ("[-1]", "metrics.latency_buckets[0]: must be > 0"),
+            ('[0.1, "fast"]', "metrics.latency_buckets[1]: must be a number"),
+            ("[]", "metrics.latency_buckets: must list 1 to 100 bucket bounds"),
+            ("0.5", "metrics.latency_buckets: must be a list")):
+        errs = errors_of(BASE + f"metrics: {{latency_buckets: {value}}}\n")
+        assert any(e.startswith(error) for e in errs), (value, errs)
+    assert any(e.startswith("metrics.buckets: unknown key")
+               for e in errors_of(BASE + "metrics: {buckets: [1]}\n"))

@@ -370,7 +370,7 @@ def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
     s.close()
     monkeypatch.setattr(store_mod, "MIGRATIONS", sorted([*original, v2]))
     s = Store(tmp_path / "m.db")                           # ... then 2 lands
-    assert s.schema_version() == 3
+    assert s.schema_version() == max(m[0] for m in original)
     assert s._db.execute("SELECT COUNT(*) FROM other_feature").fetchone()[0] == 0
     assert s.budgets() == []
     s.close()
@@ -407,3 +407,58 @@ def test_budget_config_errors_name_the_key():
     assert exc.value.errors == [
         "budgets[1].name: duplicate name 'a' (also budgets[0])",
         "budgets[2].period: must be one of daily, weekly, monthly, got 'fortnightly'"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the gateway answered itself is not billed
+
+
+async def test_a_limit_rejecting_90_percent_bills_only_the_admitted_requests(tmp_path):
+    """A real gateway (FakeClock: the limit's bucket never refills) in front of a real upstream:
+    100 requests, a capacity of 10, so 90 rate-limited 429s. Its recorded batch, ingested by a
+    real control plane, bills 10 requests and only their upstream time."""
+    from gateway import config as config_mod
+    from gateway.app import GatewayServer
+    from tests.harness import Upstream, gateway_yaml
+
+    clock = FakeClock(wall=DAY0 + 600)
+    upstream = Upstream()
+    await upstream.start()
+    text = gateway_yaml([upstream.url], route_extra="limits: [tight]") + (
+        'limits: [{name: tight, key: ip_address, rate: "1/hour", burst: 9}]\n')
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = GatewayServer(str(path), config_mod.load(path), clock=clock)
+    await gw.start()
+    try:
+        assert gw.proxy_address is not None
+        host, port = gw.proxy_address
+        codes = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(f"http://{host}:{port}/delay/2") as resp:
+                    await resp.read()
+                    codes.append(resp.status)
+        assert codes.count(200) == 10 and codes.count(429) == 90
+        assert upstream.requests == 10
+        agg = gw.signals.swap()
+    finally:
+        await gw.stop()
+        await upstream.stop()
+    admitted = [x for x in agg.series if not x.local]
+    assert [(x.code, x.count, x.local) for x in agg.series if x.local] == [(429, 90, "limit")]
+    assert sum(x.count for x in admitted) == 10
+    upstream_us = sum(costs.hist_sum_us(x.histogram()) for x in admitted)
+
+    models = {"svc": {"per_request": "0.001", "per_upstream_second": "1"}}
+    async with control_plane(tmp_path, clock, cost_models=models) as (url, s, _app):
+        doc = {**agg.to_wire(), "batch_id": "b1", "gateway_id": "gw1", "seq": 1}
+        st, body = await ingest(s, url, doc)
+        assert st == 200, body
+        st, rep = await get(s, url, "/v1/costs", service="svc", group_by="cost_type",
+                            **{"from": int(DAY0)})
+        assert st == 200, rep
+        by_type = {g["key"]: g["micros"] for g in rep["groups"]}
+        assert by_type["api_calls"] == 10 * 1_000            # 10 x $0.001, not 100
+        assert by_type["compute"] == upstream_us               # $1 a second of admitted time
+        assert rep["total"]["micros"] == 10_000 + upstream_us

@@ -92,7 +92,8 @@ async def test_overview_statuses_for_each_threshold(tmp_path):
             [("up-lat", "open")]
         assert [b["state"] for b in doc["circuit_breakers"]] == ["open"]
         assert doc["incidents"] == []
-        assert doc["window"] == {"since": MINUTE - 240, "until": MINUTE + 60, "seconds": 300}
+        assert doc["window"] == {"since": MINUTE - 300, "until": MINUTE, "seconds": 300,
+                                 "complete_buckets_only": True}
 
 
 async def test_overview_window_moves_with_the_clock(tmp_path):
@@ -119,3 +120,118 @@ async def test_overview_window_moves_with_the_clock(tmp_path):
 def test_evaluate_edges(args, status, rules):
     got, reasons = health.evaluate(*args)
     assert got == status and [r["rule"] for r in reasons] == rules
+
+
+async def test_requests_per_second_is_true_at_every_second_of_a_minute(tmp_path):
+    """A steady 50 req/s, shipped every second, read at every second of a minute: only complete
+    minutes are used, so count / window.seconds is the true rate, never a sawtooth."""
+    start = DAY0 + 3_600                        # 01:00:00
+    clock = FakeClock(wall=start)
+    rate = 50
+    async with control_plane(tmp_path, clock) as (url, s, _app):
+        async def ship_second(t: float) -> None:
+            doc = batch(f"b-{t}", t, [series("r1", "steady", 200, count=rate,
+                                             latencies_us=[1000] * rate)], length=1.0)
+            assert (await ingest(s, url, doc))[0] == 200
+
+        for _ in range(6 * 60):                     # six minutes of history, one batch a second
+            await ship_second(clock.time())
+            clock.advance(1)
+        for second in range(60):                    # then read at 01:06:00, :01, ... :59
+            now = clock.time()
+            await ship_second(now)                  # the current minute keeps filling
+            clock.advance(0.5)
+            _, doc = await get(s, url, "/v1/health/overview", role="reader")
+            win = doc["window"]
+            assert (win["since"], win["until"], win["seconds"]) == (
+                start + 60, start + 6 * 60, 300), second
+            (svc,) = doc["services"]
+            assert svc["request_count"] / win["seconds"] == rate, second
+            assert svc["requests_per_s"] == rate, second
+            clock.advance(0.5)
+
+
+async def test_upstream_failing_17_percent_under_a_flood_of_429s_is_critical(tmp_path):
+    """A real gateway in front of a real upstream that answers 500 to 17 of the 100 requests it
+    receives (each after 20 ms), while a flood of 999 requests is rate-limited by the gateway.
+    The control plane judges the admitted requests: 17 % errors (critical), the upstream's p95;
+    the 429s are counted apart. (Over every answer it was 1.5 % and a p95 of a 429.)"""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from gateway import config as config_mod
+    from gateway.app import GatewayServer
+    from tests.harness import Upstream, gateway_yaml
+
+    async def work(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.02)
+        return web.Response(status=500 if request.headers.get("X-Fail") else 200, text="ok")
+
+    t0 = DAY0 + 600 + 10
+    clock = FakeClock(wall=t0)
+    upstream = Upstream()
+    upstream.extra.append(web.get("/work", work))
+    await upstream.start()
+    text = gateway_yaml([upstream.url], route_extra="limits: [per_client]") + (
+        'limits: [{name: per_client, key: "header:X-Client", rate: "1/hour", burst: 0}]\n')
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = GatewayServer(str(path), config_mod.load(path), clock=clock)
+    await gw.start()
+    try:
+        assert gw.proxy_address is not None
+        url = "http://{}:{}/work".format(*gw.proxy_address)
+        codes: list[int] = []
+        async with aiohttp.ClientSession() as s:
+            async def one(headers: dict[str, str]) -> None:
+                async with s.get(url, headers=headers) as resp:
+                    await resp.read()
+                    codes.append(resp.status)
+
+            for i in range(99):             # 99 clients, one request each: all admitted
+                await one({"X-Client": f"c{i}", **({"X-Fail": "1"} if i < 17 else {})})
+            for _ in range(10):             # the flood: its first request admitted, 999 not
+                await asyncio.gather(*(one({"X-Client": "flood"}) for _ in range(100)))
+        assert codes.count(429) == 999 and codes.count(500) == 17 and codes.count(200) == 83
+        agg = gw.signals.swap()
+    finally:
+        await gw.stop()
+        await upstream.stop()
+    admitted = [x for x in agg.series if not x.local]
+    merged = admitted[0].histogram()
+    for x in admitted[1:]:
+        merged.add(x.histogram())
+    assert merged.get_total_count() == 100
+    true_p95_ms = merged.get_value_at_percentile(95) / 1000.0
+    assert 20.0 <= true_p95_ms < 200.0
+
+    from tests.test_control_slo_support import make_slo
+    latency_slo = make_slo(name="svc-latency", sli="latency", threshold_ms=10, window="1h")
+    async with control_plane(tmp_path, clock, slos=(latency_slo,)) as (url, s, _app):
+        doc = {**agg.to_wire(), "batch_id": "b1", "gateway_id": "gw1", "seq": 1}
+        st, body = await ingest(s, url, doc)
+        assert st == 200, body
+        clock.advance(60)                       # the batch's minute is complete
+        st, ov = await get(s, url, "/v1/health/overview", role="reader")
+        assert st == 200, ov
+        (svc,) = ov["services"]
+        assert svc["health_status"] == "critical", svc
+        assert [r["rule"] for r in svc["reasons"]] == ["error_rate"]
+        assert svc["error_rate"] == pytest.approx(0.17)
+        assert svc["latency_p95_ms"] == pytest.approx(true_p95_ms)
+        assert (svc["request_count"], svc["admitted_count"], svc["error_count_5xx"]) == (
+            1099, 100, 17)
+        assert svc["rate_limited"] == 999 and svc["local_answers"]["count"] == 999
+        st, sig = await get(s, url, "/v1/signals", service="svc", window="1m",
+                            since=int(DAY0))
+        (row,) = sig["rows"]
+        assert row["error_rate"] == pytest.approx(0.17)
+        assert row["latency_p95_ms"] == pytest.approx(true_p95_ms)
+        assert (row["request_count"], row["admitted_count"], row["rate_limited"]) == (
+            1099, 100, 999)
+        # the latency SLO judges the 100 admitted requests (all slower than 10 ms), not 1099
+        st, budgets = await get(s, url, "/v1/error-budgets/svc")
+        assert st == 200, budgets
+        assert budgets["budgets"][0]["events"] == {"total": 100, "bad": 100, "good": 0}

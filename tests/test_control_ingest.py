@@ -150,6 +150,8 @@ BAD_CASES = [
     ("series.2.latency_us_hdr", "not base64!", "series[2].latency_us_hdr: is not valid base64"),
     ("series.2.latency_us_hdr", 12, "series[2].latency_us_hdr: must be a string"),
     ("series.2.method", _DELETE, "series[2].method: is required"),
+    ("series.2.local", 5, "series[2].local: must be a string"),
+    ("series.2.local", "x" * 33, "series[2].local: must be at most 32 characters"),
     ("series.2", "row", "series[2]: must be an object"),
     ("series", {}, "series: must be a list"),
     ("series", _DELETE, "series: is required"),
@@ -283,3 +285,23 @@ async def test_breakers_and_gateways_are_recorded(tmp_path):
             == [("gw1", "up1", "closed")]
         assert doc["transitions"][0]["to_state"] == "open"
         assert doc["gateways"][0]["gateway_id"] == "gw1"
+
+
+async def test_local_series_are_counted_apart_and_queue_no_latency(tmp_path):
+    """Series the gateway answered itself (`local`) count in request_count and the error counts
+    of the bucket, and again in local_*; the signals rows report the admitted ones."""
+    async with control_plane(tmp_path, _clock()) as (url, s, _app):
+        doc = batch("loc", T, [
+            series("r1", "svc", 200, latencies_us=[50_000] * 10),
+            series("r1", "svc", 500, latencies_us=[50_000] * 5),
+            {**series("r1", "svc", 429, latencies_us=[30] * 80), "local": "limit"},
+            {**series("r1", "svc", 503, latencies_us=[40] * 5), "local": "breaker"},
+            {**series("r1", "svc", 499, latencies_us=[40] * 2), "local": "client_gone"}])
+        status, body = await ingest(s, url, doc)
+        assert status == 200, body
+        (row,) = await signals(s, url, service="svc", window="1m", since=T - 60)
+        assert (row["request_count"], row["admitted_count"]) == (102, 15)
+        assert (row["error_count_5xx"], row["error_count_4xx"], row["rate_limited"]) == (5, 0, 80)
+        assert row["local_answers"] == {"count": 87, "4xx": 2, "5xx": 5}
+        assert row["error_rate"] == 5 / 15
+        assert 49 <= row["latency_p50_ms"] <= 51            # the admitted ones only

@@ -356,3 +356,39 @@ async def test_latency_budget_from_ingested_histograms(tmp_path):
                                                        threshold_ms=900, objective=99.0,
                                                        window="1d"), clock.time())
         assert report["events"]["bad"] == 0
+
+
+async def test_each_burn_window_counts_exactly_the_requests_of_its_window(tmp_path):
+    """Traffic at irregular times, with batches one second either side of every window edge:
+    each burn window's event count is the count of requests in exactly that window (named in
+    the answer), read at several seconds of a minute."""
+    t_end = DAY0 + 4 * DAY + 17 * MIN                 # the reads happen in the minute after it
+    reads = (t_end + 1, t_end + 29.5, t_end + 59)
+    edges = {e for now in reads for sec in slo_mod.BURN_WINDOWS.values()
+             for e in slo_mod.burn_window(now, sec)}
+    times = {t_end - 3 * DAY - HOUR + i * 601 for i in range(int((3 * DAY + HOUR) / 601))}
+    for e in edges:
+        times.update({e - 1, e, e + 1, e + 59})
+    batches = sorted((t, 1 + int(t) % 7, int(t) % 3) for t in times if t < t_end)
+    clock = FakeClock(wall=batches[0][0] + 2)
+    async with slo_plane(tmp_path, clock, slos=(make_slo(window="30d"),)) as (url, s, _app):
+        for i, (t, ok, bad) in enumerate(batches):
+            clock.advance(max(0.0, t + 2 - clock.time()))
+            doc = batch(f"b{i}", t, [series("r1", "svc", 200, count=ok, upstream="up"),
+                                     series("r1", "svc", 500, count=bad, upstream="up")],
+                        length=1.0)
+            status, body = await ingest(s, url, doc)
+            assert status == 200, body
+        for now in reads:
+            clock.advance(now - clock.time())
+            status, doc = await call(s, url, "GET", "/v1/error-budgets/svc")
+            assert status == 200, doc
+            by_window = doc["budgets"][0]["events_by_window"]
+            for name, sec in slo_mod.BURN_WINDOWS.items():
+                since, until = slo_mod.burn_window(now, sec)
+                assert (by_window[name]["since"], by_window[name]["until"],
+                        by_window[name]["seconds"]) == (since, until, sec), name
+                assert until <= now and until - since == sec
+                inside = [(ok, bad) for t, ok, bad in batches if since <= t < until]
+                assert by_window[name]["total"] == sum(ok + bad for ok, bad in inside), name
+                assert by_window[name]["bad"] == sum(bad for _ok, bad in inside), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
@@ -508,3 +509,145 @@ def test_promtool_accepts_rules_config_exposition_and_rule_unit_tests() -> None:
     feed_mix(s)
     s.record_breaker_transition("payments", "closed", "open", "x")
     promtool("check", "metrics", stdin=merge_expositions([render(s), render(s)]))
+
+
+async def test_response_bytes_count_every_body_the_client_received(tmp_path) -> None:
+    """gateway_response_bytes_total is every body byte the client read: the upstream's 200s and
+    the gateway's own problem+json answers (404, 429, 502, 503, and a 400 to a bad request)."""
+    from gateway import config as config_mod
+    from gateway.app import GatewayServer
+    from tests.conftest import free_port
+    from tests.harness import Upstream, admin_url, url_of
+
+    upstream = Upstream()
+    await upstream.start()
+    text = (
+        'listen: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0"}\n'
+        "upstreams:\n"
+        f'  - {{name: up, endpoints: ["{upstream.url}"]}}\n'
+        f'  - {{name: dead, endpoints: ["http://127.0.0.1:{free_port()}"], connect_timeout_s: 1,'
+        " breaker: {failure_threshold: 2, reset_timeout_s: 60}}\n"
+        "routes:\n"
+        '  - {name: ok, match: {path_prefix: "/ok"}, upstream: up, limits: [few]}\n'
+        '  - {name: gone, match: {path_prefix: "/dead"}, upstream: dead}\n'
+        'limits: [{name: few, key: ip_address, rate: "1/hour", burst: 4}]\n')
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = GatewayServer(str(path), config_mod.load(path), clock=FakeClock())
+    await gw.start()
+    try:
+        read = 0
+        codes: list[int] = []
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            for p in ["/ok/bytes/1000"] * 8 + ["/dead/x"] * 4 + ["/nowhere"] * 2:
+                async with s.get(url_of(gw, p)) as resp:
+                    read += len(await resp.read())
+                    codes.append(resp.status)
+            async with s.head(url_of(gw, "/nowhere")) as resp:     # HEAD: no body
+                read += len(await resp.read())
+        assert sorted(set(codes)) == [200, 404, 429, 502, 503], codes
+        # a request the server refuses before it is whole: 400 and its problem body
+        assert gw.proxy_address is not None
+        r, w = await asyncio.open_connection("127.0.0.1", gw.proxy_address[1])
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        raw = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        read += len(body)
+        async with aiohttp.ClientSession() as s, s.get(admin_url(gw, "/metrics")) as resp:
+            samples = parse(await resp.read())
+    finally:
+        await gw.stop()
+        await upstream.stop()
+    sent = sum(v for (name, _labels), v in samples.items()
+               if name == "gateway_response_bytes_total")
+    assert sent == read
+
+
+def test_quantile_gauges_are_exact_hdr_percentiles_of_the_last_completed_interval() -> None:
+    from hdrh.histogram import HdrHistogram
+
+    clock = FakeClock()
+    s = Signals(clock)
+    lat_ms = [1 + (i * 37) % 400 for i in range(1_000)]       # 1..400 ms, spread
+    for i, ms in enumerate(lat_ms):
+        code = 500 if i % 10 == 0 else 200                      # two series, one label set
+        s.record("pay", "payments", "svc", "GET", code, ms / 1000.0, ms / 1000.0, 0, 0)
+    s.record_local("pay", "payments", "svc", "GET", 429, 0.00003, 0, "limit")
+    assert "gateway_request_duration_quantile_seconds{" not in render(s).decode()  # none closed
+    clock.advance(10)
+    s.swap()
+    s.record("pay", "payments", "svc", "GET", 200, 5.0, 5.0, 0, 0)   # the live interval: unseen
+    h = HdrHistogram(1, 60_000_000, 2)
+    for ms in [*lat_ms, 0.03]:
+        h.record_value(int(ms * 1000))
+    samples = parse(render(s))
+    for q in (0.5, 0.95, 0.99):
+        got = val(samples, "gateway_request_duration_quantile_seconds", route="pay",
+                  upstream="payments", quantile=str(q))
+        assert got == h.get_value_at_percentile(q * 100) / 1e6
+    assert 0.38 <= val(samples, "gateway_request_duration_quantile_seconds", route="pay",
+                       upstream="payments", quantile="0.99") <= 0.41
+    assert s.quantile_interval == (clock.time() - 10, clock.time())
+    clock.advance(10)
+    s.swap()
+    assert parse(render(s))[("gateway_request_duration_quantile_seconds", (
+        ("quantile", "0.5"), ("route", "pay"), ("upstream", "payments")))] == pytest.approx(
+        5.0, rel=1 / 128)
+    clock.advance(10)
+    s.swap()                                   # an idle interval: no stale quantiles
+    assert "gateway_request_duration_quantile_seconds{" not in render(s).decode()
+
+
+def test_quantiles_of_several_workers_keep_their_worker_label_when_merged() -> None:
+    texts = []
+    for worker, ms in ((0, 10), (1, 300)):
+        s = Signals(FakeClock())
+        for _ in range(100):
+            s.record("r", "u", "svc", "GET", 200, ms / 1000.0, None, 0, 0)
+        s.swap()
+        texts.append(render(s, worker))
+    merged = parse(merge_expositions(texts))
+    p99 = {w: merged[("gateway_request_duration_quantile_seconds", (
+        ("quantile", "0.99"), ("route", "r"), ("upstream", "u"), ("worker", w)))]
+        for w in ("0", "1")}
+    assert p99["0"] == pytest.approx(0.010, rel=0.01)
+    assert p99["1"] == pytest.approx(0.300, rel=0.01)       # exact per worker, never summed
+    assert val(merged, "gateway_requests_total", route="r", upstream="u", method="GET",
+               code="200") == 200
+
+
+def test_default_buckets_are_dense_between_100_ms_and_1_s() -> None:
+    inside = [b for b in BUCKETS_S if 0.1 <= b <= 1.0]
+    assert all(b / a <= 1.5 for a, b in itertools.pairwise(inside))
+    assert {0.1, 0.5, 1.0, 2.0} <= set(BUCKETS_S)
+
+
+async def test_configured_latency_buckets_are_the_histograms_le_and_need_a_restart(
+        tmp_path) -> None:
+    from gateway import config as config_mod
+    from gateway.errors import ConfigError
+    from tests.harness import Upstream, admin_url, gateway_yaml, running_gateway, url_of
+
+    upstream = Upstream()
+    await upstream.start()
+    text = gateway_yaml([upstream.url]) + "metrics: {latency_buckets: [0.001, 0.3, 0.35, 7]}\n"
+    try:
+        async with running_gateway(tmp_path, text) as gw, aiohttp.ClientSession() as s:
+            async with s.get(url_of(gw, "/")) as resp:
+                await resp.read()
+            async with s.get(admin_url(gw, "/metrics")) as resp:
+                samples = parse(await resp.read())
+            les = sorted(dict(labels)["le"] for (name, labels) in samples
+                         if name == "gateway_request_duration_seconds_bucket")
+            assert les == sorted(["0.001", "0.3", "0.35", "7.0", "+Inf"])
+            path = tmp_path / "changed.yaml"
+            path.write_text(gateway_yaml([upstream.url]) + "metrics: {latency_buckets: [1]}\n")
+            gw.config_path = str(path)
+            with pytest.raises(ConfigError) as info:
+                await gw.reload()
+            assert info.value.errors[0].startswith("metrics.latency_buckets: cannot change")
+            assert config_mod.load(path).metrics.latency_buckets == (1.0,)
+    finally:
+        await upstream.stop()

@@ -266,17 +266,25 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 def _signal_row(r: dict[str, Any]) -> dict[str, Any]:
+    # Error rates and latencies are of the admitted requests (forwarded or tried to be); what
+    # the gateway answered itself is counted apart (rate_limited, local_answers).
     n = r["request_count"]
+    admitted = n - r["local_count"]
+    e4xx = r["error_count_4xx"] - r["local_4xx"]
+    e5xx = r["error_count_5xx"] - r["local_5xx"]
     return {
         "bucket_start": r["bucket_start"],
         "service": r["service"],
         "route": r["route"],
         "request_count": n,
-        "error_count_4xx": r["error_count_4xx"],
-        "error_count_5xx": r["error_count_5xx"],
-        "error_rate": r["error_count_5xx"] / n if n else 0.0,
-        "4xx_rate": r["error_count_4xx"] / n if n else 0.0,
+        "admitted_count": admitted,
+        "error_count_4xx": e4xx,
+        "error_count_5xx": e5xx,
+        "error_rate": e5xx / admitted if admitted else 0.0,
+        "4xx_rate": e4xx / admitted if admitted else 0.0,
         "rate_limited": r["rate_limited"],
+        "local_answers": {"count": r["local_count"], "4xx": r["local_4xx"],
+                          "5xx": r["local_5xx"]},
         "latency_p50_ms": None if r["p50_us"] is None else r["p50_us"] / 1000.0,
         "latency_p95_ms": None if r["p95_us"] is None else r["p95_us"] / 1000.0,
         "latency_p99_ms": None if r["p99_us"] is None else r["p99_us"] / 1000.0,

@@ -27,8 +27,10 @@ minutes, so a local day is always a whole number of buckets.
   exact sum, and with 2 significant figures the error is under 1 %). The histogram times the whole
   request at the gateway, which for proxied requests is the upstream exchange plus a few tens of
   microseconds.
-* Series with upstream "-" (answered by the gateway itself: no route, or rejected by a budget)
-  are not billed.
+* Requests the gateway answered itself are not billed, neither as requests nor as upstream
+  seconds nor bytes: series flagged `local` (a limit's 429, an open breaker's 503, a budget's
+  429, a client gone before forwarding; see gateway/signals.py), and series with upstream "-"
+  (no route, or rejected by a budget, also from gateways that do not flag them yet).
 * The price is part of the row key: a price change starts new rows, old usage keeps its price.
 
 Imported charges (`POST /v1/costs`, FinOps FOCUS columns): ServiceName, ChargePeriodStart,
@@ -231,7 +233,7 @@ def attribute(store: Store, batch: Batch, models: dict[str, CostModel]) -> int:
     sums: dict[tuple[str, str, str, str], int] = defaultdict(int)
     seen: dict[str, None] = {}
     for s in batch.series:
-        if s.upstream == NO_ROUTE:
+        if s.local or s.upstream == NO_ROUTE:
             continue
         model = models.get(s.service, default)
         if model is None:

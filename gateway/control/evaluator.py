@@ -4,8 +4,9 @@
 times; the app runs it on the database thread every `evaluation_interval_s`):
 
 1. fold queued latency histograms into the rollups (rollup.compact), so the counts are complete;
-2. per SLO: events over each burn-rate window (5m ... 3d) and the SLO window, from the rollup
-   buckets (slo.plan: coarse buckets in the middle, 1m at the edges);
+2. per SLO: events over each burn-rate window (5m ... 3d: exactly that long, of complete minutes,
+   see slo.burn_window) and the SLO window, from the rollup buckets (slo.plan: coarse buckets in
+   the middle, 1m at the edges);
 3. per SLO and tier (page, ticket): raise an alert when a rule fires and none is open for
    `<slo>:<tier>` (and the last one resolved more than `cooldown_s` ago); update the open one
    while it fires; resolve it once every rule's short window is back under its threshold.
@@ -59,8 +60,9 @@ class Counter:
             total = total + self._piece(win_s, first, end)
         return total
 
-    def window(self, seconds: float) -> Counts:
-        return self.counts(self.now - seconds, self.now)
+    def window(self, seconds: int) -> Counts:
+        """Events of the burn-rate window of `seconds` (complete minutes: slo.burn_window)."""
+        return self.counts(*slo_mod.burn_window(self.now, seconds))
 
     def _piece(self, win_s: int, first: int, end: float) -> Counts:
         s = self.slo
@@ -108,7 +110,8 @@ def budget_report(store: Store, slo: SLO, now: float, counter: Counter | None = 
         else None,
         "remaining_events": b.remaining_events,
         "burn_rates": burns,
-        "events_by_window": {name: {"total": w.total, "bad": w.bad}
+        "events_by_window": {name: {"total": w.total, "bad": w.bad,
+                                    **_span(slo_mod.burn_window(now, slo_mod.BURN_WINDOWS[name]))}
                              for name, w in windows.items()},
         "time_to_exhaustion_s": slo_mod.time_to_exhaustion(
             b.remaining_fraction, window_s, burns["1h"]),
@@ -216,6 +219,10 @@ class Evaluator:
                              "burn_rates": details["burn_rates"]}, now=now)
         alert = self.store.slo_alert(alert["id"]) or alert
         return Event("firing", alert, incident)
+
+
+def _span(window: tuple[int, int]) -> dict[str, int]:
+    return {"since": window[0], "until": window[1], "seconds": window[1] - window[0]}
 
 
 def _rule_name(rule: dict[str, Any]) -> str:

@@ -5,13 +5,22 @@ Rules (strictly greater than the threshold fires; `critical` beats `warning`):
 | rule            | value                                                   | warning | critical |
 |-----------------|---------------------------------------------------------|---------|----------|
 | latency_p95     | p95 of the merged latency histogram, ms                 | > 500   | > 2000   |
-| error_rate      | 5xx / requests (4xx and 429 are not errors here)         | > 1 %   | > 5 %    |
+| error_rate      | 5xx / admitted requests (4xx and 429 are not errors)     | > 1 %   | > 5 %    |
 | cpu             | max cpu_percent reported by the gateways serving it     | > 70    | > 90     |
 | traffic_drop    | 1 - current / baseline requests (see below)             | > 50 %  | > 80 %   |
 
-Windows: latency, errors and CPU use the last 5 minutes = the current 1-minute bucket and the four
-before it. Traffic compares whole minutes only, so a partly elapsed minute never looks like a drop:
-the 5 most recent complete minutes against the same 5 minutes one hour earlier, and only when that
+Admitted requests: latency and error rates are of the requests the gateway forwarded or tried to
+forward. Those it answered itself (a limit's 429, an open breaker's 503, a budget's 429...) are
+counted apart (`rate_limited`, `local_answers`): a flood of 30-microsecond 429s must not turn a
+service whose upstream fails 17 % of its requests into a healthy 0.5 % with a p95 of 0.09 ms.
+`request_count` and `requests_per_s` are every answer (the traffic); `admitted_count` the rest.
+
+Windows: everything uses whole, complete minutes only: the 5 most recent 1-minute buckets that
+have ended (`[minute - 300, minute)` where `minute` is the start of the current, unfinished one).
+A partly elapsed minute divided by a full window made requests/s a sawtooth between 0.8x and 1x
+of the true rate; complete buckets make `request_count / window.seconds` exact, at the price of
+up to a minute's delay. The answer says which window it used (`window.since/until/seconds`).
+Traffic compares those 5 minutes against the same 5 minutes one hour earlier, and only when that
 baseline had at least 100 requests (a quiet service does not flap).
 """
 
@@ -44,6 +53,9 @@ class ServiceWindow:
     error_count_4xx: int = 0
     error_count_5xx: int = 0
     rate_limited: int = 0
+    local_count: int = 0
+    local_4xx: int = 0
+    local_5xx: int = 0
     cpu_percent: float = 0.0
     loop_lag_ms: float = 0.0
     inflight_max: int = 0
@@ -55,6 +67,9 @@ class ServiceWindow:
         self.error_count_4xx += row["error_count_4xx"]
         self.error_count_5xx += row["error_count_5xx"]
         self.rate_limited += row["rate_limited"]
+        self.local_count += row.get("local_count", 0)
+        self.local_4xx += row.get("local_4xx", 0)
+        self.local_5xx += row.get("local_5xx", 0)
         self.cpu_percent = max(self.cpu_percent, row["cpu_percent"])
         self.loop_lag_ms = max(self.loop_lag_ms, row["loop_lag_ms"])
         self.inflight_max = max(self.inflight_max, row["inflight_max"])
@@ -89,9 +104,9 @@ def evaluate(p95_ms: float | None, error_rate: float | None, cpu_percent: float 
 
 def windows(now: float) -> dict[str, float]:
     """The time ranges the overview uses (bucket_start ranges, half open)."""
-    minute = int(now // 60) * 60
+    minute = int(now // 60) * 60        # start of the current, unfinished minute
     return {
-        "since": minute + 60 - WINDOW_S, "until": minute + 60,
+        "since": minute - WINDOW_S, "until": minute,
         "traffic_since": minute - WINDOW_S, "traffic_until": minute,
         "baseline_since": minute - WINDOW_S - BASELINE_OFFSET_S,
         "baseline_until": minute - BASELINE_OFFSET_S,
@@ -105,8 +120,11 @@ def _ms(us: int | None) -> float | None:
 def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
                    breakers: list[dict[str, Any]]) -> dict[str, Any]:
     n = current.request_count
-    p50, p95, p99 = histogram.percentiles(current.hist)
-    error_rate = current.error_count_5xx / n if n else None
+    admitted = n - current.local_count
+    e4xx = current.error_count_4xx - current.local_4xx
+    e5xx = current.error_count_5xx - current.local_5xx
+    p50, p95, p99 = histogram.percentiles(current.hist)     # of admitted requests only
+    error_rate = e5xx / admitted if admitted else None
     drop = None
     change = None
     if traffic_base >= MIN_BASELINE_REQUESTS:
@@ -118,11 +136,15 @@ def service_report(current: ServiceWindow, traffic_now: int, traffic_base: int,
         "health_status": status,
         "reasons": reasons,
         "request_count": n,
-        "error_count_4xx": current.error_count_4xx,
-        "error_count_5xx": current.error_count_5xx,
+        "requests_per_s": n / WINDOW_S,
+        "admitted_count": admitted,
+        "error_count_4xx": e4xx,
+        "error_count_5xx": e5xx,
         "rate_limited": current.rate_limited,
+        "local_answers": {"count": current.local_count, "4xx": current.local_4xx,
+                          "5xx": current.local_5xx},
         "error_rate": error_rate if error_rate is not None else 0.0,
-        "4xx_rate": current.error_count_4xx / n if n else 0.0,
+        "4xx_rate": e4xx / admitted if admitted else 0.0,
         "latency_p50_ms": _ms(p50),
         "latency_p95_ms": _ms(p95),
         "latency_p99_ms": _ms(p99),
@@ -169,7 +191,8 @@ def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
                                        traffic.get(name, 0), base.get(name, 0), svc_breakers))
     return {
         "generated_at": now,
-        "window": {"since": win["since"], "until": win["until"], "seconds": WINDOW_S},
+        "window": {"since": win["since"], "until": win["until"], "seconds": WINDOW_S,
+                   "complete_buckets_only": True},
         "traffic_window": {"since": win["traffic_since"], "until": win["traffic_until"],
                            "baseline_since": win["baseline_since"],
                            "baseline_until": win["baseline_until"],

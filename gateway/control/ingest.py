@@ -3,13 +3,17 @@
 The wire document (schema 1) is produced by `gateway/signals.py` and completed by the shipper:
 
     {batch_id, gateway_id, seq, schema: 1, interval_start, interval_end,
-     series: [{route, upstream, service, method, code, count, bytes_in, bytes_out, latency_us_hdr}],
+     series: [{route, upstream, service, method, code, count, bytes_in, bytes_out, latency_us_hdr,
+               local?}],
      upstreams: [{upstream, latency_us_hdr | null, breaker_state, pool_in_use_max, pool_max}],
      limits: [{policy, decision, count}],
      breaker_transitions: [{upstream, from, to, at, reason}],
      saturation: {inflight_max, loop_lag_max_s, cpu_percent, rss_bytes}}
 
-`series` is required (may be empty); the other sections default to empty. Unknown keys are ignored
+`series` is required (may be empty); the other sections default to empty. A series' optional
+`local` names why the gateway answered those requests itself (`limit`, `budget`, `breaker`,
+`no_route`, `client_gone`, `bad_request`, or a later reason): they were never admitted, so they
+are counted apart from health, error rates and latency SLIs, and never billed. Unknown keys are ignored
 so that a newer gateway can add fields without its batches being dropped. Strings are data: they
 are stored verbatim through parameterised queries and never interpreted.
 """
@@ -63,6 +67,7 @@ class Series:
     bytes_out: int
     latency_us_hdr: str
     hist: HdrHistogram
+    local: str = ""         # why the gateway answered them itself; "" for admitted requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +314,12 @@ def parse_batch(body: bytes, *, now: float) -> Batch:
                 hist = histogram.decode(hdr)
             except histogram.HistogramError as exc:
                 v.err(f"{p}.latency_us_hdr", str(exc))
+        local = ""
+        if item.get("local") is not None:
+            local = v.string(item["local"], f"{p}.local", max_len=32) or ""
         if len(v.errors) == n0:
             series.append(Series(route, upstream, service, method, code, count,  # type: ignore[arg-type]
-                                 bytes_in, bytes_out, hdr, hist))  # type: ignore[arg-type]
+                                 bytes_in, bytes_out, hdr, hist, local))  # type: ignore[arg-type]
 
     upstreams: list[UpstreamReport] = []
     for i, item in enumerate(v.items(doc, "upstreams", required=False)):

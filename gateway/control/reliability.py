@@ -294,7 +294,7 @@ async def list_alerts(request: web.Request) -> web.Response:
 
 def _service_error_rate(store: Store, service: str, now: float) -> float:
     requests, e5xx, _ = 0, 0, 0
-    for win_s, first, end in slo_mod.plan(now - 300, now, now):
+    for win_s, first, end in slo_mod.plan(*slo_mod.burn_window(now, 300), now):
         r, e, _l = store.sli_sums(win_s, service, "*", first, end)
         requests, e5xx = requests + r, e5xx + e
     return e5xx / requests if requests else 0.0

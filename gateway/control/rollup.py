@@ -4,7 +4,11 @@
   one day old, land where they belong): bucket_start = floor(interval_start / w) * w.
 * Counts are added and saturation maxima kept at ingest, in the batch's one transaction, for all
   four windows at once (`apply`). Status 429 counts in `rate_limited`, 4xx (other than 429) in
-  `error_count_4xx`, 5xx in `error_count_5xx`; every status counts in `request_count`.
+  `error_count_4xx`, 5xx in `error_count_5xx`; every status counts in `request_count`. Series
+  the gateway answered itself (`local`) count there too, and again in `local_count`, `local_4xx`,
+  `local_5xx`, so that readers can report the admitted requests apart (health, signals).
+  Their latencies are not queued: the histograms (p50/p95/p99, latency SLIs) are of admitted
+  requests only, not diluted by a flood of 30-microsecond 429s.
 * Latency histograms are exact merges: each series' HDR histogram is queued in `pending_hist` by
   `apply` and folded into the 4 windows x (route, service total) buckets by `compact`, which
   decodes each bucket's stored histogram once per pass, adds, re-encodes and stores p50/p95/p99.
@@ -57,6 +61,7 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
 
     # Sum the batch per (service, route) and per service first: one upsert per key per window.
     sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+    local: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     pending: list[tuple[int, str, str, str]] = []
     links: dict[tuple[str, str], None] = {}
     b1m = bucket_start(t0, 60)
@@ -70,13 +75,19 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
             acc[3] += rl * s.count
             acc[4] += s.bytes_in
             acc[5] += s.bytes_out
-        if s.hist.total_count:
+            if s.local:
+                loc = local[key]
+                loc[0] += s.count
+                loc[1] += e4 * s.count
+                loc[2] += e5 * s.count
+        if s.hist.total_count and not s.local:
             pending.append((b1m, s.service, s.route, s.latency_us_hdr))
         if s.upstream != "-":
             links[(s.service, s.upstream)] = None
 
     rows: list[BucketRow] = []
     limit_rows: list[tuple[int, int, str, str, int]] = []
+    local_rows: list[tuple[int, int, str, str, int, int, int]] = []
     limit_sums: dict[tuple[str, str], int] = defaultdict(int)
     for lim in batch.limits:
         limit_sums[(lim.policy, lim.decision)] += lim.count
@@ -87,12 +98,15 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
                          sat.cpu_percent, lag_ms, sat.inflight_max, sat.rss_bytes))
         for (policy, decision), n in limit_sums.items():
             limit_rows.append((win, bs, policy, decision, n))
+        for (service, route), lc in local.items():
+            local_rows.append((win, bs, service, route, lc[0], lc[1], lc[2]))
 
     with store.transaction():
         if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
                                   batch.interval_end, received_at):
             return False
         store.add_buckets(rows)
+        store.add_local_counts(local_rows)
         store.add_pending_hists(pending)
         store.add_limit_counts(limit_rows)
         store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,

@@ -387,6 +387,20 @@ LEVELS = (86_400, 3_600, 300, 60)
 RETENTION_S = {60: 86_400, 300: 7 * 86_400, 3_600: 30 * 86_400, 86_400: 365 * 86_400}
 
 
+def burn_window(now: float, seconds: int) -> tuple[int, int]:
+    """[since, until) of a burn-rate (or any "last N minutes") window at `now`: exactly `seconds`
+    of complete buckets. Starting at the next whole minute and ending at `now` instead covered
+    only 240-300 s of a "5m" window, and a burn rate then moved with the second hand when the
+    traffic changed.
+
+    The end is the start of the current, unfinished minute; for windows whose start lies past the
+    1m rollups' retention (1d, 3d), the start of the current 5-minute bucket, so that the start
+    falls on a bucket boundary `plan` can cover exactly instead of rounding it."""
+    step = next((w for w in sorted(LEVELS) if seconds + w <= RETENTION_S[w]), LEVELS[0])
+    until = int(now // step) * step
+    return until - seconds, until
+
+
 def plan(since: float, until: float, now: float,
          retention: dict[int, int] | None = None) -> list[tuple[int, int, float]]:
     """Cover [since, until) with rollup buckets, coarse in the middle and fine at the edges:

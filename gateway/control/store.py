@@ -257,13 +257,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              UNIQUE (budget_id, period_start, kind, threshold))""",
         "CREATE INDEX budget_alerts_created ON budget_alerts(created_at)",
     ]),
+    # Requests the gateway answered itself (a limit's 429, an open breaker's 503, ...): part of
+    # request_count and of the error counts, kept apart so that health and signals can report
+    # the admitted requests (request_count - local_count, error_count_5xx - local_5xx, ...).
+    (15, [
+        "ALTER TABLE buckets ADD COLUMN local_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE buckets ADD COLUMN local_4xx INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE buckets ADD COLUMN local_5xx INTEGER NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _SIGNAL_COLUMNS = ("bucket_start", "service", "route", "request_count", "error_count_4xx",
                    "error_count_5xx", "rate_limited", "bytes_in", "bytes_out", "p50_us",
-                   "p95_us", "p99_us", "cpu_percent", "loop_lag_ms", "inflight_max", "rss_bytes")
+                   "p95_us", "p99_us", "cpu_percent", "loop_lag_ms", "inflight_max", "rss_bytes",
+                   "local_count", "local_4xx", "local_5xx")
 
 # A row for `add_buckets`: win_s, bucket_start, service, route, request_count, error_count_4xx,
 # error_count_5xx, rate_limited, bytes_in, bytes_out, cpu_percent, loop_lag_ms, inflight_max,
@@ -382,6 +391,17 @@ class Store:
             "loop_lag_ms = max(loop_lag_ms, excluded.loop_lag_ms), "
             "inflight_max = max(inflight_max, excluded.inflight_max), "
             "rss_bytes = max(rss_bytes, excluded.rss_bytes)", rows)
+
+    def add_local_counts(self, rows: Iterable[tuple[int, int, str, str, int, int, int]]) -> None:
+        """(win_s, bucket_start, service, route, local_count, local_4xx, local_5xx): the part of
+        a bucket's counts that the gateway answered itself (call after add_buckets)."""
+        self._db.executemany(
+            "INSERT INTO buckets(win_s, bucket_start, service, route, local_count, local_4xx, "
+            "local_5xx) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET "
+            "local_count = local_count + excluded.local_count, "
+            "local_4xx = local_4xx + excluded.local_4xx, "
+            "local_5xx = local_5xx + excluded.local_5xx", rows)
 
     def add_pending_hists(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
         """(bucket_start of the 1m bucket, service, route, encoded histogram) rows."""

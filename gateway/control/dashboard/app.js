@@ -326,6 +326,12 @@
     return { xs, at: (t) => byT.get(t) };
   }
 
+  /** Requests/s of an overview service over the overview's window: the window holds complete
+   *  minutes only, so its `seconds` is the time the count really covers. */
+  function perSecond(s, winS) {
+    return isNum(s.requests_per_s) ? s.requests_per_s : s.request_count / winS;
+  }
+
   function sparkline(rows, step, since, until) {
     const W = 160, H = 34, P = 2;
     const g = grid(rows, step, since, until);
@@ -431,7 +437,7 @@
             el('td', { class: 'service', 'data-label': 'Service' }, el('a', { href: '#/service/' + encodeURIComponent(s.service), text: s.service })),
             el('td', { class: 'health', 'data-label': 'Health' }, el('div', null, statusBadge(s.health_status),
               (s.reasons || []).length ? el('div', { class: 'reasons', text: s.reasons.map((r) => r.message).join(' · ') }) : null)),
-            el('td', { class: 'num rate', 'data-label': 'Requests/s', dataset: { value: s.request_count / winS } }, fmtRate(s.request_count / winS)),
+            el('td', { class: 'num rate', 'data-label': 'Requests/s', dataset: { value: perSecond(s, winS) } }, fmtRate(perSecond(s, winS))),
             el('td', { class: 'num requests', 'data-label': 'Requests (5m)', dataset: { value: s.request_count } }, fmtInt(s.request_count)),
             el('td', { class: 'num errors', 'data-label': 'Error rate (5xx)', dataset: { value: s.error_rate } },
               el('span', null, fmtPct(s.error_rate), el('span', { class: 'muted small' }, ' (' + fmtInt(s.error_count_5xx) + ')'))),
@@ -522,9 +528,14 @@
       const rows = g.xs.map(g.at);
       const val = (f) => rows.map((row) => (row ? f(row) : null));
       charts.latency.update([g.xs, val((x) => x.latency_p50_ms), val((x) => x.latency_p95_ms), val((x) => x.latency_p99_ms)]);
-      charts.traffic.update([g.xs, rows.map((x) => (x ? x.request_count / r.step : 0)), rows.map((x) => (x ? (x.rate_limited || 0) / r.step : 0))]);
-      charts.errors.update([g.xs, val((x) => (x.request_count ? 100 * x.error_count_5xx / x.request_count : null)),
-        val((x) => (x.request_count ? 100 * x.error_count_4xx / x.request_count : null))]);
+      // a rate only for buckets that have ended: the current one holds less than r.step seconds
+      const ended = g.xs.map((t) => t + r.step <= now);
+      charts.traffic.update([g.xs, rows.map((x, i) => (!ended[i] ? null : x ? x.request_count / r.step : 0)),
+        rows.map((x, i) => (!ended[i] ? null : x ? (x.rate_limited || 0) / r.step : 0))]);
+      // error rates of the admitted requests (what the gateway answered itself is counted apart)
+      const admittedOf = (x) => (isNum(x.admitted_count) ? x.admitted_count : x.request_count);
+      charts.errors.update([g.xs, val((x) => (admittedOf(x) ? 100 * x.error_count_5xx / admittedOf(x) : null)),
+        val((x) => (admittedOf(x) ? 100 * x.error_count_4xx / admittedOf(x) : null))]);
       charts.saturation.update([g.xs, val((x) => x.saturation && x.saturation.cpu_percent), val((x) => x.saturation && x.saturation.loop_lag_ms)]);
     }
 
@@ -536,11 +547,12 @@
       fill(badge, s ? statusBadge(s.health_status) : el('span', { class: 'muted', text: 'no recent traffic' }));
       if (!s) { fill(stats); return; }
       fill(stats,
-        stat('Requests/s (5m)', fmtRate(s.request_count / winS)),
+        stat('Requests/s (5m)', fmtRate(perSecond(s, winS))),
         stat('Error rate 5xx', fmtPct(s.error_rate), s.error_rate > 0.05 ? 'critical' : ''),
         stat('4xx rate', fmtPct(s['4xx_rate'])),
         stat('p50', fmtMs(s.latency_p50_ms)), stat('p95', fmtMs(s.latency_p95_ms)), stat('p99', fmtMs(s.latency_p99_ms)),
         stat('Rate-limited', fmtInt(s.rate_limited)),
+        stat('Answered by the gateway', fmtInt(s.local_answers ? s.local_answers.count : 0)),
         stat('CPU (max)', isNum(s.saturation && s.saturation.cpu_percent) ? fmtNum(s.saturation.cpu_percent) + '%' : '—'),
         el('div', { class: 'stat' }, el('div', { class: 'label', text: 'Breakers' }), el('div', { class: 'value-chips' }, breakerChips(s.circuit_breakers))));
     }
@@ -598,8 +610,11 @@
       const rows = (res.data.rows || []).slice().sort((x, y) => x.bucket_start - y.bucket_start);
       // availability: bad = 5xx (+ 429 if counted); latency: slow requests are not in these rows,
       // so the traffic gives the shape (budget spent where the requests were)
-      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + (b.count_429 ? (r.rate_limited || 0) : 0)
-        : (r) => r.request_count;
+      // (availability counts every 5xx, the gateway's own 503s too; the rows' error_count_5xx
+      // is of admitted requests, so the local ones are added back)
+      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + ((r.local_answers && r.local_answers['5xx']) || 0)
+          + (b.count_429 ? (r.rate_limited || 0) : 0)
+        : (r) => (isNum(r.admitted_count) ? r.admitted_count : r.request_count);
       const totalBad = rows.reduce((n, r) => n + badOf(r), 0);
       if (!totalBad || !rows.length) return straight;
       const used = 1 - remaining;
