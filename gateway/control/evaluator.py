@@ -132,7 +132,10 @@ class Evaluator:
                 events.extend(self._evaluate_slo(s, now))
             except Exception:
                 log.exception("SLO evaluation failed", extra={"slo": s.id})
-        incidents.tick(self.store, now)
+        for incident_id in incidents.tick(self.store, now):
+            inc = self.store.incident(incident_id)
+            if inc is not None:
+                events.append(incidents.event("escalated", inc))
         self.passes += 1
         self.last_pass_at = now
         return events
@@ -176,11 +179,12 @@ class Evaluator:
             last = self.store.last_resolved_at(key)
             if last is not None and now - last < s.cooldown_s:
                 continue
-            events.append(self._raise(s, tier, tier_rules, firing, windows, now))
+            events.extend(self._raise(s, tier, tier_rules, firing, windows, now))
         return events
 
     def _raise(self, s: SLO, tier: str, tier_rules: list[dict[str, Any]],
-               firing: list[dict[str, Any]], windows: dict[str, Counts], now: float) -> Event:
+               firing: list[dict[str, Any]], windows: dict[str, Counts], now: float
+               ) -> list[Event]:
         top = max(firing, key=lambda r: r["long_burn"])
         what = "error budget" if s.sli == "availability" else "latency budget"
         title = (f"{s.name}: {what} burning {top['long_burn']:.1f}x "
@@ -215,7 +219,10 @@ class Evaluator:
                     context={"slo": s.id, "error_rate_5m": error_rate_5m,
                              "burn_rates": details["burn_rates"]}, now=now)
         alert = self.store.slo_alert(alert["id"]) or alert
-        return Event("firing", alert, incident)
+        out = [Event("firing", alert, incident)]
+        if incident is not None and incidents.opened_by(incident, alert):
+            out.append(incidents.event("opened", incident))
+        return out
 
 
 def _rule_name(rule: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.control.alerts import Event, fingerprint
 from gateway.control.store import Store
 
 SEVERITIES = ("SEV-1", "SEV-2", "SEV-3", "SEV-4")
@@ -268,6 +269,11 @@ def on_page_alert(store: Store, alert: dict[str, Any], *, cause: str, severity: 
     return inc
 
 
+def opened_by(inc: dict[str, Any], alert: dict[str, Any]) -> bool:
+    """True when `on_page_alert` opened `inc` for this alert (it did not join an open one)."""
+    return inc["context"].get("alert_id") == alert["id"]
+
+
 def tick(store: Store, now: float) -> list[dict[str, Any]]:
     """Periodic work on open incidents: escalation when the response time passed without an
     acknowledgement, breaker openings of the service's upstreams onto the timeline. Returns the
@@ -302,3 +308,35 @@ def tick(store: Store, now: float) -> list[dict[str, Any]]:
             if cursor != inc["breaker_cursor"]:
                 store.update_incident(inc["id"], {"breaker_cursor": cursor})
     return escalated
+
+
+# Events for the notifier: an incident travels in the shape of an alert (`source: "incident"`),
+# so every notification format can carry it; `kind` is opened | escalated | acknowledged |
+# resolved.
+EVENT_KINDS = ("opened", "escalated", "acknowledged", "resolved")
+
+
+def event(kind: str, inc: dict[str, Any]) -> Event:
+    """The notifier's Event of one incident transition."""
+    labels = {"alertname": "Incident", "incident_id": inc["id"], "severity": inc["severity"],
+              "service": inc["affected_service"], "cause": inc["cause"]}
+    level = inc["escalation_level"]
+    text = {"opened": "opened", "escalated": f"escalated to level {level}",
+            "acknowledged": "acknowledged", "resolved": "resolved"}[kind]
+    description = inc["description"] or inc["title"]
+    if kind == "resolved" and inc.get("resolution_notes"):
+        description += f"\nResolution: {inc['resolution_notes']}"
+    alert = {"id": inc["id"], "dedup_key": f"incident:{inc['id']}", "source": "incident",
+             "slo_id": None, "service": inc["affected_service"], "severity": inc["severity"],
+             "status": inc["status"], "title": f"{inc['id']} {text} ({inc['severity']}): "
+                                               f"{inc['title']}",
+             "description": description, "labels": labels,
+             "details": {"escalation_level": level, "event": kind,
+                         "assigned_to": inc.get("assigned_to")},
+             # stable across severity changes: one incident, one fingerprint
+             "fingerprint": fingerprint({"alertname": "Incident", "incident_id": inc["id"]}),
+             "started_at": inc["created_at"],
+             "updated_at": inc["updated_at"], "acknowledged_at": inc["acknowledged_at"],
+             "acknowledged_by": None, "resolved_at": inc["resolved_at"],
+             "incident_id": inc["id"]}
+    return Event(kind, alert, inc)

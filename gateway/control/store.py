@@ -257,6 +257,49 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              UNIQUE (budget_id, period_start, kind, threshold))""",
         "CREATE INDEX budget_alerts_created ON budget_alerts(created_at)",
     ]),
+    # --- SRE follow-ups: migration 4 -------------------------------------------------------
+    # notification_deliveries.incident_id  deliveries of incident events (alert_id NULL)
+    # incidents.assigned_to                who owns the incident
+    # gateways.interval_s                  the ship interval of the gateway's last batch
+    # action_items       post-mortem action items (owner, due date, priority, status);
+    #                    overdue_alert_id: the alert raised when it went overdue
+    # slo_history        the attainment of each closed SLO period: calendar periods
+    #                    (kind 'period') and rolling-window snapshots at each UTC day's end
+    #                    (kind 'day'), one row per (slo, kind, period_start)
+    (4, [
+        "ALTER TABLE notification_deliveries ADD COLUMN incident_id TEXT",
+        "ALTER TABLE incidents ADD COLUMN assigned_to TEXT",
+        "ALTER TABLE gateways ADD COLUMN interval_s REAL",
+        """CREATE TABLE action_items (
+             id INTEGER PRIMARY KEY,
+             incident_id TEXT NOT NULL REFERENCES incidents(id),
+             description TEXT NOT NULL,
+             owner TEXT NOT NULL,
+             due_at REAL NOT NULL,
+             priority TEXT NOT NULL,
+             status TEXT NOT NULL,
+             created_at REAL NOT NULL,
+             created_by TEXT NOT NULL,
+             updated_at REAL NOT NULL,
+             completed_at REAL,
+             overdue_alert_id INTEGER)""",
+        "CREATE INDEX action_items_open ON action_items(status, due_at)",
+        """CREATE TABLE slo_history (
+             slo_id TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             period_start REAL NOT NULL,
+             period_end REAL NOT NULL,
+             service TEXT NOT NULL,
+             sli TEXT NOT NULL,
+             objective REAL NOT NULL,
+             total INTEGER NOT NULL,
+             bad INTEGER NOT NULL,
+             attainment REAL,
+             budget_remaining REAL,
+             met INTEGER NOT NULL,
+             closed_at REAL NOT NULL,
+             PRIMARY KEY (slo_id, kind, period_start))""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -992,17 +1035,19 @@ class Store:
         return int(row[0] or 0)
 
     def add_delivery(self, at: float, target: str, alert_id: int | None, event: str,
-                     status: str, attempts: int, http_status: int | None, error: str) -> int:
+                     status: str, attempts: int, http_status: int | None, error: str,
+                     incident_id: str | None = None) -> int:
         with self.transaction():
             cur = self._db.execute(
-                "INSERT INTO notification_deliveries(at, target, alert_id, event, status, "
-                "attempts, http_status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, target, alert_id, event, status, attempts, http_status, error))
+                "INSERT INTO notification_deliveries(at, target, alert_id, incident_id, event, "
+                "status, attempts, http_status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, target, alert_id, incident_id, event, status, attempts, http_status,
+                 error))
             return int(cur.lastrowid or 0)
 
     def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first."""
-        cols = ("id", "at", "target", "alert_id", "event", "status", "attempts",
+        cols = ("id", "at", "target", "alert_id", "incident_id", "event", "status", "attempts",
                 "http_status", "error")
         with self._lock:
             rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM "
