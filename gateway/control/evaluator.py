@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.control import alerts, histogram, incidents, rollup
+from gateway.control import alerts, followups, histogram, incidents, rollup
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import Event
 from gateway.control.slo import SLO, Counts
@@ -132,6 +132,15 @@ class Evaluator:
                 events.extend(self._evaluate_slo(s, now))
             except Exception:
                 log.exception("SLO evaluation failed", extra={"slo": s.id})
+            try:
+                events.extend(self._follow_up_slo(s, now))
+            except Exception:
+                log.exception("SLO follow-up failed", extra={"slo": s.id})
+        for check in (followups.silent_gateways, followups.overdue_action_items):
+            try:
+                events.extend(check(self.store, now))
+            except Exception:
+                log.exception("follow-up check failed", extra={"check": check.__name__})
         for incident_id in incidents.tick(self.store, now):
             inc = self.store.incident(incident_id)
             if inc is not None:
@@ -139,6 +148,12 @@ class Evaluator:
         self.passes += 1
         self.last_pass_at = now
         return events
+
+    def _follow_up_slo(self, s: SLO, now: float) -> list[Event]:
+        """Error-budget consumption alerts of the current period."""
+        start, end = followups.consumption_period(s, now)
+        counts = Counter(self.store, s, now).counts(start, now)
+        return followups.budget_consumption(self.store, s, counts, start, end, now)
 
     def _evaluate_slo(self, s: SLO, now: float) -> list[Event]:
         counter = Counter(self.store, s, now)

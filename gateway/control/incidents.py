@@ -76,7 +76,8 @@ def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
     out = {k: inc[k] for k in ("id", "title", "description", "severity", "affected_service",
                                "cause", "context", "status", "escalation_level", "created_at",
                                "created_by", "acknowledged_at", "mitigated_at", "resolved_at",
-                               "resolution_notes", "root_cause", "postmortem", "updated_at")}
+                               "resolution_notes", "root_cause", "postmortem", "updated_at",
+                               "assigned_to")}
     out["response_due_at"] = (auto_level(inc["severity"], inc["created_at"], now)[1]
                               if inc["status"] == "investigating" else None)
     out["postmortem_required"] = inc["severity"] in POSTMORTEM_REQUIRED
@@ -274,7 +275,7 @@ def opened_by(inc: dict[str, Any], alert: dict[str, Any]) -> bool:
     return inc["context"].get("alert_id") == alert["id"]
 
 
-def tick(store: Store, now: float) -> list[dict[str, Any]]:
+def tick(store: Store, now: float) -> list[str]:
     """Periodic work on open incidents: escalation when the response time passed without an
     acknowledgement, breaker openings of the service's upstreams onto the timeline. Returns the
     incidents escalated."""

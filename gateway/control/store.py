@@ -937,7 +937,8 @@ class Store:
     _INCIDENT_COLS = ("id", "title", "description", "severity", "affected_service", "cause",
                       "context", "status", "escalation_level", "created_at", "created_by",
                       "acknowledged_at", "mitigated_at", "resolved_at", "resolution_notes",
-                      "root_cause", "postmortem", "breaker_cursor", "updated_at")
+                      "root_cause", "postmortem", "breaker_cursor", "updated_at",
+                      "assigned_to")
     _INCIDENT_JSON = ("context", "postmortem")
 
     def _incident(self, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -1054,3 +1055,101 @@ class Store:
                                     "notification_deliveries ORDER BY id DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [dict(zip(cols, r)) for r in rows]
+
+    # -----------------------------------------------------------------------------------------
+    # SRE follow-ups (migration 4): gateway intervals, action items, SLO history
+
+    def note_gateway_interval(self, gateway_id: str, interval_s: float, seen: float) -> None:
+        """The ship interval of the batch that set `last_seen` (a late batch changes nothing)."""
+        with self.transaction():
+            self._db.execute("UPDATE gateways SET interval_s = ? WHERE gateway_id = ? AND "
+                             "last_seen = ?", (interval_s, gateway_id, seen))
+
+    def gateway_intervals(self) -> list[tuple[str, float, float | None]]:
+        """(gateway_id, last_seen, interval_s) of every reporting gateway."""
+        with self._lock:
+            return [(r[0], float(r[1]), None if r[2] is None else float(r[2]))
+                    for r in self._db.execute("SELECT gateway_id, last_seen, interval_s "
+                                              "FROM gateways ORDER BY gateway_id")]
+
+    def any_alert(self, dedup_key: str) -> bool:
+        """Whether an alert (open or resolved) with this dedup key was ever raised."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM alerts WHERE dedup_key = ? LIMIT 1",
+                                    (dedup_key,)).fetchone() is not None
+
+    def open_alerts_with_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """Open alerts whose dedup key starts with `prefix`, oldest first."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(self._SLO_ALERT_COLS) +
+                                    " FROM alerts WHERE dedup_key LIKE ? ESCAPE '\\' AND "
+                                    "status != 'resolved' ORDER BY id", (like,)).fetchall()
+        return [self._slo_alert(r) for r in rows]
+
+    _ACTION_ITEM_COLS = ("id", "incident_id", "description", "owner", "due_at", "priority",
+                         "status", "created_at", "created_by", "updated_at", "completed_at",
+                         "overdue_alert_id")
+
+    def insert_action_item(self, fields: dict[str, Any]) -> int:
+        cols = [c for c in self._ACTION_ITEM_COLS if c != "id" and c in fields]
+        with self.transaction():
+            cur = self._db.execute(f"INSERT INTO action_items({', '.join(cols)}) "
+                                   f"VALUES ({', '.join('?' * len(cols))})",
+                                   [fields[c] for c in cols])
+            return int(cur.lastrowid or 0)
+
+    def update_action_item(self, item_id: int, fields: dict[str, Any]) -> bool:
+        return self._update_row("action_items", self._ACTION_ITEM_COLS, (), item_id, fields)
+
+    def action_item(self, item_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._ACTION_ITEM_COLS) +
+                                   " FROM action_items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else dict(zip(self._ACTION_ITEM_COLS, row))
+
+    def action_items(self, *, incident_id: str | None = None, status: str | None = None,
+                     due_before: float | None = None, limit: int = 1000
+                     ) -> list[dict[str, Any]]:
+        """By due date, earliest first."""
+        sql = "SELECT " + ", ".join(self._ACTION_ITEM_COLS) + " FROM action_items WHERE 1 = 1"
+        args: list[Any] = []
+        sql = _and(sql, args, ("incident_id = ?", incident_id), ("status = ?", status),
+                   ("due_at < ?", due_before))
+        sql += " ORDER BY due_at, id LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(self._ACTION_ITEM_COLS, r)) for r in rows]
+
+    _HISTORY_COLS = ("slo_id", "kind", "period_start", "period_end", "service", "sli",
+                     "objective", "total", "bad", "attainment", "budget_remaining", "met",
+                     "closed_at")
+
+    def add_slo_history(self, row: dict[str, Any]) -> bool:
+        """Record a closed period once (a second write of the same period is ignored)."""
+        with self.transaction():
+            return self._db.execute(
+                f"INSERT OR IGNORE INTO slo_history({', '.join(self._HISTORY_COLS)}) "
+                f"VALUES ({', '.join('?' * len(self._HISTORY_COLS))})",
+                [row[c] for c in self._HISTORY_COLS]).rowcount == 1
+
+    def last_slo_history(self, slo_id: str, kind: str) -> float | None:
+        """The end of the last recorded period of this kind."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(period_end) FROM slo_history WHERE slo_id = ? "
+                                   "AND kind = ?", (slo_id, kind)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def slo_history(self, *, slo_id: str | None = None, service: str | None = None,
+                    kind: str | None = None, since: float | None = None,
+                    until: float | None = None) -> list[dict[str, Any]]:
+        """Oldest first; `since`/`until` bound period_end."""
+        sql = "SELECT " + ", ".join(self._HISTORY_COLS) + " FROM slo_history WHERE 1 = 1"
+        args: list[Any] = []
+        sql = _and(sql, args, ("slo_id = ?", slo_id), ("service = ?", service),
+                   ("kind = ?", kind), ("period_end > ?", since), ("period_end <= ?", until))
+        sql += " ORDER BY period_start, slo_id, kind"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(self._HISTORY_COLS, r), met=bool(r[11])) for r in rows]
