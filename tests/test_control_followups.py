@@ -101,8 +101,8 @@ def test_budget_alerts_validation():
     assert errs.lines == [
         "slos[0].budget_alerts: must be ascending without repeats",
         "slos[1].budget_alerts[0]: must be > 0, got 0",
-        "slos[2].budget_alerts: must be a list of percentages of the error budget consumed, "
-        "e.g. [50, 90]"]
+        ("slos[2].budget_alerts: must be a list of percentages of the error budget consumed, "
+        "e.g. [50, 90]")]
     ok = slo_mod.parse_slo({"name": "a", "service": "s", "objective": 99}, "x", errs)
     assert ok is not None and ok.budget_alerts == (50.0, 90.0)
     assert slo_mod.slo_from_doc(ok.to_doc()).budget_alerts == (50.0, 90.0)
