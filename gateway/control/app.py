@@ -425,6 +425,8 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
     # this module.)
     from gateway.control.reliability import slo_routes
+    from gateway.control.workflow import setup as workflow_routes
+    workflow_routes(app)      # assignment, action items, reports, SLO history: before slo_routes
     slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.control import alerts, followups, histogram, incidents, rollup
+from gateway.control import alerts, followups, histogram, history, incidents, rollup
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import Event
 from gateway.control.slo import SLO, Counts
@@ -150,10 +150,15 @@ class Evaluator:
         return events
 
     def _follow_up_slo(self, s: SLO, now: float) -> list[Event]:
-        """Error-budget consumption alerts of the current period."""
+        """The SLO's closed periods into its history; error-budget consumption alerts of the
+        current period."""
+        counter = Counter(self.store, s, now)
+        row = self.store.slo_doc(s.id)
+        history.close_periods(self.store, s, row["created_at"] if row else now, now,
+                              counter.counts)
         start, end = followups.consumption_period(s, now)
-        counts = Counter(self.store, s, now).counts(start, now)
-        return followups.budget_consumption(self.store, s, counts, start, end, now)
+        return followups.budget_consumption(self.store, s, counter.counts(start, now), start,
+                                            end, now)
 
     def _evaluate_slo(self, s: SLO, now: float) -> list[Event]:
         counter = Counter(self.store, s, now)

@@ -341,3 +341,26 @@ def event(kind: str, inc: dict[str, Any]) -> Event:
              "acknowledged_by": None, "resolved_at": inc["resolved_at"],
              "incident_id": inc["id"]}
     return Event(kind, alert, inc)
+
+
+def assign(store: Store, incident_id: str, assigned_to: Any, actor: str, reason: str,
+           now: float) -> dict[str, Any]:
+    """Set (a name) or clear (None) who owns the incident; audited and on the timeline."""
+    if assigned_to is not None and (not isinstance(assigned_to, str) or not assigned_to.strip()
+                                    or len(assigned_to) > 200):
+        raise IncidentError(400, "assigned_to: must be a non-empty string of at most 200 "
+                                 "characters, or null to unassign")
+    who = assigned_to.strip() if isinstance(assigned_to, str) else None
+    with store.transaction():
+        inc = _get(store, incident_id)
+        before = inc.get("assigned_to")
+        if before == who:
+            return inc
+        store.update_incident(incident_id, {"assigned_to": who, "updated_at": now})
+        text = f"assigned to {who}" if who else "unassigned"
+        store.add_timeline(incident_id, now, "assignment", actor,
+                           text + (f": {reason}" if reason else ""),
+                           {"assigned_to": who, "before": before})
+        store.audit(actor, "assign", f"incident/{incident_id}", reason,
+                    {"assigned_to": [before, who]}, at=now)
+    return _get(store, incident_id)

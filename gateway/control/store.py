@@ -265,7 +265,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     #                    overdue_alert_id: the alert raised when it went overdue
     # slo_history        the attainment of each closed SLO period: calendar periods
     #                    (kind 'period') and rolling-window snapshots at each UTC day's end
-    #                    (kind 'day'), one row per (slo, kind, period_start)
+    #                    (kind 'day'), one row per (slo, kind, period_end)
     (4, [
         "ALTER TABLE notification_deliveries ADD COLUMN incident_id TEXT",
         "ALTER TABLE incidents ADD COLUMN assigned_to TEXT",
@@ -298,7 +298,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              budget_remaining REAL,
              met INTEGER NOT NULL,
              closed_at REAL NOT NULL,
-             PRIMARY KEY (slo_id, kind, period_start))""",
+             PRIMARY KEY (slo_id, kind, period_end))""",
     ]),
 ]
 
@@ -1149,7 +1149,7 @@ class Store:
         args: list[Any] = []
         sql = _and(sql, args, ("slo_id = ?", slo_id), ("service = ?", service),
                    ("kind = ?", kind), ("period_end > ?", since), ("period_end <= ?", until))
-        sql += " ORDER BY period_start, slo_id, kind"
+        sql += " ORDER BY period_end, slo_id, kind"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [dict(zip(self._HISTORY_COLS, r), met=bool(r[11])) for r in rows]
