@@ -10,7 +10,7 @@ them with `merge_expositions()`, so one scrape covers every worker exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -105,11 +105,16 @@ WORKERS = MetricDef(
     "gateway_worker_processes", "gauge",
     "Worker processes covered by this exposition (1 per worker; summed when merged).")
 
+RATELIMIT_UTILIZATION = MetricDef(
+    "gateway_ratelimit_utilization_ratio", "gauge",
+    "Per policy, the largest share of its burst capacity one client key had used in the last "
+    "15 s or more (1 = some key was limited).", ("policy",), merge="max")
+
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
     BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
     REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
-    RSS, WORKERS)
+    RSS, WORKERS, RATELIMIT_UTILIZATION)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -145,8 +150,10 @@ def _histogram(family: HistogramMetricFamily, le: tuple[str, ...], labels: list[
 class SignalsCollector(Collector):
     """A prometheus-client Collector over a Signals, read at scrape time."""
 
-    def __init__(self, signals: Signals) -> None:
+    def __init__(self, signals: Signals,
+                 utilization: Callable[[], dict[str, float]] | None = None) -> None:
         self._signals = signals
+        self._utilization = utilization     # Limiter.utilization
 
     def collect(self) -> Iterator[Metric]:
         t = self._signals.totals()
@@ -212,11 +219,17 @@ class SignalsCollector(Collector):
         yield CounterMetricFamily(CPU_SECONDS.name, CPU_SECONDS.help, value=t.cpu_seconds)
         yield GaugeMetricFamily(RSS.name, RSS.help, value=t.rss_bytes)
         yield GaugeMetricFamily(WORKERS.name, WORKERS.help, value=1)
+        if self._utilization is not None:
+            util = _gauge(RATELIMIT_UTILIZATION)
+            for policy, ratio in sorted(self._utilization().items()):
+                util.add_metric([policy], ratio)
+            yield util
 
 
-def render(signals: Signals) -> bytes:
+def render(signals: Signals, utilization: Callable[[], dict[str, float]] | None = None
+           ) -> bytes:
     """This process's Prometheus text exposition (serve with CONTENT_TYPE). Loop thread only."""
-    return generate_latest(SignalsCollector(signals))
+    return generate_latest(SignalsCollector(signals, utilization))
 
 
 # ---------------------------------------------------------------------------------------------
