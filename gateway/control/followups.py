@@ -3,7 +3,8 @@
 * Error-budget consumption (seed 002): when an SLO has consumed one of its `budget_alerts`
   percentages (default 50 and 90; 90 and above page, below ticket) of the error budget of its
   current period, one alert per threshold and period (dedup key `<slo>:budget<pct>:<period
-  start>`); a higher threshold's alert supersedes (resolves) the lower one's. Periods: the
+  start>`); a higher threshold's alert supersedes (resolves) the lower one's. A consumption
+  page waits while a burn-rate page of the same SLO is open (one outage, one page). Periods: the
   calendar week or month of a calendar SLO; for a rolling window, consecutive windows of its
   length counted from the Unix epoch (a rolling window has no period of its own, and this keeps
   "once per period" to at most one alert per window length). A period with fewer than the SLO's
@@ -63,6 +64,8 @@ def budget_consumption(store: Store, s: SLO, counts: Counts, start: float, end: 
     pct = reached[-1]                      # the highest reached: lower ones are implied
     if any(store.any_alert(_key(s, p, start)) for p in s.budget_alerts if p >= pct):
         return events                      # raised already in this period
+    if pct >= PAGE_AT_PCT and store.open_slo_alert(f"{s.id}:page") is not None:
+        return events                      # the burn-rate page covers it; raised once it clears
     key = _key(s, pct, start)
     with store.transaction():
         alert = alerts.raise_alert(
