@@ -10,6 +10,7 @@ import email.policy
 import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -214,11 +215,8 @@ async def test_email_refused_auth_fails_without_retrying(tmp_path, smtp_tls):
     try:
         clock = FakeClock(wall=DAY0 + DAY)
         target = _mail_target(controller.port, ca_file, backoff_s=0.05, max_attempts=3)
-        target = Target(**{**{f: getattr(target, f) for f in Target.__slots__},
-                           "smtp": mail.SmtpConfig(host="127.0.0.1", port=controller.port,
-                                                   sender="alerts@gateway.example",
-                                                   username="alerts", password="wrong",
-                                                   ca_file=ca_file)})
+        assert target.smtp is not None
+        target = replace(target, smtp=replace(target.smtp, password="wrong"))
         async with slo_plane(tmp_path, clock, notifications=(target,)) as (url, s, app):
             status, _ = await call(s, url, "POST", "/v1/alerts",
                                    json={"title": "x", "service": "svc"})

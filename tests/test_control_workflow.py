@@ -212,3 +212,23 @@ async def test_a_simulated_month_gives_the_attainment_history_and_the_kpis(tmp_p
         assert [a["labels"]["owner"] for a in overdue] == ["bob"]
         assert (await call(s, url, "GET", "/v1/reports/svc", period="year"))[0] == 400
         assert (await call(s, url, "GET", "/v1/reports/svc", role="reader"))[0] == 403
+
+
+async def test_latency_slo_history_from_ingested_histograms(tmp_path):
+    """A latency SLO's daily snapshot counts the slow requests of the merged histograms."""
+    from tests.test_control_support import batch, ingest, series
+    clock = FakeClock(wall=NOV1 + 12 * HOUR)
+    async with slo_plane(tmp_path, clock) as (url, s, app):
+        add_slo(store_of(app), make_slo(name="api-latency", sli="latency", threshold_ms=500,
+                                        objective=95, window="7d"), now=NOV1)
+        lat = [1_000] * 90 + [800_000] * 10                  # 10 of 100 slower than 500 ms
+        status, _ = await ingest(s, url, batch("b1", clock.time() - 10,
+                                               [series(latencies_us=lat)]))
+        assert status == 200
+        clock.advance(12 * HOUR)                             # Nov 2, 00:00
+        await run_evaluation(app)
+        status, doc = await call(s, url, "GET", "/v1/slos/api-latency/history")
+        (day,) = doc["history"]
+        assert (day["sli"], day["total"], day["bad"], day["met"]) == ("latency", 100, 10, False)
+        assert day["attainment"] == pytest.approx(0.9)
+        assert day["period_end"] == NOV1 + DAY and day["period_start"] == NOV1 + DAY - 7 * DAY
