@@ -26,7 +26,7 @@ async def declare(s, url, **kw) -> dict:
 
 async def test_assignment_is_settable_audited_and_on_the_timeline(tmp_path):
     clock = FakeClock(wall=NOV1)
-    async with slo_plane(tmp_path, clock) as (url, s, app):
+    async with slo_plane(tmp_path, clock) as (url, s, _app):
         inc = await declare(s, url)
         assert inc["assigned_to"] is None
         path = f"/v1/incidents/{inc['id']}/assign"
