@@ -1,4 +1,4 @@
-"""Post-mortem action items (seed 002): what to do after an incident, by whom, by when.
+"""Post-mortem action items: what to do after an incident, by whom, by when.
 
     POST /v1/incidents/{id}/action-items  {description, owner, due, priority, reason}
     due: a date (YYYY-MM-DD: due at the end of that day, UTC), an ISO-8601 time or Unix seconds

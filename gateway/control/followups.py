@@ -1,6 +1,6 @@
 """Alerts besides burn rates, checked by every evaluation pass (database thread).
 
-* Error-budget consumption (seed 002): when an SLO has consumed one of its `budget_alerts`
+* Error-budget consumption: when an SLO has consumed one of its `budget_alerts`
   percentages (default 50 and 90; 90 and above page, below ticket) of the error budget of its
   current period, one alert per threshold and period (dedup key `<slo>:budget<pct>:<period
   start>`); a higher threshold's alert supersedes (resolves) the lower one's. A consumption
