@@ -147,4 +147,18 @@ async def test_a_gateway_that_stops_reporting_raises_an_alert_until_it_is_back(t
         await run_evaluation(app)
         by_gw = {a["labels"]["gateway_id"]: a["status"] for a in await silent()}
         assert by_gw == {"gw-a": "firing", "gw-b": "resolved"}
+        # gw-a was taken out of service: resolved by hand, it is not raised again
+        gw_a = next(a for a in await silent() if a["labels"]["gateway_id"] == "gw-a")
+        status, _ = await call(s, url, "POST", f"/v1/alerts/{gw_a['id']}/resolve",
+                               json={"reason": "decommissioned"})
+        assert status == 200
+        clock.advance(60)
+        await run_evaluation(app)
+        assert [a["status"] for a in await silent()
+                if a["labels"]["gateway_id"] == "gw-a"] == ["resolved"]
+        # gw-b reported (and its alert resolved); silent again: a new alert
+        clock.advance(60)
+        await run_evaluation(app)
+        assert [a["status"] for a in await silent()
+                if a["labels"]["gateway_id"] == "gw-b"] == ["firing", "resolved"]
         assert store_of(app).gateway_intervals()[1][2] == 5.0

@@ -11,7 +11,8 @@
   `min_events` events raises nothing. Alerts of a past period resolve themselves.
   These never open incidents: spending budget is a planning matter, a burn is the emergency.
 * A gateway that stops reporting: no batch for 3 ship intervals (its interval is that of its
-  last batch) raises `gateway-silent:<gateway id>` (ticket); its next batch resolves it.
+  last batch) raises `gateway-silent:<gateway id>` (ticket), once per silence; its next batch
+  resolves it, and so may an operator (a gateway taken out of service).
 * An overdue post-mortem action item (open past its due date) raises
   `action-item:<id>:overdue` (ticket); completing the item resolves it (actionitems.py).
 """
@@ -108,7 +109,10 @@ def silent_gateways(store: Store, now: float) -> list[Event]:
         open_alert = store.open_slo_alert(key)
         silent_s = now - last_seen
         if silent_s > SILENT_INTERVALS * interval_s:
-            if open_alert is None:
+            started = store.last_started_at(key)
+            if open_alert is None and (started is None or started <= last_seen):
+                # (once per silence: one resolved by hand, e.g. for a gateway taken out of
+                # service, is not raised again until the gateway has reported in between)
                 with store.transaction():
                     alert = alerts.raise_alert(
                         store, dedup_key=key, source="gateway", service=SILENT_SERVICE,

@@ -1072,6 +1072,13 @@ class Store:
                     for r in self._db.execute("SELECT gateway_id, last_seen, interval_s "
                                               "FROM gateways ORDER BY gateway_id")]
 
+    def last_started_at(self, dedup_key: str) -> float | None:
+        """When the newest alert with this dedup key was raised."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(started_at) FROM alerts WHERE dedup_key = ?",
+                                   (dedup_key,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def any_alert(self, dedup_key: str) -> bool:
         """Whether an alert (open or resolved) with this dedup key was ever raised."""
         with self._lock:
