@@ -81,7 +81,7 @@ def test_services_map_to_their_routes_with_the_gateway_config(tmp_path):
     promtool(tmp_path, "check", "rules", "rules.yml")
 
 
-def test_bad_config_exits_2_naming_the_key(tmp_path):
+def test_bad_config_exits_2_naming_the_key_and_no_slos_is_an_empty_file(tmp_path):
     bad = tmp_path / "control.yaml"
     bad.write_text("tokens: [{name: a, role: admin, token: t}]\n"
                    "slos: [{name: x, service: s, objective: 120}]\n")
@@ -91,4 +91,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("tokens: [{name: a, role: admin, token: t}]\n")
     r = slo_rules("--config", str(empty))
-    assert r.returncode == 2 and "defines no SLOs" in r.stderr
+    assert r.returncode == 0 and "defines no SLOs" in r.stderr
+    assert yaml.safe_load(r.stdout) == {"groups": []}
+    (tmp_path / "none.yml").write_text(r.stdout)
+    promtool(tmp_path, "check", "rules", "none.yml")
