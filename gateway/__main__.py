@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate a gateway or control-plane config")
     p_check.add_argument("--config", required=True)
 
+    p_rules = sub.add_parser("slo-rules", help="print Prometheus recording and alerting rules "
+                                               "for the SLOs of a control-plane config")
+    p_rules.add_argument("--config", default="config/control.yaml")
+    p_rules.add_argument("--gateway-config", help="map each SLO's service to its routes")
+
     p_demo = sub.add_parser("demo-upstream", help="run the bundled demo upstream")
     p_demo.add_argument("--listen", default="127.0.0.1:9001")
 
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "control":
         from gateway.control import app as control_app
         return control_app.run(args.config)
+    if args.command == "slo-rules":
+        from gateway.control import slorules
+        return slorules.run(args.config, args.gateway_config)
     if args.command == "demo-upstream":
         from gateway import demo
         from gateway.config import split_hostport

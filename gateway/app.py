@@ -294,7 +294,9 @@ class GatewayServer:
         return self.state == "ready", self.state
 
     async def metrics(self) -> tuple[bytes, str]:
-        return metrics.render(self.signals, self.worker_index), metrics.CONTENT_TYPE
+        return (metrics.render(self.signals, worker=self.worker_index,
+                               utilization=self.runtime.limiter.utilization),
+                metrics.CONTENT_TYPE)
 
     async def breakers(self) -> list[dict[str, Any]]:
         return self.runtime.breakers.snapshot()

@@ -10,7 +10,7 @@ them with `merge_expositions()`, so one scrape covers every worker exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -116,11 +116,16 @@ DURATION_QUANTILES = MetricDef(
     "last completed interval (the shipper's, else 10 s).",
     ("route", "upstream", "quantile"), merge="max")
 
+RATELIMIT_UTILIZATION = MetricDef(
+    "gateway_ratelimit_utilization_ratio", "gauge",
+    "Per policy, the largest share of its burst capacity one client key had used in the last "
+    "15 s or more (1 = some key was limited).", ("policy",), merge="max")
+
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
     BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
     REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
-    RSS, WORKERS, RATELIMIT_EVICTIONS, DURATION_QUANTILES)
+    RSS, WORKERS, RATELIMIT_EVICTIONS, DURATION_QUANTILES, RATELIMIT_UTILIZATION)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -156,9 +161,11 @@ def _histogram(family: HistogramMetricFamily, le: tuple[str, ...], labels: list[
 class SignalsCollector(Collector):
     """A prometheus-client Collector over a Signals, read at scrape time."""
 
-    def __init__(self, signals: Signals, worker: int | None = None) -> None:
+    def __init__(self, signals: Signals, worker: int | None = None,
+                 utilization: Callable[[], dict[str, float]] | None = None) -> None:
         self._signals = signals
         self._worker = worker
+        self._utilization = utilization     # Limiter.utilization
 
     def collect(self) -> Iterator[Metric]:
         t = self._signals.totals()
@@ -236,11 +243,19 @@ class SignalsCollector(Collector):
                 quantiles.add_metric([route, upstream, _go_float(q), *worker], v)
         yield quantiles
 
+        if self._utilization is not None:
+            util = _gauge(RATELIMIT_UTILIZATION)
+            for policy, ratio in sorted(self._utilization().items()):
+                util.add_metric([policy], ratio)
+            yield util
 
-def render(signals: Signals, worker: int | None = None) -> bytes:
+
+def render(signals: Signals, worker: int | None = None,
+           utilization: Callable[[], dict[str, float]] | None = None) -> bytes:
     """This process's Prometheus text exposition (serve with CONTENT_TYPE). Loop thread only.
-    `worker`: this worker's index when it is one of several (labels its quantile gauges)."""
-    return generate_latest(SignalsCollector(signals, worker))
+    `worker`: this worker's index when it is one of several (labels its quantile gauges);
+    `utilization`: the limiter's per-policy utilization, read at scrape time."""
+    return generate_latest(SignalsCollector(signals, worker, utilization))
 
 
 # ---------------------------------------------------------------------------------------------

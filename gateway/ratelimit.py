@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.ratelimit")
 
+UTILIZATION_WINDOW_S = 15.0   # gateway_ratelimit_utilization_ratio covers at least this long
 EPSILON = 1e-9          # float slack: 0.9999999999 tokens after a refill counts as 1
 ANONYMOUS = "anonymous"
 DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
@@ -622,6 +623,11 @@ class Limiter:
         self._shadow_logged: dict[str, list[float]] = {}
         self._successor: Limiter | None = None
         self._closed = False
+        # utilization: the fewest tokens any key of a policy had before a decision, per
+        # window (see `utilization`); one comparison per policy decision in `_emit`
+        self._low: dict[str, float] = {}
+        self._low_prev: dict[str, float] = {}
+        self._low_since = clock.monotonic()
 
         if shared_dir is None and _env_int("GATEWAY_WORKERS", 1) > 1:
             shared_dir = os.environ.get("GATEWAY_SHARED_DIR") or None
@@ -727,6 +733,27 @@ class Limiter:
             self._local.drop(gone - keep)
         if self._redis is not None and (succ is None or succ._redis is not self._redis):
             await self._redis.close()
+
+    def utilization(self, window_s: float = UTILIZATION_WINDOW_S) -> dict[str, float]:
+        """Per policy, the largest share of its bucket capacity any one key had used, after its
+        request, in the last window (at least `window_s`: the current window and the one before
+        it): 1.0 when some key was limited, 0.0 when no request was decided. Read at scrape
+        time; the request path only keeps the fewest tokens seen per policy."""
+        now = self._clock.monotonic()
+        if now - self._low_since >= window_s:
+            self._low_prev, self._low = self._low, {}
+            self._low_since = now
+        out: dict[str, float] = {}
+        for name, p in self._policies.items():
+            t = min(self._low.get(name, math.inf), self._low_prev.get(name, math.inf))
+            cap = p.bucket.capacity
+            if t == math.inf:
+                out[name] = 0.0
+            elif t < 1 - EPSILON:
+                out[name] = 1.0
+            else:
+                out[name] = min(1.0, max(0.0, (cap - t + 1) / cap))
+        return out
 
     def add_listener(self, fn: Callable[[str, str], None]) -> None:
         """`fn(policy_name, decision)` for every policy decision."""
@@ -880,9 +907,12 @@ class Limiter:
     def _emit(self, plan: _Plan, evaluated: Sequence[int] | range,
               before: Sequence[float | None], errored: Sequence[bool], idents: list[str]) -> None:
         listeners = self._listeners
+        low = self._low
         for i in evaluated:
             p = plan.policies[i]
             t = before[i]
+            if t is not None and t < low.get(p.name, math.inf):
+                low[p.name] = t
             if errored[i]:
                 decision = "store_error"
             elif t is None or t >= 1 - EPSILON:

@@ -65,7 +65,10 @@ async def test_payloads_min_severity_and_resolution(tmp_path):
             clock.advance(2 * MIN)
             await run_evaluation(app)
             await idle(app)
-            (am,) = rx.got["am"]
+            # the page alert and the incident it opened (SEV-1: a 100 % error ratio)
+            am, inc_am = rx.got["am"]
+            assert inc_am["groupLabels"] == {"alertname": "Incident"}
+            assert inc_am["commonAnnotations"]["incident_event"] == "opened"
             assert am["version"] == "4" and am["status"] == "firing" and am["receiver"] == "am"
             (alert,) = am["alerts"]
             assert alert["status"] == "firing"
@@ -80,16 +83,17 @@ async def test_payloads_min_severity_and_resolution(tmp_path):
             assert am["commonLabels"] == alert["labels"] and am["groupLabels"] == {
                 "alertname": "SLOBurnRate"}
             assert rx.headers[0]["Authorization"] == "Bearer hook-secret"
-            (chat,) = rx.got["chat"]
+            chat, inc_chat = rx.got["chat"]
             assert chat["text"].startswith(":rotating_light: [FIRING:page] api-availability")
+            assert inc_chat["text"].startswith(":rotating_light: [INCIDENT OPENED] INC-")
             assert "incident: INC-" in chat["text"]
             # a ticket reaches the Alertmanager target only (slack wants pages)
             status, _ = await call(s, url, "POST", "/v1/alerts",
                                    json={"title": "cert expires in 10 days", "service": "svc"})
             assert status == 201
             await idle(app)
-            assert len(rx.got["am"]) == 2 and len(rx.got["chat"]) == 1
-            assert rx.got["am"][1]["alerts"][0]["labels"]["severity"] == "ticket"
+            assert len(rx.got["am"]) == 3 and len(rx.got["chat"]) == 2
+            assert rx.got["am"][2]["alerts"][0]["labels"]["severity"] == "ticket"
             for _ in range(60):                          # the outage is over: resolved
                 clock.advance(MIN)
                 await run_evaluation(app)
@@ -97,7 +101,9 @@ async def test_payloads_min_severity_and_resolution(tmp_path):
             resolved = [p for p in rx.got["am"] if p["status"] == "resolved"]
             assert resolved and resolved[0]["alerts"][0]["fingerprint"] == alert["fingerprint"]
             assert resolved[0]["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
-            assert len(rx.got["chat"]) == 1              # send_resolved: false
+            # send_resolved: false; the unacknowledged SEV-1 incident escalated every 15 min
+            assert len(rx.got["chat"]) == 6
+            assert all("[INCIDENT ESCALATED]" in p["text"] for p in rx.got["chat"][2:])
             status, doc = await call(s, url, "GET", "/v1/notifications/deliveries",
                                      role="monitor")
             assert status == 200
@@ -119,9 +125,9 @@ async def test_retries_with_backoff_then_delivered(tmp_path):
             await run_evaluation(app)
             await idle(app)
             assert time.monotonic() - started >= 0.05 + 0.1     # backoff 0.05 s, then 0.1 s
-            assert len(rx.got["am"]) == 1
+            assert len(rx.got["am"]) == 2        # the alert, then the incident it opened
             _, doc = await call(s, url, "GET", "/v1/notifications/deliveries")
-            (d,) = doc["deliveries"]
+            d, = [d for d in doc["deliveries"] if d["alert_id"] is not None]
             assert (d["status"], d["attempts"], d["http_status"]) == ("delivered", 3, 200)
 
 
@@ -167,8 +173,10 @@ notifications:
         load_text(bad, env={})
     assert exc.value.errors == [
         "notifications[0].url: must be an http:// or https:// URL",
-        "notifications[1].format: must be one of alertmanager, slack, got 'teams'",
-        "notifications[1].min_severity: must be one of info, ticket, page, got 'urgent'",
+        ("notifications[1].format: must be one of alertmanager, slack, pagerduty, email, got "
+         "'teams'"),
+        ("notifications[1].min_severity: must be one of info, ticket, page, SEV-1, SEV-2, "
+         "SEV-3, SEV-4, got 'urgent'"),
         "notifications[1].max_attempts: must be >= 1, got 0",
         "notifications[3].name: is required"]
     assert "hook-secret" not in repr(Target("x", "http://hook-secret"))

@@ -30,7 +30,8 @@ class Sim:
         while self.clock.time() + step <= until + 1e-6:
             self.clock.advance(step)
             for e in self.ev.evaluate(self.clock.time()):
-                self.events.append((self.clock.time(), e.kind, e.alert))
+                if e.alert.get("source") != "incident":      # alert events only
+                    self.events.append((self.clock.time(), e.kind, e.alert))
 
     def alerts(self, tier: str | None = None) -> list[dict]:
         return [a for a in reversed(self.store.slo_alerts(limit=1000))

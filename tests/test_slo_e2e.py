@@ -84,9 +84,10 @@ async def test_failing_upstream_pages_and_opens_an_incident(tmp_path: Path) -> N
                 # shipped every 0.5 s, evaluated every 5 s, burn windows of complete minutes:
                 # a page once the minute of the failures has ended, within 5 s of it
                 doc = await poll(session, f"{curl}/v1/alerts",
-                                 lambda d: any(a["severity"] == "page" for a in d["alerts"]),
-                                 within_s=80)
-                page = next(a for a in doc["alerts"] if a["severity"] == "page")
+                                 lambda d: any(a["severity"] == "page" and a["source"] == "slo"
+                                               for a in d["alerts"]), within_s=80)
+                page = next(a for a in doc["alerts"]
+                            if a["severity"] == "page" and a["source"] == "slo")
                 assert page["slo_id"] == "svc-availability" and page["incident_id"]
                 inc = await poll(session, f"{curl}/v1/incidents/{page['incident_id']}",
                                  lambda d: any(e["kind"] == "breaker" for e in d["timeline"]),

@@ -43,6 +43,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
 from gateway.control import dashboard, health, rollup
 from gateway.control import costs  # issue 8: cost attribution, budgets, directives
+from gateway.control import slometrics  # SLO gauges on /metrics
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body
@@ -93,6 +94,9 @@ class Metrics:
         self.pending = Gauge("control_pending_histograms",
                              "Ingested histograms not yet merged into rollups",
                              registry=self.registry)
+        # SLO gauges (slometrics.py), refreshed by each scrape
+        self.slos = slometrics.SloCollector()
+        self.registry.register(self.slos)
 
 
 CONFIG = web.AppKey("config", ControlConfig)
@@ -220,6 +224,8 @@ async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     # read on the database thread: a scrape never waits on the store's lock in the event loop
     m.pending.set(await request.app[DB].call(request.app[DB].store.pending_count))
+    m.slos.update(await request.app[DB].call(slometrics.reports, request.app[DB].store,
+                                             request.app[CLOCK].time()))
     body = generate_latest(m.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -441,6 +447,8 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
     # this module.)
     from gateway.control.reliability import slo_routes
+    from gateway.control.workflow import setup as workflow_routes
+    workflow_routes(app)      # assignment, action items, reports, SLO history: before slo_routes
     slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.control import alerts, histogram, incidents, rollup
+from gateway.control import alerts, followups, histogram, history, incidents, rollup
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import Event
 from gateway.control.slo import SLO, Counts
@@ -135,10 +135,33 @@ class Evaluator:
                 events.extend(self._evaluate_slo(s, now))
             except Exception:
                 log.exception("SLO evaluation failed", extra={"slo": s.id})
-        incidents.tick(self.store, now)
+            try:
+                events.extend(self._follow_up_slo(s, now))
+            except Exception:
+                log.exception("SLO follow-up failed", extra={"slo": s.id})
+        for check in (followups.silent_gateways, followups.overdue_action_items):
+            try:
+                events.extend(check(self.store, now))
+            except Exception:
+                log.exception("follow-up check failed", extra={"check": check.__name__})
+        for incident_id in incidents.tick(self.store, now):
+            inc = self.store.incident(incident_id)
+            if inc is not None:
+                events.append(incidents.event("escalated", inc))
         self.passes += 1
         self.last_pass_at = now
         return events
+
+    def _follow_up_slo(self, s: SLO, now: float) -> list[Event]:
+        """The SLO's closed periods into its history; error-budget consumption alerts of the
+        current period."""
+        counter = Counter(self.store, s, now)
+        row = self.store.slo_doc(s.id)
+        history.close_periods(self.store, s, row["created_at"] if row else now, now,
+                              counter.counts)
+        start, end = followups.consumption_period(s, now)
+        return followups.budget_consumption(self.store, s, counter.counts(start, now), start,
+                                            end, now)
 
     def _evaluate_slo(self, s: SLO, now: float) -> list[Event]:
         counter = Counter(self.store, s, now)
@@ -179,11 +202,12 @@ class Evaluator:
             last = self.store.last_resolved_at(key)
             if last is not None and now - last < s.cooldown_s:
                 continue
-            events.append(self._raise(s, tier, tier_rules, firing, windows, now))
+            events.extend(self._raise(s, tier, tier_rules, firing, windows, now))
         return events
 
     def _raise(self, s: SLO, tier: str, tier_rules: list[dict[str, Any]],
-               firing: list[dict[str, Any]], windows: dict[str, Counts], now: float) -> Event:
+               firing: list[dict[str, Any]], windows: dict[str, Counts], now: float
+               ) -> list[Event]:
         top = max(firing, key=lambda r: r["long_burn"])
         what = "error budget" if s.sli == "availability" else "latency budget"
         title = (f"{s.name}: {what} burning {top['long_burn']:.1f}x "
@@ -218,7 +242,10 @@ class Evaluator:
                     context={"slo": s.id, "error_rate_5m": error_rate_5m,
                              "burn_rates": details["burn_rates"]}, now=now)
         alert = self.store.slo_alert(alert["id"]) or alert
-        return Event("firing", alert, incident)
+        out = [Event("firing", alert, incident)]
+        if incident is not None and incidents.opened_by(incident, alert):
+            out.append(incidents.event("opened", incident))
+        return out
 
 
 def _span(window: tuple[int, int]) -> dict[str, int]:

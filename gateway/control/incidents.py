@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.control.alerts import Event, fingerprint
 from gateway.control.store import Store
 
 SEVERITIES = ("SEV-1", "SEV-2", "SEV-3", "SEV-4")
@@ -75,7 +76,8 @@ def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
     out = {k: inc[k] for k in ("id", "title", "description", "severity", "affected_service",
                                "cause", "context", "status", "escalation_level", "created_at",
                                "created_by", "acknowledged_at", "mitigated_at", "resolved_at",
-                               "resolution_notes", "root_cause", "postmortem", "updated_at")}
+                               "resolution_notes", "root_cause", "postmortem", "updated_at",
+                               "assigned_to")}
     out["response_due_at"] = (auto_level(inc["severity"], inc["created_at"], now)[1]
                               if inc["status"] == "investigating" else None)
     out["postmortem_required"] = inc["severity"] in POSTMORTEM_REQUIRED
@@ -268,7 +270,12 @@ def on_page_alert(store: Store, alert: dict[str, Any], *, cause: str, severity: 
     return inc
 
 
-def tick(store: Store, now: float) -> list[dict[str, Any]]:
+def opened_by(inc: dict[str, Any], alert: dict[str, Any]) -> bool:
+    """True when `on_page_alert` opened `inc` for this alert (it did not join an open one)."""
+    return inc["context"].get("alert_id") == alert["id"]
+
+
+def tick(store: Store, now: float) -> list[str]:
     """Periodic work on open incidents: escalation when the response time passed without an
     acknowledgement, breaker openings of the service's upstreams onto the timeline. Returns the
     incidents escalated."""
@@ -302,3 +309,58 @@ def tick(store: Store, now: float) -> list[dict[str, Any]]:
             if cursor != inc["breaker_cursor"]:
                 store.update_incident(inc["id"], {"breaker_cursor": cursor})
     return escalated
+
+
+# Events for the notifier: an incident travels in the shape of an alert (`source: "incident"`),
+# so every notification format can carry it; `kind` is opened | escalated | acknowledged |
+# resolved.
+EVENT_KINDS = ("opened", "escalated", "acknowledged", "resolved")
+
+
+def event(kind: str, inc: dict[str, Any]) -> Event:
+    """The notifier's Event of one incident transition."""
+    labels = {"alertname": "Incident", "incident_id": inc["id"], "severity": inc["severity"],
+              "service": inc["affected_service"], "cause": inc["cause"]}
+    level = inc["escalation_level"]
+    text = {"opened": "opened", "escalated": f"escalated to level {level}",
+            "acknowledged": "acknowledged", "resolved": "resolved"}[kind]
+    description = inc["description"] or inc["title"]
+    if kind == "resolved" and inc.get("resolution_notes"):
+        description += f"\nResolution: {inc['resolution_notes']}"
+    alert = {"id": inc["id"], "dedup_key": f"incident:{inc['id']}", "source": "incident",
+             "slo_id": None, "service": inc["affected_service"], "severity": inc["severity"],
+             "status": inc["status"], "title": f"{inc['id']} {text} ({inc['severity']}): "
+                                               f"{inc['title']}",
+             "description": description, "labels": labels,
+             "details": {"escalation_level": level, "event": kind,
+                         "assigned_to": inc.get("assigned_to")},
+             # stable across severity changes: one incident, one fingerprint
+             "fingerprint": fingerprint({"alertname": "Incident", "incident_id": inc["id"]}),
+             "started_at": inc["created_at"],
+             "updated_at": inc["updated_at"], "acknowledged_at": inc["acknowledged_at"],
+             "acknowledged_by": None, "resolved_at": inc["resolved_at"],
+             "incident_id": inc["id"]}
+    return Event(kind, alert, inc)
+
+
+def assign(store: Store, incident_id: str, assigned_to: Any, actor: str, reason: str,
+           now: float) -> dict[str, Any]:
+    """Set (a name) or clear (None) who owns the incident; audited and on the timeline."""
+    if assigned_to is not None and (not isinstance(assigned_to, str) or not assigned_to.strip()
+                                    or len(assigned_to) > 200):
+        raise IncidentError(400, "assigned_to: must be a non-empty string of at most 200 "
+                                 "characters, or null to unassign")
+    who = assigned_to.strip() if isinstance(assigned_to, str) else None
+    with store.transaction():
+        inc = _get(store, incident_id)
+        before = inc.get("assigned_to")
+        if before == who:
+            return inc
+        store.update_incident(incident_id, {"assigned_to": who, "updated_at": now})
+        text = f"assigned to {who}" if who else "unassigned"
+        store.add_timeline(incident_id, now, "assignment", actor,
+                           text + (f": {reason}" if reason else ""),
+                           {"assigned_to": who, "before": before})
+        store.audit(actor, "assign", f"incident/{incident_id}", reason,
+                    {"assigned_to": [before, who]}, at=now)
+    return _get(store, incident_id)

@@ -13,6 +13,17 @@
 
 A mapping `{targets: [...]}` is accepted too, and `{}`/`[]` mean none.
 
+Two more formats: `pagerduty` (Events API v2; keys `routing_key` and optionally `url`, see
+pagerduty.py) and `email` (keys `smtp: {host, port, starttls, username, password, from}` and
+`to: [...]`, no `url`; see mail.py).
+
+Incidents are notified like alerts (`source: "incident"` in their alert form, see
+incidents.event): opened, escalated, acknowledged, resolved. `min_severity` takes the alert
+levels and the incident levels on one scale: info = SEV-4 < ticket = SEV-3 < page = SEV-2 <
+SEV-1. So `page` lets SEV-1 and SEV-2 incidents through, `SEV-1` only SEV-1 incidents.
+Acknowledgements are sent to `pagerduty` targets (to stop the paging) and, for incidents, to
+every target; `send_resolved: false` holds back every resolution.
+
 Delivery never blocks evaluation: `Notifier.publish` only puts the event on each target's bounded
 queue (a full queue drops the event, logged); one task per target posts them in order, retrying
 with backoff, and writes one row per event to the delivery log (delivered / failed / dropped).
@@ -25,19 +36,26 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.message import EmailMessage
+from functools import partial
 from typing import Any
 
 import aiohttp
 import orjson
 
 from gateway.config import _bool, _Errors, _int, _kind, _mapping, _name, _num, _str
-from gateway.control.alerts import SEVERITIES, Event
+from gateway.control import mail, pagerduty
+from gateway.control.alerts import Event
 
 log = logging.getLogger("gateway.control.notify")
 
-FORMATS = ("alertmanager", "slack")
+FORMATS = ("alertmanager", "slack", "pagerduty", "email")
 KEYS = {"name", "url", "format", "min_severity", "send_resolved", "timeout_s", "max_attempts",
-        "backoff_s", "headers"}
+        "backoff_s", "headers", "routing_key", "smtp", "to"}
+# Alert severities and incident severities on one scale (see the module docstring).
+SEVERITY_RANK = {"info": 0, "SEV-4": 0, "ticket": 1, "SEV-3": 1, "page": 2, "SEV-2": 2,
+                 "SEV-1": 3}
+MIN_SEVERITIES = ("info", "ticket", "page", "SEV-1", "SEV-2", "SEV-3", "SEV-4")
 MAX_BACKOFF_S = 60.0
 QUEUE_SIZE = 1_000
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -46,7 +64,7 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
-    url: str
+    url: str = ""
     format: str = "alertmanager"
     min_severity: str = "info"
     send_resolved: bool = True
@@ -54,16 +72,21 @@ class Target:
     max_attempts: int = 4
     backoff_s: float = 1.0
     headers: tuple[tuple[str, str], ...] = field(default=())
+    routing_key: str = ""                  # pagerduty
+    smtp: mail.SmtpConfig | None = None    # email
+    to: tuple[str, ...] = ()               # email
 
-    def __repr__(self) -> str:   # URLs and headers may hold secrets (Slack hook URLs do)
+    def __repr__(self) -> str:   # URLs, headers, keys may hold secrets (Slack hook URLs do)
         return f"Target(name={self.name!r}, format={self.format!r})"
 
     def wants(self, event: Event) -> bool:
-        sev = SEVERITIES.index(event.alert["severity"]) if event.alert["severity"] in \
-            SEVERITIES else 0
-        if sev < SEVERITIES.index(self.min_severity):
+        if SEVERITY_RANK.get(event.alert["severity"], 0) < SEVERITY_RANK[self.min_severity]:
             return False
-        return event.kind == "firing" or self.send_resolved
+        if event.kind == "resolved":
+            return self.send_resolved
+        if event.kind == "acknowledged":
+            return self.format == "pagerduty" or event.alert.get("source") == "incident"
+        return True
 
 
 def parse_notifications(value: Any, path: str, errs: _Errors) -> tuple[Target, ...] | None:
@@ -93,25 +116,53 @@ def parse_notifications(value: Any, path: str, errs: _Errors) -> tuple[Target, .
 
 def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
     n0 = len(errs.lines)
-    m = _mapping(value, path, errs, KEYS, {"name", "url"})
+    m = _mapping(value, path, errs, KEYS, {"name"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
+    fmt = m.get("format", "alertmanager")
     if "name" in m:
         kw["name"] = _name(m["name"], f"{path}.name", errs)
-    if "url" in m:
-        url = _str(m["url"], f"{path}.url", errs)
-        if url is not None and not url.startswith(("http://", "https://")):
-            errs.add(f"{path}.url", "must be an http:// or https:// URL")
-        kw["url"] = url
     if "format" in m:
         if m["format"] not in FORMATS:
             errs.add(f"{path}.format", f"must be one of {', '.join(FORMATS)}, got {m['format']!r}")
         kw["format"] = m["format"]
+    if "url" in m:
+        if fmt == "email":
+            errs.add(f"{path}.url", "does not apply to format email (see smtp)")
+        url = _str(m["url"], f"{path}.url", errs)
+        if url is not None and not url.startswith(("http://", "https://")):
+            errs.add(f"{path}.url", "must be an http:// or https:// URL")
+        kw["url"] = url
+    elif fmt == "pagerduty":
+        kw["url"] = pagerduty.DEFAULT_URL
+    elif fmt != "email":
+        errs.add(f"{path}.url", "is required")
+    if fmt == "pagerduty":
+        if "routing_key" not in m:
+            errs.add(f"{path}.routing_key", "is required for format pagerduty")
+        else:
+            kw["routing_key"] = _str(m["routing_key"], f"{path}.routing_key", errs)
+    elif "routing_key" in m:
+        errs.add(f"{path}.routing_key", "applies to format pagerduty only")
+    if fmt == "email":
+        for key in ("smtp", "to"):
+            if key not in m:
+                errs.add(f"{path}.{key}", "is required for format email")
+        if "smtp" in m:
+            kw["smtp"] = mail.parse_smtp(m["smtp"], f"{path}.smtp", errs)
+        if "to" in m:
+            kw["to"] = mail.parse_recipients(m["to"], f"{path}.to", errs)
+        if "headers" in m:
+            errs.add(f"{path}.headers", "does not apply to format email")
+    else:
+        for key in ("smtp", "to"):
+            if key in m:
+                errs.add(f"{path}.{key}", "applies to format email only")
     if "min_severity" in m:
-        if m["min_severity"] not in SEVERITIES:
+        if m["min_severity"] not in MIN_SEVERITIES:
             errs.add(f"{path}.min_severity",
-                     f"must be one of {', '.join(SEVERITIES)}, got {m['min_severity']!r}")
+                     f"must be one of {', '.join(MIN_SEVERITIES)}, got {m['min_severity']!r}")
         kw["min_severity"] = m["min_severity"]
     if "send_resolved" in m:
         kw["send_resolved"] = _bool(m["send_resolved"], f"{path}.send_resolved", errs)
@@ -124,7 +175,7 @@ def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
     if "backoff_s" in m:
         kw["backoff_s"] = _num(m["backoff_s"], f"{path}.backoff_s", errs, minimum=0,
                                maximum=MAX_BACKOFF_S)
-    if "headers" in m:
+    if "headers" in m and fmt != "email":
         h = m["headers"]
         if not isinstance(h, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                               for k, v in h.items()):
@@ -154,6 +205,8 @@ def alertmanager_payload(target: Target, event: Event) -> dict[str, Any]:
     annotations = {"summary": a["title"], "description": a["description"]}
     if a.get("incident_id"):
         annotations["incident_id"] = a["incident_id"]
+    if a.get("source") == "incident":
+        annotations["incident_event"] = event.kind
     if a.get("details", {}).get("burn_rates"):
         annotations["burn_rates"] = ", ".join(
             f"{k}={v:.2f}" for k, v in a["details"]["burn_rates"].items())
@@ -182,21 +235,50 @@ def alertmanager_payload(target: Target, event: Event) -> dict[str, Any]:
 
 def slack_payload(target: Target, event: Event) -> dict[str, Any]:
     a = event.alert
-    if event.kind == "resolved":
+    if a.get("source") == "incident":
+        icon = {"opened": ":rotating_light:", "escalated": ":arrow_double_up:",
+                "acknowledged": ":eyes:", "resolved": ":white_check_mark:"}.get(event.kind, "")
+        head = f"{icon} [INCIDENT {event.kind.upper()}] {a['title']}"
+    elif event.kind == "resolved":
         head = f":white_check_mark: [RESOLVED] {a['title']}"
     else:
         icon = ":rotating_light:" if a["severity"] == "page" else ":warning:"
         head = f"{icon} [FIRING:{a['severity']}] {a['title']}"
     lines = [head, a["description"], f"service: {a['service']}"]
-    if a.get("incident_id"):
+    if a.get("incident_id") and a.get("source") != "incident":
         lines.append(f"incident: {a['incident_id']}")
     return {"text": "\n".join(lines)}
 
 
+def pagerduty_payload(target: Target, event: Event) -> dict[str, Any]:
+    return pagerduty.body(target.routing_key, event.kind, event.alert,
+                          iso(event.alert["updated_at"]))
+
+
 PAYLOADS: dict[str, Callable[[Target, Event], dict[str, Any]]] = {
-    "alertmanager": alertmanager_payload, "slack": slack_payload}
+    "alertmanager": alertmanager_payload, "slack": slack_payload,
+    "pagerduty": pagerduty_payload}
 
 
+def email_message(target: Target, event: Event) -> EmailMessage:
+    """One message for one event (subject, plain text and HTML)."""
+    assert target.smtp is not None
+    a = event.alert
+    if a.get("source") == "incident":
+        subject = f"[INCIDENT {event.kind.upper()}] {a['title']}"
+    elif event.kind == "resolved":
+        subject = f"[RESOLVED] {a['title']}"
+    else:
+        subject = f"[{event.kind.upper()}:{a['severity']}] {a['title']}"
+    lines = [("service", a["service"]), ("severity", a["severity"]), ("status", a["status"]),
+             ("started", iso(a["started_at"]))]
+    if a.get("resolved_at"):
+        lines.append(("resolved", iso(a["resolved_at"])))
+    if a.get("incident_id"):
+        lines.append(("incident", a["incident_id"]))
+    lines += [(k, v) for k, v in sorted(a["labels"].items())
+              if k not in ("service", "severity", "incident_id")]
+    return mail.message(target.smtp, target.to, subject, lines, a["description"])
 # ---------------------------------------------------------------------------------------------
 # Delivery
 
@@ -268,26 +350,22 @@ class Notifier:
                 q.task_done()
 
     async def _deliver(self, target: Target, event: Event) -> None:
-        assert self._session is not None
-        body = orjson.dumps(PAYLOADS[target.format](target, event))
-        headers = {"Content-Type": "application/json", **dict(target.headers)}
+        # Built once: every attempt sends the same bytes (and the same mail Message-ID).
+        if target.format == "email":
+            msg = email_message(target, event)
+            attempt_once = partial(self._send_mail, target, msg)
+        else:
+            body = orjson.dumps(PAYLOADS[target.format](target, event))
+            attempt_once = partial(self._post, target, body)
         error, status = "", None
         for attempt in range(1, target.max_attempts + 1):
-            try:
-                async with self._session.post(
-                        target.url, data=body, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=target.timeout_s)) as resp:
-                    status = resp.status
-                    await resp.read()
-                    if 200 <= resp.status < 300:
-                        self.delivered += 1
-                        await self._log(target, event, "delivered", attempt, status, "")
-                        return
-                    error = f"HTTP {resp.status}"
-                    if 400 <= resp.status < 500 and resp.status not in (408, 429):
-                        break        # the receiver refuses this payload: retrying cannot help
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"[:500]
+            ok, status, error, permanent = await attempt_once()
+            if ok:
+                self.delivered += 1
+                await self._log(target, event, "delivered", attempt, status, error)
+                return
+            if permanent:
+                break            # the receiver refuses this payload: retrying cannot help
             if attempt < target.max_attempts:
                 await asyncio.sleep(min(target.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
         self.failed += 1
@@ -295,12 +373,40 @@ class Notifier:
                                                   "alert_id": event.alert["id"]})
         await self._log(target, event, "failed", attempt, status, error)
 
+    async def _post(self, target: Target, body: bytes) -> tuple[bool, int | None, str, bool]:
+        """One HTTP attempt: (delivered, HTTP status, error, permanent failure)."""
+        assert self._session is not None
+        headers = {"Content-Type": "application/json", **dict(target.headers)}
+        try:
+            async with self._session.post(
+                    target.url, data=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=target.timeout_s)) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return True, resp.status, "", False
+                return False, resp.status, f"HTTP {resp.status}", \
+                    400 <= resp.status < 500 and resp.status not in (408, 429)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return False, None, f"{type(exc).__name__}: {exc}"[:500], False
+
+    async def _send_mail(self, target: Target, msg: EmailMessage
+                         ) -> tuple[bool, int | None, str, bool]:
+        """One SMTP attempt, on a worker thread (smtplib blocks)."""
+        assert target.smtp is not None
+        try:
+            note = await asyncio.to_thread(mail.send, target.smtp, msg, target.timeout_s)
+        except mail.MailError as exc:
+            return False, None, str(exc), exc.permanent
+        return True, None, note, False
+
     async def _log(self, target: Target, event: Event, status: str, attempts: int,
                    http_status: int | None, error: str) -> None:
+        incident = event.alert.get("source") == "incident"
         try:
             await self._record({"at": self._now(), "target": target.name,
-                                "alert_id": event.alert["id"], "event": event.kind,
-                                "status": status, "attempts": attempts,
+                                "alert_id": None if incident else event.alert["id"],
+                                "incident_id": event.alert["id"] if incident else None,
+                                "event": event.kind, "status": status, "attempts": attempts,
                                 "http_status": http_status, "error": error})
         except Exception:
             log.exception("cannot write the delivery log")

@@ -15,7 +15,7 @@ store, starts the notifier and runs `Evaluator.evaluate(clock.time())` every int
   POST   /v1/alerts                        alerts:write    by hand (201; 200 if deduplicated)
   POST   /v1/alerts/{id}/ack               alerts:write
   POST   /v1/alerts/{id}/resolve           alerts:write
-  GET    /v1/notifications/deliveries      alerts:read     the webhook delivery log
+  GET    /v1/notifications/deliveries      alerts:read     the delivery log (alerts, incidents)
   GET    /v1/incidents                     incidents:read  ?active=true&status=&service=&limit=
   POST   /v1/incidents                     incidents:write declare (201)
   GET    /v1/incidents/{id}                incidents:read  with its timeline
@@ -368,6 +368,8 @@ async def create_alert(request: web.Request) -> web.Response:
                                      _actor(request), _now(request))
     if event is not None:
         _publish(request.app, [event])
+        if event.incident is not None and incidents.opened_by(event.incident, event.alert):
+            _publish(request.app, [incidents.event("opened", event.incident)])
     return _json({**alerts.doc(alert), "deduplicated": status == 200}, status=status)
 
 
@@ -384,6 +386,7 @@ async def ack_alert(request: web.Request) -> web.Response:
                           _actor(request), body.get("reason", ""), _now(request))
     except AlertError as exc:
         return problem(exc.status, str(exc))
+    _publish(request.app, [Event("acknowledged", alert)])
     return _json(alerts.doc(alert))
 
 
@@ -492,7 +495,9 @@ async def declare_incident(request: web.Request) -> web.Response:
                                 cause=cause)
         return incidents.doc(store, inc, now, timeline=True)
 
-    return _json(await _db(request, work), status=201)
+    out = await _db(request, work)
+    _publish(request.app, [incidents.event("opened", out)])
+    return _json(out, status=201)
 
 
 _ACTIONS = ("acknowledge", "mitigate", "escalate", "resolve", "timeline", "postmortem")
@@ -534,9 +539,14 @@ async def _incident_action(request: web.Request) -> web.Response:
         return incidents.doc(store, inc, now, timeline=True)
 
     try:
-        return _json(await _db(request, work))
+        out = await _db(request, work)
     except IncidentError as exc:
         return problem(exc.status, str(exc))
+    kind = {"acknowledge": "acknowledged", "escalate": "escalated",
+            "resolve": "resolved"}.get(action)
+    if kind is not None:
+        _publish(request.app, [incidents.event(kind, out)])
+    return _json(out)
 
 
 incident_action = requires("incidents:write")(_incident_action)
@@ -558,7 +568,10 @@ async def run_evaluation(app: web.Application) -> list[Event]:
 async def evaluate_now(request: web.Request) -> web.Response:
     events = await run_evaluation(request.app)
     return _json({"events": [{"kind": e.kind, "alert_id": e.alert["id"],
-                              "incident_id": e.alert.get("incident_id")} for e in events]})
+                              "incident_id": e.alert.get("incident_id")} for e in events
+                             if e.alert.get("source") != "incident"],
+                  "incident_events": [{"kind": e.kind, "incident_id": e.alert["id"]}
+                                      for e in events if e.alert.get("source") == "incident"]})
 
 
 def _sync_config_slos(store: Store, slos: tuple[slo_mod.SLO, ...], now: float) -> None:

@@ -117,6 +117,9 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
                                 t.reason) for t in batch.breaker_transitions])
         store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
                              lag_ms, sat.inflight_max, sat.rss_bytes)
+        # the interval tells the silent-gateway check (followups.py) when to worry
+        store.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
+                                    batch.interval_end)
     return True
 
 

@@ -15,6 +15,8 @@ An SLO (`slos:` in control.yaml, or `/v1/slos`; both go through `parse_slo`):
     cooldown_s: 600                 # after an alert resolves, the same alert is not raised again
                                     # for this long
     deploy_gate: {allow_above: 0.5, low_traffic_above: 0.2, critical_above: 0.05}
+    budget_alerts: [50, 90]         # alert once per period at these percentages of the error
+                                    # budget consumed (90 and above page, below ticket; [] none)
 
 Definitions used throughout (Google SRE Workbook, "Alerting on SLOs"):
 
@@ -57,7 +59,7 @@ DEFAULT_MIN_EVENTS = 100
 DEFAULT_COOLDOWN_S = 600.0
 
 KEYS = {"name", "service", "route", "objective", "sli", "threshold_ms", "count_429", "window",
-        "timezone", "min_events", "cooldown_s", "deploy_gate", "description"}
+        "timezone", "min_events", "cooldown_s", "deploy_gate", "description", "budget_alerts"}
 GATE_KEYS = {"allow_above", "low_traffic_above", "critical_above"}
 
 
@@ -106,6 +108,7 @@ class SLO:
     cooldown_s: float = DEFAULT_COOLDOWN_S
     deploy_gate: GateTiers = field(default_factory=GateTiers)
     description: str = ""
+    budget_alerts: tuple[float, ...] = (50.0, 90.0)   # percent of the budget consumed
 
     @property
     def id(self) -> str:
@@ -144,6 +147,7 @@ class SLO:
                             "low_traffic_above": self.deploy_gate.low_traffic_above,
                             "critical_above": self.deploy_gate.critical_above},
         }
+        doc["budget_alerts"] = list(self.budget_alerts)
         if self.sli == "latency":
             doc["threshold_ms"] = self.threshold_ms
         else:
@@ -221,9 +225,29 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
         kw["description"] = _str(m["description"], f"{p}description", errs, nonempty=False)
     if "deploy_gate" in m:
         kw["deploy_gate"] = _parse_gate(m["deploy_gate"], f"{p}deploy_gate", errs)
+    if "budget_alerts" in m:
+        kw["budget_alerts"] = _parse_budget_alerts(m["budget_alerts"], f"{p}budget_alerts",
+                                                   errs)
     if len(errs.lines) != n0 or any(v is None for k, v in kw.items() if k != "route"):
         return None
     return SLO(**kw)
+
+
+def _parse_budget_alerts(value: Any, path: str, errs: _Errors) -> tuple[float, ...] | None:
+    if not isinstance(value, list):
+        errs.add(path, "must be a list of percentages of the error budget consumed, e.g. "
+                       "[50, 90]")
+        return None
+    out = []
+    for i, v in enumerate(value):
+        pct = _num(v, f"{path}[{i}]", errs, minimum=0, exclusive_min=True, maximum=100)
+        if pct is None:
+            return None
+        out.append(pct)
+    if out != sorted(set(out)):
+        errs.add(path, "must be ascending without repeats")
+        return None
+    return tuple(out)
 
 
 def _parse_gate(value: Any, path: str, errs: _Errors) -> GateTiers | None:

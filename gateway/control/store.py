@@ -257,10 +257,53 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              UNIQUE (budget_id, period_start, kind, threshold))""",
         "CREATE INDEX budget_alerts_created ON budget_alerts(created_at)",
     ]),
+    # --- SRE follow-ups: migration 4 -------------------------------------------------------
+    # notification_deliveries.incident_id  deliveries of incident events (alert_id NULL)
+    # incidents.assigned_to                who owns the incident
+    # gateways.interval_s                  the ship interval of the gateway's last batch
+    # action_items       post-mortem action items (owner, due date, priority, status);
+    #                    overdue_alert_id: the alert raised when it went overdue
+    # slo_history        the attainment of each closed SLO period: calendar periods
+    #                    (kind 'period') and rolling-window snapshots at each UTC day's end
+    #                    (kind 'day'), one row per (slo, kind, period_end)
+    (4, [
+        "ALTER TABLE notification_deliveries ADD COLUMN incident_id TEXT",
+        "ALTER TABLE incidents ADD COLUMN assigned_to TEXT",
+        "ALTER TABLE gateways ADD COLUMN interval_s REAL",
+        """CREATE TABLE action_items (
+             id INTEGER PRIMARY KEY,
+             incident_id TEXT NOT NULL REFERENCES incidents(id),
+             description TEXT NOT NULL,
+             owner TEXT NOT NULL,
+             due_at REAL NOT NULL,
+             priority TEXT NOT NULL,
+             status TEXT NOT NULL,
+             created_at REAL NOT NULL,
+             created_by TEXT NOT NULL,
+             updated_at REAL NOT NULL,
+             completed_at REAL,
+             overdue_alert_id INTEGER)""",
+        "CREATE INDEX action_items_open ON action_items(status, due_at)",
+        """CREATE TABLE slo_history (
+             slo_id TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             period_start REAL NOT NULL,
+             period_end REAL NOT NULL,
+             service TEXT NOT NULL,
+             sli TEXT NOT NULL,
+             objective REAL NOT NULL,
+             total INTEGER NOT NULL,
+             bad INTEGER NOT NULL,
+             attainment REAL,
+             budget_remaining REAL,
+             met INTEGER NOT NULL,
+             closed_at REAL NOT NULL,
+             PRIMARY KEY (slo_id, kind, period_end))""",
+    ]),
     # Requests the gateway answered itself (a limit's 429, an open breaker's 503, ...): part of
     # request_count and of the error counts, kept apart so that health and signals can report
     # the admitted requests (request_count - local_count, error_count_5xx - local_5xx, ...).
-    (15, [
+    (5, [
         "ALTER TABLE buckets ADD COLUMN local_count INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE buckets ADD COLUMN local_4xx INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE buckets ADD COLUMN local_5xx INTEGER NOT NULL DEFAULT 0",
@@ -914,7 +957,8 @@ class Store:
     _INCIDENT_COLS = ("id", "title", "description", "severity", "affected_service", "cause",
                       "context", "status", "escalation_level", "created_at", "created_by",
                       "acknowledged_at", "mitigated_at", "resolved_at", "resolution_notes",
-                      "root_cause", "postmortem", "breaker_cursor", "updated_at")
+                      "root_cause", "postmortem", "breaker_cursor", "updated_at",
+                      "assigned_to")
     _INCIDENT_JSON = ("context", "postmortem")
 
     def _incident(self, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -1012,20 +1056,127 @@ class Store:
         return int(row[0] or 0)
 
     def add_delivery(self, at: float, target: str, alert_id: int | None, event: str,
-                     status: str, attempts: int, http_status: int | None, error: str) -> int:
+                     status: str, attempts: int, http_status: int | None, error: str,
+                     incident_id: str | None = None) -> int:
         with self.transaction():
             cur = self._db.execute(
-                "INSERT INTO notification_deliveries(at, target, alert_id, event, status, "
-                "attempts, http_status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, target, alert_id, event, status, attempts, http_status, error))
+                "INSERT INTO notification_deliveries(at, target, alert_id, incident_id, event, "
+                "status, attempts, http_status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, target, alert_id, incident_id, event, status, attempts, http_status,
+                 error))
             return int(cur.lastrowid or 0)
 
     def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first."""
-        cols = ("id", "at", "target", "alert_id", "event", "status", "attempts",
+        cols = ("id", "at", "target", "alert_id", "incident_id", "event", "status", "attempts",
                 "http_status", "error")
         with self._lock:
             rows = self._db.execute("SELECT " + ", ".join(cols) + " FROM "
                                     "notification_deliveries ORDER BY id DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [dict(zip(cols, r)) for r in rows]
+
+    # -----------------------------------------------------------------------------------------
+    # SRE follow-ups (migration 4): gateway intervals, action items, SLO history
+
+    def note_gateway_interval(self, gateway_id: str, interval_s: float, seen: float) -> None:
+        """The ship interval of the batch that set `last_seen` (a late batch changes nothing)."""
+        with self.transaction():
+            self._db.execute("UPDATE gateways SET interval_s = ? WHERE gateway_id = ? AND "
+                             "last_seen = ?", (interval_s, gateway_id, seen))
+
+    def gateway_intervals(self) -> list[tuple[str, float, float | None]]:
+        """(gateway_id, last_seen, interval_s) of every reporting gateway."""
+        with self._lock:
+            return [(r[0], float(r[1]), None if r[2] is None else float(r[2]))
+                    for r in self._db.execute("SELECT gateway_id, last_seen, interval_s "
+                                              "FROM gateways ORDER BY gateway_id")]
+
+    def last_started_at(self, dedup_key: str) -> float | None:
+        """When the newest alert with this dedup key was raised."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(started_at) FROM alerts WHERE dedup_key = ?",
+                                   (dedup_key,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def any_alert(self, dedup_key: str) -> bool:
+        """Whether an alert (open or resolved) with this dedup key was ever raised."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM alerts WHERE dedup_key = ? LIMIT 1",
+                                    (dedup_key,)).fetchone() is not None
+
+    def open_alerts_with_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """Open alerts whose dedup key starts with `prefix`, oldest first."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            rows = self._db.execute("SELECT " + ", ".join(self._SLO_ALERT_COLS) +
+                                    " FROM alerts WHERE dedup_key LIKE ? ESCAPE '\\' AND "
+                                    "status != 'resolved' ORDER BY id", (like,)).fetchall()
+        return [self._slo_alert(r) for r in rows]
+
+    _ACTION_ITEM_COLS = ("id", "incident_id", "description", "owner", "due_at", "priority",
+                         "status", "created_at", "created_by", "updated_at", "completed_at",
+                         "overdue_alert_id")
+
+    def insert_action_item(self, fields: dict[str, Any]) -> int:
+        cols = [c for c in self._ACTION_ITEM_COLS if c != "id" and c in fields]
+        with self.transaction():
+            cur = self._db.execute(f"INSERT INTO action_items({', '.join(cols)}) "
+                                   f"VALUES ({', '.join('?' * len(cols))})",
+                                   [fields[c] for c in cols])
+            return int(cur.lastrowid or 0)
+
+    def update_action_item(self, item_id: int, fields: dict[str, Any]) -> bool:
+        return self._update_row("action_items", self._ACTION_ITEM_COLS, (), item_id, fields)
+
+    def action_item(self, item_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT " + ", ".join(self._ACTION_ITEM_COLS) +
+                                   " FROM action_items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else dict(zip(self._ACTION_ITEM_COLS, row))
+
+    def action_items(self, *, incident_id: str | None = None, status: str | None = None,
+                     due_before: float | None = None, limit: int = 1000
+                     ) -> list[dict[str, Any]]:
+        """By due date, earliest first."""
+        sql = "SELECT " + ", ".join(self._ACTION_ITEM_COLS) + " FROM action_items WHERE 1 = 1"
+        args: list[Any] = []
+        sql = _and(sql, args, ("incident_id = ?", incident_id), ("status = ?", status),
+                   ("due_at < ?", due_before))
+        sql += " ORDER BY due_at, id LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(self._ACTION_ITEM_COLS, r)) for r in rows]
+
+    _HISTORY_COLS = ("slo_id", "kind", "period_start", "period_end", "service", "sli",
+                     "objective", "total", "bad", "attainment", "budget_remaining", "met",
+                     "closed_at")
+
+    def add_slo_history(self, row: dict[str, Any]) -> bool:
+        """Record a closed period once (a second write of the same period is ignored)."""
+        with self.transaction():
+            return self._db.execute(
+                f"INSERT OR IGNORE INTO slo_history({', '.join(self._HISTORY_COLS)}) "
+                f"VALUES ({', '.join('?' * len(self._HISTORY_COLS))})",
+                [row[c] for c in self._HISTORY_COLS]).rowcount == 1
+
+    def last_slo_history(self, slo_id: str, kind: str) -> float | None:
+        """The end of the last recorded period of this kind."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(period_end) FROM slo_history WHERE slo_id = ? "
+                                   "AND kind = ?", (slo_id, kind)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def slo_history(self, *, slo_id: str | None = None, service: str | None = None,
+                    kind: str | None = None, since: float | None = None,
+                    until: float | None = None) -> list[dict[str, Any]]:
+        """Oldest first; `since`/`until` bound period_end."""
+        sql = "SELECT " + ", ".join(self._HISTORY_COLS) + " FROM slo_history WHERE 1 = 1"
+        args: list[Any] = []
+        sql = _and(sql, args, ("slo_id = ?", slo_id), ("service = ?", service),
+                   ("kind = ?", kind), ("period_end > ?", since), ("period_end <= ?", until))
+        sql += " ORDER BY period_end, slo_id, kind"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [dict(zip(self._HISTORY_COLS, r), met=bool(r[11])) for r in rows]

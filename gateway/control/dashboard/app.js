@@ -592,41 +592,21 @@
             el('span', { class: 'muted', text: ' · ' + (a.source || '') + ' · ' + a.status + ' ' + fmtAgo(a.started_at) })))) : null);
     }
 
-    /** The remaining budget over the SLO's window, for the burn-down: the shape comes from the
-     *  service's 5xx (and 429 when the SLO counts them) per bucket, scaled so that the last point
-     *  is the API's own remaining fraction. Latency SLOs (bad = slow, not visible in these rows)
-     *  get a straight line from a full budget to the current remaining. */
+    /** The remaining budget over the SLO's window, for the burn-down: the SLO history's daily
+     *  snapshots (the budget left at the end of each day) inside the current window, then the
+     *  API's remaining fraction now. Availability and latency SLOs alike: the control plane
+     *  records what the budget was, nothing is rebuilt here from traffic. */
     async function budgetHistory(b) {
       const remaining = b.remaining_fraction;
       const w = b.window || {};
       const since = w.since, until = Date.now() / 1000;
       if (!isNum(remaining) || !isNum(since)) return null;
-      const straight = [[since, 1], [until, remaining]];
-      if (until - since < 120) return straight;
-      const step = until - since <= 2 * 86400 ? 300 : 3600;
-      const res = await load('/v1/signals' + qs({ service: b.service, route: b.route || undefined,
-        window: step === 300 ? '5m' : '1h', since, until: until + step }));
-      if (!res.data) return straight;
-      const rows = (res.data.rows || []).slice().sort((x, y) => x.bucket_start - y.bucket_start);
-      // availability: bad = 5xx (+ 429 if counted); latency: slow requests are not in these rows,
-      // so the traffic gives the shape (budget spent where the requests were)
-      // (availability counts every 5xx, the gateway's own 503s too; the rows' error_count_5xx
-      // is of admitted requests, so the local ones are added back)
-      const badOf = b.sli === 'availability' ? (r) => r.error_count_5xx + ((r.local_answers && r.local_answers['5xx']) || 0)
-          + (b.count_429 ? (r.rate_limited || 0) : 0)
-        : (r) => (isNum(r.admitted_count) ? r.admitted_count : r.request_count);
-      const totalBad = rows.reduce((n, r) => n + badOf(r), 0);
-      if (!totalBad || !rows.length) return straight;
-      const used = 1 - remaining;
-      let cum = 0;
-      const pts = [[since, 1]];
-      for (const r of rows) {
-        if (!badOf(r)) continue;
-        const t = Math.min(until, Math.max(since, r.bucket_start));
-        pts.push([t, 1 - used * cum / totalBad]);
-        cum += badOf(r);
-        pts.push([Math.min(until, t + step), 1 - used * cum / totalBad]);
-      }
+      const res = await load('/v1/slos/' + encodeURIComponent(b.slo_id || b.name) + '/history' +
+        qs({ kind: 'day', since, until }));
+      const rows = (res.data && res.data.history) || [];
+      // a calendar window starts with the whole budget; a rolling one starts where it stood
+      const pts = w.type === 'calendar' || !rows.length ? [[since, 1]] : [];
+      for (const r of rows) if (isNum(r.budget_remaining)) pts.push([r.period_end, r.budget_remaining]);
       pts.push([until, remaining]);
       return pts;
     }
