@@ -42,6 +42,7 @@ from typing import Any
 import httptools
 
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
+from gateway.tls import client_subject
 
 log = logging.getLogger("gateway.downstream")
 
@@ -183,6 +184,11 @@ class Request:
     def getall(self, name: str) -> list[str]:
         name = name.lower()
         return [v for n, v in self.headers if n.lower() == name]
+
+    @property
+    def client_cert(self) -> str:
+        """The verified client certificate's subject (TLS with client_ca), else ""."""
+        return self._conn.client_cert
 
     @property
     def body_exists(self) -> bool:
@@ -368,6 +374,7 @@ class HttpConnection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = ""
+        self.client_cert = ""
         self.lost = False
         self.eof = False
         self.closing = False
@@ -401,6 +408,8 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (tuple, list)) and peer:
             self.peer_ip = str(peer[0])
+        if self.server.tls:     # (the handshake is done: the protocol starts after it)
+            self.client_cert = client_subject(transport.get_extra_info("peercert"))
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -803,8 +812,11 @@ class DownstreamServer:
     def __init__(self, handler: Handler, *, keepalive_timeout_s: float = 75.0,
                  header_timeout_s: float = 30.0, body_timeout_s: float = 60.0,
                  send_timeout_s: float = 60.0,
-                 on_reject: Callable[[int, str, str], None] | None = None) -> None:
+                 on_reject: Callable[[int, str, str], None] | None = None,
+                 tls: bool = False) -> None:
         self.handler = handler
+        self.tls = tls
+        """Served over TLS: connections read the client certificate's subject."""
         self.body_timeout_s = body_timeout_s
         """Longest pause between two pieces of a request body (nginx client_body_timeout)."""
         self.send_timeout_s = send_timeout_s

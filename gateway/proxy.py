@@ -110,6 +110,8 @@ class Proxy:
         self.budget_guard = budget_guard
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
+        self.scheme = "http"
+        """X-Forwarded-Proto for clients not behind a trusted proxy: "https" on a TLS listener."""
 
     async def handle(self, request: Request) -> None:
         rt = self.runtime
@@ -361,7 +363,7 @@ class Proxy:
         trusted = _is_trusted(peer_ip, cfg)
         out.append(("Host", host or authority))
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
-        out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
+        out.append(("X-Forwarded-Proto", proto if (proto and trusted) else self.scheme))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
         if claims and trusted:
             out.extend(claims)

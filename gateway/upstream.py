@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -600,11 +601,14 @@ class EndpointPool:
         "connect_timeout_s",
         "endpoint",
         "max_buffered_bytes",
+        "server_name",
+        "ssl",
         "timeout_s",
     )
 
     def __init__(self, endpoint: Endpoint, *, connect_timeout_s: float, timeout_s: float,
-                 max_connections: int) -> None:
+                 max_connections: int, ssl: _ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.endpoint = endpoint
@@ -617,6 +621,10 @@ class EndpointPool:
         self._opened = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None   # the first request's
+        self.ssl = ssl
+        """TLS for an https:// endpoint (the handshake is part of connecting)."""
+        self.server_name = server_name or endpoint.host
+        """SNI and the name the upstream's certificate must carry."""
         self.max_buffered_bytes = 0
         """High-water mark of response bytes buffered on one connection (a flow-control stat)."""
 
@@ -763,7 +771,12 @@ class EndpointPool:
         limit = min(connect_deadline, deadline)
         try:
             async with asyncio.timeout_at(limit):
-                await loop.create_connection(lambda: conn, ep.host, ep.port)
+                if self.ssl is None:
+                    await loop.create_connection(lambda: conn, ep.host, ep.port)
+                else:
+                    await loop.create_connection(lambda: conn, ep.host, ep.port, ssl=self.ssl,
+                                                 server_hostname=self.server_name,
+                                                 ssl_handshake_timeout=self.connect_timeout_s)
         except TimeoutError:
             if connect_deadline <= deadline:
                 raise UpstreamConnectError(
@@ -772,6 +785,12 @@ class EndpointPool:
             raise UpstreamTimeout(
                 f"{ep.url} did not complete the exchange within {self.timeout_s:g}s "
                 "(still connecting)") from None
+        except _ssl.SSLError as exc:
+            # Verification failures and handshake errors: the upstream cannot be reached safely,
+            # which the breaker counts as a connect error.
+            detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            raise UpstreamConnectError(
+                f"cannot connect to {ep.url}: TLS handshake failed: {detail}") from exc
         except OSError as exc:
             # asyncio's own message ("Connect call failed ...") hides the cause; name it.
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
