@@ -788,7 +788,10 @@ class EndpointPool:
         except _ssl.SSLError as exc:
             # Verification failures and handshake errors: the upstream cannot be reached safely,
             # which the breaker counts as a connect error.
-            detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            if isinstance(exc, _ssl.SSLCertVerificationError):
+                detail = f"certificate verify failed: {exc.verify_message}"
+            else:
+                detail = exc.reason or str(exc)
             raise UpstreamConnectError(
                 f"cannot connect to {ep.url}: TLS handshake failed: {detail}") from exc
         except OSError as exc:
