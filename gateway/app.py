@@ -119,6 +119,9 @@ class GatewayServer:
                 pools.append(pool)
             upstreams[u.name] = UpstreamRuntime(u, pools, breakers.selector(u.name),
                                                 breakers.breaker(u.name))
+        for u in cfg.upstreams:
+            if u.fallback is not None:
+                upstreams[u.name].fallback = upstreams[u.fallback]
         self.signals.clear_pool_sources()
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)

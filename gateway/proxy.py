@@ -49,7 +49,7 @@ SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent i
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "name", "pools", "selector")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -59,6 +59,7 @@ class UpstreamRuntime:
         self.authorities = [p.endpoint.authority for p in pools]  # Host when the client sent none
         self.selector = selector
         self.breaker = breaker
+        self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
 
     def pool_use(self) -> tuple[int, int]:
         return (sum(p.in_use for p in self.pools), sum(p.max_connections for p in self.pools))
@@ -167,13 +168,21 @@ class Proxy:
         up = rt.upstreams[route.upstream]
         breaker = up.breaker
         if not breaker.acquire():
-            retry = breaker.retry_after_s()
-            _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
-                                   f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
-                     (("Retry-After", str(retry)),), upstream=up.name)
-            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
-                         request, limit_decision, breaker.state)
-            return
+            fb = up.fallback
+            if fb is not None and fb.breaker.acquire():
+                # The primary's circuit is open (or half-open with its probe slots taken): the
+                # fallback answers, counted under its own name, and the client is told.
+                extra_headers = (*extra_headers, ("X-Gateway-Fallback", up.name))
+                up = fb
+                breaker = fb.breaker
+            else:
+                retry = breaker.retry_after_s()
+                _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
+                                       f"{breaker.state}); retry in {retry}s", REDUCED_CAPACITY,
+                         (("Retry-After", str(retry)),), upstream=up.name)
+                self._record(route.name, up.name, route.service, method, 503, t0, None, 0, 0,
+                             request, limit_decision, breaker.state)
+                return
 
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
