@@ -21,6 +21,7 @@ from gateway.errors import (
     problem_body,
 )
 from gateway.routing import strip
+from gateway.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -41,6 +42,10 @@ _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-
                               "x-forwarded-host", "host", "expect", "x-request-id",
                               "forwarded", "x-real-ip"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+
+# What a relayed 101 leaves out (Upgrade and Connection stay: they are the 101's point).
+_TUNNEL_RESPONSE_DROP = frozenset({"content-length", "transfer-encoding", "keep-alive",
+                                   "proxy-connection", "te", "trailer"})
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
@@ -150,6 +155,14 @@ class Proxy:
             request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
             return
 
+        if request.upgrade and not route.websocket:
+            # Not silently downgraded to a plain request: the client would wait for a 101.
+            _problem(request, 400, f"WebSocket upgrades are not enabled on route "
+                                   f"{route.name!r} (its config needs websocket: true)")
+            self._record(route.name, route.upstream, route.service, method, 400, t0, None, 0, 0,
+                         request, "-", "-")
+            return
+
         # 2. limits
         extra_headers: tuple[tuple[str, str], ...] = ()
         limit_decision = "-"
@@ -187,6 +200,10 @@ class Proxy:
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
         try:
+            if request.upgrade:
+                await self._websocket(rt, request, route, up, t0, target, request_id,
+                                      extra_headers, limit_decision, verdict)
+                return
             await self._forward(rt, request, route, up, t0, method, target,
                                 request_id, extra_headers, limit_decision, verdict)
         except BaseException:
@@ -332,6 +349,80 @@ class Proxy:
         self._record(route.name, up.name, route.service, method, status, t0,
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
+
+    async def _websocket(self, rt: Runtime, request: Request, route: RouteConfig,
+                         up: UpstreamRuntime, t0: float, target: str, request_id: str,
+                         extra_headers: tuple[tuple[str, str], ...], limit_decision: str,
+                         verdict: list[bool]) -> None:
+        """A WebSocket handshake the limits and the breaker admitted: sent to the upstream on
+        a connection of its own; its 101 is relayed and the two connections joined into a
+        tunnel, recorded as one request (status 101) lasting as long as the tunnel. Any other
+        answer is relayed as it is."""
+        breaker = up.breaker
+        index = up.selector.pick()
+        pool = up.pools[index]
+        if route.strip_prefix:
+            target = strip(route.path_prefix, target)
+        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id)
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", request.get("Upgrade") or "websocket"))
+        t_up = perf_counter()
+        try:
+            uresp = await pool.open_tunnel(target, headers)
+            status = uresp.status
+            data = b""
+            if status != 101:
+                try:
+                    data = await uresp.read_all(SMALL_RESPONSE) if uresp.has_body else b""
+                finally:
+                    uresp.release()
+        except UpstreamError as exc:
+            verdict[0] = True
+            breaker.on_result(exc.kind)
+            up.selector.on_result(index, True)
+            self._record(route.name, up.name, route.service, "GET", exc.status, t0,
+                         perf_counter() - t_up, 0, 0, request, limit_decision, breaker.state)
+            _problem(request, exc.status, exc.detail)
+            return
+        verdict[0] = True
+        breaker.on_result(status)
+        up.selector.on_result(index, breaker.is_failure(status))
+        handshake_s = perf_counter() - t_up
+        resp_headers = [(n, v) for n, v in uresp.headers
+                        if n.lower() not in _TUNNEL_RESPONSE_DROP]
+        if not any(n.lower() == "x-request-id" for n, _ in resp_headers):
+            resp_headers.append(("X-Request-Id", request_id))
+        resp_headers.extend(extra_headers)
+        if status != 101:
+            request.respond(status, [(n, v) for n, v in resp_headers
+                                     if n.lower() not in ("connection", "upgrade")],
+                            data, reason=uresp.reason)
+            self._record(route.name, up.name, route.service, "GET", status, t0, handshake_s,
+                         0, len(data), request, limit_decision, breaker.state)
+            return
+        up_transport, up_tail = uresp.detach()
+        try:
+            client, client_tail, tunnels = request.switch_protocols(resp_headers)
+        except ClientGone:
+            up_transport.abort()
+            pool.tunnel_closed()
+            self._record(route.name, up.name, route.service, "GET", 499, t0, handshake_s, 0, 0,
+                         request, limit_decision, breaker.state)
+            return
+        tunnel = Tunnel(client, up_transport, client_tail, up_tail,
+                        idle_timeout_s=route.websocket_idle_timeout_s,
+                        on_close=pool.tunnel_closed)
+        tunnels.add(tunnel)
+        try:
+            if request.draining:
+                tunnel.going_away()
+            await asyncio.shield(tunnel.closed)
+        finally:
+            tunnels.discard(tunnel)
+            if not tunnel.closed.done():
+                tunnel.abort()
+        self._record(route.name, up.name, route.service, "GET", 101, t0, handshake_s,
+                     tunnel.bytes_in, tunnel.bytes_out, request, limit_decision, breaker.state)
 
     def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
         """A request the server refused before it was whole (400, 408, 414, 431): counted like

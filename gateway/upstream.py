@@ -167,6 +167,17 @@ class UpstreamResponse:
             self._conn = None
             conn.pool._release(conn)
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """A 101 to a WebSocket handshake: take the connection out of the pool's hands (its slot
+        stays taken until `EndpointPool.tunnel_closed()`), with the bytes after the head."""
+        conn = self._conn
+        if conn is None or self.status != 101:
+            raise RuntimeError("only a 101 response to open_tunnel() can be detached")
+        self._conn = None
+        conn.state = _CLOSED
+        conn._cancel_timer()
+        return conn.transport, conn.tail
+
     def abort(self) -> None:
         """Close the connection now (the proxy's client went away, or it gave up)."""
         conn = self._conn
@@ -207,9 +218,11 @@ class _Connection(asyncio.Protocol):
         "spoiled",
         "state",
         "swap_parser",
+        "tail",
         "timer",
         "timer_at",
         "transport",
+        "tunnel",
         "until_close",
         "upgrade",
     )
@@ -245,6 +258,8 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.spoiled = False            # something happened that forbids reuse
         self.swap_parser = False
+        self.tunnel = False             # a WebSocket handshake: a 101 hands the connection over
+        self.tail = b""                 # bytes after a 101's head (the tunnel's first)
         # Per response message.
         self.reason = b""
         self.headers: list[tuple[str, str]] = []
@@ -276,10 +291,19 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamResetError(
-                f"{self.pool.endpoint.url} answered 101 Switching Protocols: "
-                "upgrade not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            if self.tunnel and self.upgrade and self.resp is None:
+                self.tail = data[exc.args[0]:] if exc.args else b""
+                self.transport.pause_reading()      # until the tunnel takes the connection
+                self.complete = True
+                self._cancel_timer()
+                self.resp = UpstreamResponse(101, self.reason.decode("latin-1"), self.headers,
+                                             None, False, False, self)
+                self._wake()
+            else:
+                self._fail(UpstreamResetError(
+                    f"{self.pool.endpoint.url} answered 101 Switching Protocols: "
+                    "upgrade not supported"))
         except httptools.HttpParserError as exc:
             if self.complete:
                 self.spoiled = True     # bytes after the response
@@ -696,6 +720,43 @@ class EndpointPool:
         except BaseException:
             self._discard(conn)
             raise
+
+    async def open_tunnel(self, target: str,
+                          headers: list[tuple[str, str]]) -> UpstreamResponse:
+        """Send a WebSocket handshake (`headers` carry Upgrade and Connection) on a new
+        connection and return once the response head has arrived. A 101 is `detach()`ed into
+        a tunnel; any other answer (403, 426, ...) is read and released like any response, and
+        its connection is not reused. Errors as for `request()`."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        if self._closed:
+            raise UpstreamConnectError(f"connection pool for {self.endpoint.url} is closed")
+        if self._total < self._max:
+            self._total += 1
+        else:
+            got = await self._wait(loop, deadline)
+            if got is not None:
+                got.close()     # a pooled connection handed over: its slot is what we need
+        try:
+            conn = await self._connect(loop, deadline)
+        except BaseException:
+            self._free_slot()
+            raise
+        conn.tunnel = True
+        try:
+            resp = await conn.exchange("GET", _request_head("GET", target, headers, ""), None,
+                                       None, deadline)
+        except BaseException:
+            self._discard(conn)
+            raise
+        conn.spoiled = True
+        return resp
+
+    def tunnel_closed(self) -> None:
+        """A tunnel made from this pool's connection ended: its slot is free."""
+        self._free_slot()
 
     async def close(self) -> None:
         """Close idle connections and fail waiting requests; in-use connections close when
