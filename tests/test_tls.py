@@ -292,3 +292,38 @@ def test_config_keys_of_tls_fallback_and_websocket(tmp_path: Path, pki: Pki) -> 
                    "limits[0].key: is client_cert but tls.client_ca",
                    "routes[0].websocket.idle: unknown key"):
         assert any(e.startswith(prefix) for e in errs), (prefix, errs)
+
+
+def test_reload_changes_the_client_ca_for_new_handshakes(tmp_path: Path, pki: Pki,
+                                                        demo_upstream: str) -> None:
+    cert, key = pki.server("alpha", "localhost")
+    c1, k1 = pki.client("c1", "client-one")
+    (tmp_path / "other").mkdir()
+    other = Pki(tmp_path / "other")            # another CA, and a client certificate of it
+    c2, k2 = other.client("c2", "client-two")
+    port, admin = free_port(), free_port()
+    listener = f"  certificates: [{{cert: {cert}, key: {key}}}]\n"
+    gw = start(tmp_path, tls_yaml(port, admin, demo_upstream,
+                                  f"{listener}  client_ca: {pki.ca_pem}\n"))
+    url = f"https://localhost:{port}/"
+
+    def code(*args: str) -> str:
+        return curl("--cacert", pki.ca_pem, "-o", "/dev/null", "-w", "%{http_code}", *args,
+                    url).stdout.decode()
+
+    def reload(tls: str) -> None:
+        write_config(tmp_path, tls_yaml(port, admin, demo_upstream, tls))
+        req = urllib.request.Request(f"{gw.admin}/admin/reload", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+
+    try:
+        assert code("--cert", c1, "--key", k1) == "200"
+        assert code("--cert", c2, "--key", k2) != "200"
+        reload(f"{listener}  client_ca: {other.ca_pem}\n")
+        assert code("--cert", c2, "--key", k2) == "200"
+        assert code("--cert", c1, "--key", k1) != "200"
+        reload(listener)                        # client certificates no longer required
+        assert code() == "200"
+    finally:
+        assert gw.stop() == 0, gw.logs()
