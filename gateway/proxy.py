@@ -413,11 +413,17 @@ class Proxy:
                         idle_timeout_s=route.websocket_idle_timeout_s,
                         on_close=pool.tunnel_closed)
         tunnels.add(tunnel)
+        # A tunnel needs nothing more of this config version: a reload must not wait for it
+        # (tunnels live for hours) to retire the old runtime.
+        rt.inflight -= 1
+        if rt.retired and rt.inflight == 0:
+            rt.drained.set()
         try:
             if request.draining:
                 tunnel.going_away()
             await asyncio.shield(tunnel.closed)
         finally:
+            rt.inflight += 1            # (given back by handle())
             tunnels.discard(tunnel)
             if not tunnel.closed.done():
                 tunnel.abort()

@@ -274,3 +274,30 @@ def test_frame_tracker_finds_boundaries_across_reads() -> None:
     assert t.feed(stream[5:12], stop=True) == -1
     assert t.feed(stream[12:400], stop=True) == len(frames[0]) - 12
     assert close_frame(1001, masked=False) == b"\x88\x02\x03\xe9"
+
+
+async def test_the_breaker_applies_to_the_handshake(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    text = ws_yaml(dead, extra="").replace(
+        "    timeout_s: 2\n", "    timeout_s: 2\n    breaker: {failure_threshold: 2}\n")
+    async with running_gateway(tmp_path, text) as gw:
+        assert gw.proxy_address is not None
+        url = f"ws://127.0.0.1:{gw.proxy_address[1]}/"
+        for want in (502, 502, 503):
+            with pytest.raises(InvalidStatus) as exc:
+                async with connect(url):
+                    pass
+            assert exc.value.response.status_code == want
+
+
+async def test_reload_does_not_wait_for_open_tunnels(tmp_path: Path, echo: EchoUpstream) -> None:
+    async with running_gateway(tmp_path, ws_yaml(echo.url)) as gw:
+        assert gw.proxy_address is not None
+        async with connect(f"ws://127.0.0.1:{gw.proxy_address[1]}/") as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            old = gw.runtime
+            await gw.reload()
+            await asyncio.wait_for(old.drained.wait(), 2)   # retired while the tunnel is open
+            await ws.send("after")
+            assert await ws.recv() == "after"
