@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 import yaml
 
+from gateway import tls as tls_mod
 from gateway.errors import ConfigError
 
 T = TypeVar("T")
@@ -570,7 +571,6 @@ def _readable(value: Any, path: str, errs: _Errors) -> str | None:
 
 
 def parse_upstream_tls(value: Any, path: str, errs: _Errors) -> UpstreamTlsConfig | None:
-    from gateway import tls as tls_mod
     m = _mapping(value, path, errs, {"ca", "cert", "key", "server_name", "verify"})
     if m is None:
         return None
@@ -600,7 +600,6 @@ def parse_upstream_tls(value: Any, path: str, errs: _Errors) -> UpstreamTlsConfi
 def parse_listener_tls(value: Any, path: str, errs: _Errors) -> ListenerTlsConfig | None:
     """`tls:` on the listener; every certificate is loaded now, so a bad file is refused by
     `gateway check` and by a reload, naming its key."""
-    from gateway import tls as tls_mod
     m = _mapping(value, path, errs, {"certificates", "min_version", "client_ca"},
                  {"certificates"})
     if m is None:

@@ -20,6 +20,9 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -90,8 +93,6 @@ def _is_pem_cert(path: str) -> bool:
 def certificate_names(path: str, *, strict: bool = False) -> list[str] | None:
     """The DNS names a certificate file's first certificate serves: its subjectAltNames, or its
     common name when it has none. None when the file holds no parsable certificate."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
     try:
         with open(path, "rb") as f:
             data = f.read()

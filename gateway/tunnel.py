@@ -135,7 +135,7 @@ class _Side(asyncio.Protocol):
             self.tunnel.check_done()
 
     def write(self, data: bytes) -> None:
-        if data and not self.lost:
+        if data and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
 
     def send_going_away(self) -> None:
