@@ -54,7 +54,8 @@ SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent i
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector",
+                 "tls_hosts")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -65,6 +66,11 @@ class UpstreamRuntime:
         self.selector = selector
         self.breaker = breaker
         self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
+        # Host for https endpoints: the name TLS verified (a server checks that SNI and Host
+        # agree, RFC 9110 7.4), not the client's; None for http endpoints.
+        self.tls_hosts: list[str | None] = [
+            p.endpoint.authority.replace(p.endpoint.host, p.server_name, 1)
+            if p.ssl is not None else None for p in pools]
 
     def pool_use(self) -> tuple[int, int]:
         return (sum(p.in_use for p in self.pools), sum(p.max_connections for p in self.pools))
@@ -220,7 +226,8 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id)
+        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id,
+                                         up.tls_hosts[index])
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
@@ -363,7 +370,8 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id)
+        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id,
+                                         up.tls_hosts[index])
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", request.get("Upgrade") or "websocket"))
         t_up = perf_counter()
@@ -440,7 +448,8 @@ class Proxy:
                     duration_ms=0.0, bytes_in=0, bytes_out=0, limit="-", breaker="-")
 
     def _upstream_headers(self, request: Request, authority: str, cfg: Config,
-                          request_id: str) -> list[tuple[str, str]]:
+                          request_id: str, tls_host: str | None = None
+                          ) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = None
@@ -467,7 +476,7 @@ class Proxy:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
         peer_ip = request.peer_ip or "unknown"
         trusted = _is_trusted(peer_ip, cfg)
-        out.append(("Host", host or authority))
+        out.append(("Host", tls_host or host or authority))
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
         out.append(("X-Forwarded-Proto", proto if (proto and trusted) else self.scheme))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))

@@ -32,6 +32,7 @@ class TlsUpstream:
         self.handshakes = 0
         self.server_names: list[str | None] = []
         self.client_subjects: list[str] = []
+        self.hosts: list[str] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -44,6 +45,7 @@ class TlsUpstream:
             peer = request.transport.get_extra_info("peercert") if request.transport else None
             if peer:
                 self.client_subjects.append(str(peer["subject"]))
+            self.hosts.append(request.headers.get("Host", ""))
             return web.json_response({"path": request.path, "proto":
                                       request.headers.get("X-Forwarded-Proto")})
 
@@ -113,6 +115,8 @@ async def test_keep_alive_tls_connections_are_pooled(
                 assert status == 200 and json.loads(body)["path"] == f"/n/{i}"
             assert up.handshakes == 1            # 30 requests, one pooled TLS connection
             assert up.server_names == ["localhost"]
+            # Host is the name TLS verified, not the gateway's own (the client's Host).
+            assert set(up.hosts) == {f"localhost:{up.port}"}
             # Concurrent requests open a connection each at most; the next burst reuses the
             # pooled ones and opens only what it lacks.
             pool = gw.runtime.upstreams["secure"].pools[0]
@@ -147,6 +151,7 @@ async def test_server_name_override_and_client_certificate(
             status, _, body = await fetch(session, "GET", url_of(gw, "/x"))
             assert status == 200, body
             assert up.server_names == ["api.internal"]
+            assert up.hosts == [f"api.internal:{up.port}"]
             assert "gateway-egress" in up.client_subjects[0]
         # Without the client certificate the upstream refuses the handshake: 502.
         text = config(f"https://127.0.0.1:{up.port}",
