@@ -358,7 +358,6 @@ class Request:
         parts.append("\r\n")
         self._state = 2
         self.keep_alive = False
-        conn.tunnelled = True
         conn.server.connections.discard(conn)   # the tunnel's owner drains it from now on
         transport = conn.transport
         transport.write("".join(parts).encode("latin-1"))
@@ -406,7 +405,6 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = ""
         self.client_cert = ""
-        self.tunnelled = False          # handed over to a WebSocket tunnel
         self._tunnel_tail: bytes | None = None   # bytes after a WebSocket handshake's head
         self.lost = False
         self.eof = False
