@@ -62,9 +62,11 @@ routes:
 """
 
 
-def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
+def wrk(url: str, duration: int, connections: int, *, close: bool = False) -> dict[str, float]:
+    """`close`: send `Connection: close`, so every request is a new connection."""
+    extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(["wrk", "-t", "1" if connections < 64 else "2", "-c", str(connections),
-                          "-d", f"{duration}s", "--latency", url],
+                          "-d", f"{duration}s", "--latency", *extra, url],
                          capture_output=True, text=True, timeout=duration + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {}

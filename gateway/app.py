@@ -29,6 +29,7 @@ from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
 from gateway.signals import LoopLagMonitor, Signals
+from gateway.tls import ListenerTls, TlsFileError, client_context
 from gateway.upstream import EndpointPool
 
 log = logging.getLogger("gateway")
@@ -52,7 +53,11 @@ def bind_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
 
 
 def _pool_key(upstream: Any, url: str) -> tuple[Any, ...]:
-    return (url, upstream.connect_timeout_s, upstream.timeout_s, upstream.max_connections)
+    return (url, upstream.connect_timeout_s, upstream.timeout_s, upstream.max_connections,
+            upstream.tls if url.startswith("https:") else None)
+
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class GatewayServer:
@@ -77,6 +82,9 @@ class GatewayServer:
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
         self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard)
+        self.tls = ListenerTls(cfg.tls) if cfg.tls is not None else None
+        if self.tls is not None:
+            self.proxy.scheme = "https"
         # A worker's admin socket is private to its supervisor (0700 directory): no token there.
         self.token = "" if admin_unix else cfg.admin.token
         self.state = "starting"
@@ -104,18 +112,23 @@ class GatewayServer:
         limiter.add_listener(self.signals.record_limit)
         self.signals.set_evictions_source(lambda: limiter.evictions)
         upstreams: dict[str, UpstreamRuntime] = {}
-        for u in cfg.upstreams:
+        for i, u in enumerate(cfg.upstreams):
             pools = []
             for ep in u.endpoints:
                 key = _pool_key(u, ep.url)
                 pool = self._pools.get(key)
                 if pool is None:
                     pool = EndpointPool(ep, connect_timeout_s=u.connect_timeout_s,
-                                        timeout_s=u.timeout_s, max_connections=u.max_connections)
+                                        timeout_s=u.timeout_s, max_connections=u.max_connections,
+                                        ssl=_client_tls(u, i) if ep.scheme == "https" else None,
+                                        server_name=u.tls.server_name if u.tls else None)
                     self._pools[key] = pool
                 pools.append(pool)
             upstreams[u.name] = UpstreamRuntime(u, pools, breakers.selector(u.name),
                                                 breakers.breaker(u.name))
+        for u in cfg.upstreams:
+            if u.fallback is not None:
+                upstreams[u.name].fallback = upstreams[u.fallback]
         self.signals.clear_pool_sources()
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)
@@ -143,9 +156,15 @@ class GatewayServer:
         if self.access_log is not None:
             await self.access_log.start()
         self._server = DownstreamServer(self.proxy.handle,
-                                        on_reject=self.proxy.record_rejected)
+                                        on_reject=self.proxy.record_rejected,
+                                        tls=self.tls is not None)
         sock = self._listen_sock or bind_socket(cfg.listen, reuse_port=cfg.workers > 1)
-        self._listener = await loop.create_server(self._server, sock=sock, backlog=2048)
+        if self.tls is not None:
+            self._listener = await loop.create_server(
+                self._server, sock=sock, backlog=2048, ssl=self.tls.context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        else:
+            self._listener = await loop.create_server(self._server, sock=sock, backlog=2048)
         self.proxy_address = sock.getsockname()[:2]
         admin_app = admin_api.make_app(self)
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
@@ -236,13 +255,15 @@ class GatewayServer:
             try:
                 cfg = config_mod.load(self.config_path)
                 self._check_reloadable(cfg)
+                if self.tls is not None and cfg.tls is not None:
+                    self.tls.update(cfg.tls)    # new handshakes get the re-read certificates
+                old = self.runtime
+                new = self._build_runtime(cfg, old)
             except ConfigError as exc:
                 self.signals.record_reload("failure")
                 log.error("reload rejected; the old config keeps serving",
                           extra={"errors": exc.errors, "version": self.cfg.version})
                 raise
-            old = self.runtime
-            new = self._build_runtime(cfg, old)
             await new.limiter.start()
             self.runtime = new
             self.proxy.runtime = new
@@ -265,6 +286,8 @@ class GatewayServer:
             if getattr(cfg, key) != getattr(cur, key):
                 errors.append(f"{key}: cannot change on reload (restart the gateway); "
                               f"running {getattr(cur, key)!r}, file has {getattr(cfg, key)!r}")
+        if (cfg.tls is None) != (cur.tls is None):
+            errors.append("tls: turning TLS on the listener on or off needs a restart")
         if cfg.admin.listen != cur.admin.listen:
             errors.append("admin.listen: cannot change on reload (restart the gateway)")
         if cfg.metrics != cur.metrics:     # Prometheus histograms keep their buckets for life
@@ -313,6 +336,15 @@ class GatewayServer:
 
     def effective_config(self) -> dict[str, Any]:
         return {"version": self.cfg.version, "config": self.cfg.redacted()}
+
+
+def _client_tls(u: Any, index: int) -> Any:
+    """The TLS context of an upstream's https endpoints; a file that went bad since it was
+    validated is reported at its key."""
+    try:
+        return client_context(u.tls)
+    except TlsFileError as exc:
+        raise ConfigError([f"upstreams[{index}].tls.{exc.key}: {exc.message}"]) from None
 
 
 def _fmt(addr: tuple[str, int] | None) -> str | None:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 import yaml
 
+from gateway import tls as tls_mod
 from gateway.errors import ConfigError
 
 T = TypeVar("T")
@@ -60,6 +61,17 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """TLS to an upstream's https:// endpoints. Without `ca`, the system trust store."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None   # SNI and the name verified (default: the endpoint's host)
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -67,6 +79,8 @@ class UpstreamConfig:
     timeout_s: float = 30.0
     max_connections: int = 512
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    tls: UpstreamTlsConfig | None = None
+    fallback: str | None = None      # another upstream, used while this one's circuit is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +110,9 @@ class LimitConfig:
         return self.key[7:] if self.key.startswith("header:") else None
 
 
+WEBSOCKET_IDLE_S = 300.0     # a tunnel with no byte either way for this long is closed
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
@@ -106,6 +123,8 @@ class RouteConfig:
     host: str | None = None
     strip_prefix: bool = False
     limits: tuple[str, ...] = ()
+    websocket: bool = False               # tunnel `Upgrade: websocket` requests
+    websocket_idle_timeout_s: float = WEBSOCKET_IDLE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +162,22 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsConfig:
+    """TLS on the proxy listener: the first certificate is the default, the others are chosen
+    by SNI against their subjectAltNames."""
+
+    certificates: tuple[CertificateConfig, ...]
+    min_version: str = "1.2"              # 1.2 | 1.3
+    client_ca: str | None = None          # require and verify client certificates
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     workers: int = 1
@@ -157,6 +192,7 @@ class Config:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tls: ListenerTlsConfig | None = None
     version: str = ""
     source: str = ""
 
@@ -385,8 +421,8 @@ def parse_endpoint(value: Any, path: str, errs: _Errors) -> Endpoint | None:
     if s is None:
         return None
     parts = urlsplit(s)
-    if parts.scheme != "http":
-        errs.add(path, f"must be an http:// URL (TLS to upstreams is not supported yet), got {s!r}")
+    if parts.scheme not in ("http", "https"):
+        errs.add(path, f"must be an http:// or https:// URL, got {s!r}")
         return None
     try:
         port = parts.port
@@ -400,10 +436,10 @@ def parse_endpoint(value: Any, path: str, errs: _Errors) -> Endpoint | None:
         errs.add(path, f"must not have a path or query, got {s!r}")
         return None
     return Endpoint(url=s.rstrip("/"), scheme=parts.scheme, host=parts.hostname,
-                    port=port or 80)
+                    port=port or (443 if parts.scheme == "https" else 80))
 
 
-_KEYS = ("ip_address", "user_id", "client_id", "api_key")
+_KEYS = ("ip_address", "user_id", "client_id", "api_key", "client_cert")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
@@ -483,7 +519,8 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
 
 
 def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | None:
-    allowed = {"name", "endpoints", "connect_timeout_s", "timeout_s", "max_connections", "breaker"}
+    allowed = {"name", "endpoints", "connect_timeout_s", "timeout_s", "max_connections", "breaker",
+               "tls", "fallback"}
     m = _mapping(value, path, errs, allowed, {"name", "endpoints"})
     if m is None:
         return None
@@ -510,10 +547,124 @@ def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | Non
         kw["max_connections"] = _int(m["max_connections"], f"{path}.max_connections", errs,
                                      minimum=1)
     breaker = parse_breaker(m.get("breaker"), f"{path}.breaker", errs)
+    if m.get("tls") is not None:
+        kw["tls"] = parse_upstream_tls(m["tls"], f"{path}.tls", errs)
+        if not any(e.scheme == "https" for e in endpoints) and "endpoints" in m:
+            errs.add(f"{path}.tls", "is set but no endpoint is https://")
+    if m.get("fallback") is not None:
+        fb = _name(m["fallback"], f"{path}.fallback", errs)
+        if fb is not None and fb == name:
+            errs.add(f"{path}.fallback", f"names the upstream itself ({fb!r})")
+        kw["fallback"] = fb
     if len(errs.lines) > n0 or name is None:
         return None
     return UpstreamConfig(name=name, endpoints=tuple(endpoints), breaker=breaker or BreakerConfig(),
                           **kw)
+
+
+def _readable(value: Any, path: str, errs: _Errors) -> str | None:
+    """A file path that exists and can be read (certificates, keys, CA bundles)."""
+    s = _str(value, path, errs)
+    if s is None:
+        return None
+    try:
+        with open(s, "rb"):
+            pass
+    except OSError as exc:
+        errs.add(path, f"cannot read {s!r}: {exc.strerror}")
+        return None
+    return s
+
+
+def parse_upstream_tls(value: Any, path: str, errs: _Errors) -> UpstreamTlsConfig | None:
+    m = _mapping(value, path, errs, {"ca", "cert", "key", "server_name", "verify"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    for key in ("ca", "cert", "key"):
+        if m.get(key) is not None:
+            kw[key] = _readable(m[key], f"{path}.{key}", errs)
+    if m.get("server_name") is not None:
+        kw["server_name"] = _str(m["server_name"], f"{path}.server_name", errs)
+    if "verify" in m:
+        kw["verify"] = _bool(m["verify"], f"{path}.verify", errs)
+    if ("cert" in kw) != ("key" in kw):
+        missing = "key" if "cert" in kw else "cert"
+        errs.add(f"{path}.{missing}", "is required with " + ("cert" if "cert" in kw else "key"))
+    if len(errs.lines) > n0:
+        return None
+    cfg = UpstreamTlsConfig(**kw)
+    try:
+        tls_mod.client_context(cfg)
+    except tls_mod.TlsFileError as exc:
+        errs.add(f"{path}.{exc.key}", exc.message)
+        return None
+    return cfg
+
+
+def parse_listener_tls(value: Any, path: str, errs: _Errors) -> ListenerTlsConfig | None:
+    """`tls:` on the listener; every certificate is loaded now, so a bad file is refused by
+    `gateway check` and by a reload, naming its key."""
+    m = _mapping(value, path, errs, {"certificates", "min_version", "client_ca"},
+                 {"certificates"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    certs: list[CertificateConfig] = []
+    items = _list(m["certificates"], f"{path}.certificates", errs) if "certificates" in m \
+        else None
+    if items is not None and not items:
+        errs.add(f"{path}.certificates", "must list at least one {cert, key}")
+    for i, item in enumerate(items or []):
+        ipath = f"{path}.certificates[{i}]"
+        im = _mapping(item, ipath, errs, {"cert", "key"}, {"cert", "key"})
+        if im is None or "cert" not in im or "key" not in im:
+            continue
+        cert = _readable(im["cert"], f"{ipath}.cert", errs)
+        key = _readable(im["key"], f"{ipath}.key", errs)
+        if cert is None or key is None:
+            continue
+        try:
+            tls_mod.load_certificate(cert, key)
+        except tls_mod.TlsFileError as exc:
+            errs.add(f"{ipath}.{exc.key}", exc.message)
+            continue
+        certs.append(CertificateConfig(cert=cert, key=key))
+    kw: dict[str, Any] = {}
+    if "min_version" in m:
+        v = m["min_version"]
+        kw["min_version"] = _choice(str(v) if isinstance(v, (int, float)) else v,
+                                    f"{path}.min_version", errs, ("1.2", "1.3"))
+    if m.get("client_ca") is not None:
+        ca = _readable(m["client_ca"], f"{path}.client_ca", errs)
+        if ca is not None:
+            try:
+                tls_mod.check_ca(ca)
+            except tls_mod.TlsFileError as exc:
+                errs.add(f"{path}.client_ca", exc.message)
+        kw["client_ca"] = ca
+    if len(errs.lines) > n0:
+        return None
+    return ListenerTlsConfig(certificates=tuple(certs), **kw)
+
+
+def parse_websocket(value: Any, path: str, errs: _Errors) -> tuple[bool, float] | None:
+    """`websocket: true|false`, or `websocket: {idle_timeout_s: N}` (enabled, with that idle
+    timeout)."""
+    if isinstance(value, bool):
+        return value, WEBSOCKET_IDLE_S
+    m = _mapping(value, path, errs, {"idle_timeout_s"})
+    if m is None:
+        return None
+    idle = WEBSOCKET_IDLE_S
+    if "idle_timeout_s" in m:
+        v = _num(m["idle_timeout_s"], f"{path}.idle_timeout_s", errs, minimum=0,
+                 exclusive_min=True)
+        if v is None:
+            return None
+        idle = v
+    return True, idle
 
 
 def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
@@ -551,7 +702,7 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
 
 
 def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
-    allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits"}
+    allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits", "websocket"}
     m = _mapping(value, path, errs, allowed, {"name", "upstream"})
     if m is None:
         return None
@@ -599,6 +750,10 @@ def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
                         errs.add(f"{path}.limits[{i}]", f"lists {s!r} twice")
                     names.append(s)
             kw["limits"] = tuple(names)
+    if m.get("websocket") is not None:
+        ws = parse_websocket(m["websocket"], f"{path}.websocket", errs)
+        if ws is not None:
+            kw["websocket"], kw["websocket_idle_timeout_s"] = ws
     if len(errs.lines) > n0 or name is None or upstream is None or service is None:
         return None
     return RouteConfig(name=name, upstream=upstream, service=service, **kw)
@@ -639,8 +794,8 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
 
 
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
-            "limits", "routes", "control_plane", "access_log", "demo_upstream"}
-TOP_KEYS = TOP_KEYS | {"metrics"}
+            "limits", "routes", "control_plane", "access_log", "demo_upstream", "tls",
+            "metrics"}
 
 
 def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
@@ -735,6 +890,8 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     kw["control_plane"] = parse_control_plane(m.get("control_plane"), "control_plane", errs)
     if "metrics" in m and m["metrics"] is not None:
         kw["metrics"] = parse_metrics(m["metrics"], "metrics", errs)
+    if m.get("tls") is not None:
+        kw["tls"] = parse_listener_tls(m["tls"], "tls", errs)
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)
@@ -759,6 +916,20 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
                         errs.add(f"routes[{i}].limits[{j}]",
                                  f"names unknown limit {ln!r} "
                                  f"(known: {', '.join(sorted(lim_names)) or 'none'})")
+    if isinstance(m.get("upstreams"), list):
+        # A fallback is one hop: the fallback's own fallback is not followed (so two upstreams
+        # may name each other), and its circuit is checked like any other.
+        for i, u in enumerate(m["upstreams"]):
+            fb = u.get("fallback") if isinstance(u, dict) else None
+            if isinstance(fb, str) and fb not in up_names and fb != u.get("name"):
+                known = ", ".join(sorted(up_names)) or "none"
+                errs.add(f"upstreams[{i}].fallback", f"names unknown upstream {fb!r} "
+                                                     f"(known: {known})")
+    for i, lim in enumerate(limits):
+        if lim.key == "client_cert" and (m.get("tls") is None or not isinstance(m["tls"], dict)
+                                         or m["tls"].get("client_ca") is None):
+            errs.add(f"limits[{i}].key", "is client_cert but tls.client_ca is not set "
+                                         "(no client certificate would ever be verified)")
     if any(lim.store == "redis" for lim in limits) and "redis" not in m:
         for i, lim in enumerate(limits):
             if lim.store == "redis":

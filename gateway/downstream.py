@@ -26,8 +26,9 @@ What a connection does:
   normalise into another path must be refused here;
 * field values lose trailing spaces and tabs as well as the leading ones llhttp strips (RFC 9110
   5.5), so the limiter, the router and the upstream all see the same value;
-* `Upgrade` is not supported: such a request is answered as a plain one and the connection
-  closes after the response;
+* `Upgrade: websocket` (a GET) is marked `request.upgrade`: the handler either answers it as
+  any request (the connection closes after) or tunnels it with `switch_protocols()`; other
+  upgrades are answered as plain requests and the connection closes after the response;
 * shutdown: idle connections close at once, busy ones after their current response (sent with
   `Connection: close`), and what is left is cut at the drain deadline.
 
@@ -47,6 +48,7 @@ from typing import Any
 import httptools
 
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
+from gateway.tls import client_subject
 
 log = logging.getLogger("gateway.downstream")
 
@@ -153,6 +155,7 @@ class Request:
         "peer_ip",
         "request_id",
         "target",
+        "upgrade",
         "version",
         "x_request_id",
     )
@@ -182,6 +185,7 @@ class Request:
         self._continue_sent = False
         self._state = 0                 # 0: nothing sent, 1: head sent, 2: response complete
         self._chunked_out = False
+        self.upgrade = False            # a WebSocket handshake (GET with Upgrade: websocket)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} HTTP/{self.version}>"
@@ -199,6 +203,11 @@ class Request:
     def getall(self, name: str) -> list[str]:
         name = name.lower()
         return [v for n, v in self.headers if n.lower() == name]
+
+    @property
+    def client_cert(self) -> str:
+        """The verified client certificate's subject (TLS with client_ca), else ""."""
+        return self._conn.client_cert
 
     @property
     def body_exists(self) -> bool:
@@ -344,6 +353,33 @@ class Request:
             conn.transport.write(b"0\r\n\r\n")
         conn.response_done(self)
 
+    @property
+    def draining(self) -> bool:
+        """The server is shutting down."""
+        return self._conn.server.draining
+
+    def switch_protocols(self, headers: Iterable[tuple[str, str]]
+                         ) -> tuple[asyncio.Transport, bytes, set[Any]]:
+        """Answer a WebSocket handshake with `101 Switching Protocols` (`headers` as given:
+        Upgrade, Connection, Sec-WebSocket-*) and hand the connection over: the transport,
+        the bytes the client sent after its request head, and the server's set of tunnels
+        (where the caller registers its tunnel, to be swept and drained). The caller sets its
+        own protocol on the transport; this connection no longer reads, answers or times
+        out."""
+        conn = self._conn
+        if self._state or conn.lost or conn.transport.is_closing():
+            raise ClientGone("the client closed the connection")
+        parts = ["HTTP/1.1 101 Switching Protocols\r\n"]
+        parts.extend(f"{name}: {value}\r\n" for name, value in headers)
+        parts.append("\r\n")
+        self._state = 2
+        self.keep_alive = False
+        conn.server.connections.discard(conn)   # the tunnel's owner drains it from now on
+        transport = conn.transport
+        transport.write("".join(parts).encode("latin-1"))
+        tail, conn._tunnel_tail = conn._tunnel_tail or b"", None
+        return transport, tail, conn.server.tunnels
+
     def cut(self) -> None:
         """Close the connection now (after what was written): a truncated response, or none."""
         self._state = 2
@@ -384,6 +420,8 @@ class HttpConnection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer_ip = ""
+        self.client_cert = ""
+        self._tunnel_tail: bytes | None = None   # bytes after a WebSocket handshake's head
         self.lost = False
         self.eof = False
         self.closing = False
@@ -417,10 +455,16 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (tuple, list)) and peer:
             self.peer_ip = str(peer[0])
+        if self.server.tls:     # (the handshake is done: the protocol starts after it)
+            self.client_cert = client_subject(transport.get_extra_info("peercert"))
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self._tunnel_tail is not None:
+                # Sent before our 101 (a client that does not wait): kept for the tunnel.
+                self._tunnel_tail += data
+                self.transport.pause_reading()
             return
         if self.head_started is not None:
             # llhttp hands a header field over only when it is complete: bound what it
@@ -441,10 +485,11 @@ class HttpConnection(asyncio.Protocol):
                 self._meta_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             # What follows the head belongs to another protocol: stop reading, answer this
-            # request as a plain one, then close.
+            # request as a plain one and close, or (a WebSocket route) tunnel it.
             self.closing = True
+            self._tunnel_tail = data[exc.args[0]:] if exc.args else b""
             for req in (self._current, *self._pipeline):
                 if req is not None:
                     req.keep_alive = False
@@ -609,16 +654,21 @@ class HttpConnection(asyncio.Protocol):
                 raise _Reject(501, f"Transfer-Encoding {te!r} is not supported (chunked is)")
             if version == "1.0":
                 keep_alive = False      # RFC 9112 6.1: chunked from a 1.0 client
+        websocket = False
         if parser.should_upgrade():
             if te is not None or special.get(b"content-length", "0") != "0":
                 raise _Reject(400, "Upgrade with a request body is not supported")
             keep_alive = False
+            websocket = method == "GET" and any(
+                n.lower() == "upgrade" and "websocket" in v.lower() for n, v in self._headers)
         conn_field = special.get(b"connection")
         if keep_alive and conn_field is not None and \
                 "close" in (t.strip() for t in conn_field.lower().split(",")):
             keep_alive = False
         req = Request(self, method, url.decode("latin-1"), version, self._headers, special,
                       keep_alive)
+        if websocket:
+            req.upgrade = True
         self._meta_bytes = 0
         self._parsing = req
         if not req._body_done:
@@ -832,8 +882,11 @@ class DownstreamServer:
     def __init__(self, handler: Handler, *, keepalive_timeout_s: float = 75.0,
                  header_timeout_s: float = 30.0, body_timeout_s: float = 60.0,
                  send_timeout_s: float = 60.0,
-                 on_reject: Callable[[int, str, str], None] | None = None) -> None:
+                 on_reject: Callable[[int, str, str], None] | None = None,
+                 tls: bool = False) -> None:
         self.handler = handler
+        self.tls = tls
+        """Served over TLS: connections read the client certificate's subject."""
         self.body_timeout_s = body_timeout_s
         """Longest pause between two pieces of a request body (nginx client_body_timeout)."""
         self.send_timeout_s = send_timeout_s
@@ -844,6 +897,9 @@ class DownstreamServer:
         self.header_timeout_s = header_timeout_s
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
+        self.tunnels: set[Any] = set()
+        """Open WebSocket tunnels (`gateway.tunnel.Tunnel`): swept for idleness, and closed
+        with close frames on shutdown."""
         self.draining = False
         _DateHeader.refresh()           # (stale if no server ticked in this process lately)
         self._tick_handle: asyncio.TimerHandle | None = self.loop.call_later(1.0, self._tick)
@@ -861,6 +917,8 @@ class DownstreamServer:
         tests call it with a time of their choosing)."""
         for conn in list(self.connections):
             conn.sweep(now)
+        for tunnel in list(self.tunnels):
+            tunnel.sweep(now)
 
     async def shutdown(self, timeout: float) -> None:
         """Close idle connections now and busy ones after their response; cut what is left
@@ -869,12 +927,16 @@ class DownstreamServer:
         for conn in list(self.connections):
             if not conn.busy:
                 conn.close()
+        for tunnel in list(self.tunnels):
+            tunnel.going_away()         # close frames (1001) to both sides
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self.tunnels) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None

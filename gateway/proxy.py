@@ -21,6 +21,7 @@ from gateway.errors import (
     problem_body,
 )
 from gateway.routing import strip
+from gateway.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -42,6 +43,10 @@ _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-
                               "forwarded", "x-real-ip"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
+# What a relayed 101 leaves out (Upgrade and Connection stay: they are the 101's point).
+_TUNNEL_RESPONSE_DROP = frozenset({"content-length", "transfer-encoding", "keep-alive",
+                                   "proxy-connection", "te", "trailer"})
+
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
 
@@ -49,7 +54,8 @@ SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent i
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "name", "pools", "selector")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector",
+                 "tls_hosts")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -59,6 +65,12 @@ class UpstreamRuntime:
         self.authorities = [p.endpoint.authority for p in pools]  # Host when the client sent none
         self.selector = selector
         self.breaker = breaker
+        self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
+        # Host for https endpoints: the name TLS verified (a server checks that SNI and Host
+        # agree, RFC 9110 7.4), not the client's; None for http endpoints.
+        self.tls_hosts: list[str | None] = [
+            p.endpoint.authority.replace(p.endpoint.host, p.server_name, 1)
+            if p.ssl is not None else None for p in pools]
 
     def pool_use(self) -> tuple[int, int]:
         return (sum(p.in_use for p in self.pools), sum(p.max_connections for p in self.pools))
@@ -118,6 +130,8 @@ class Proxy:
         self.budget_guard = budget_guard
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
+        self.scheme = "http"
+        """X-Forwarded-Proto for clients not behind a trusted proxy: "https" on a TLS listener."""
 
     async def handle(self, request: Request) -> None:
         rt = self.runtime
@@ -156,6 +170,14 @@ class Proxy:
                          _sent(request, r[2]), request, "budget", "-", local="budget")
             return
 
+        if request.upgrade and not route.websocket:
+            # Not silently downgraded to a plain request: the client would wait for a 101.
+            sent = _problem(request, 400, f"WebSocket upgrades are not enabled on route "
+                                          f"{route.name!r} (its config needs websocket: true)")
+            self._record(route.name, route.upstream, route.service, method, 400, t0, None, 0,
+                         sent, request, "-", "-", local="bad_request")
+            return
+
         # 2. limits
         extra_headers: tuple[tuple[str, str], ...] = ()
         limit_decision = "-"
@@ -175,17 +197,29 @@ class Proxy:
         up = rt.upstreams[route.upstream]
         breaker = up.breaker
         if not breaker.acquire():
-            retry = breaker.retry_after_s()
-            sent = _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
-                                          f"{breaker.state}); retry in {retry}s",
-                            REDUCED_CAPACITY, (("Retry-After", str(retry)),), upstream=up.name)
-            self._record(route.name, up.name, route.service, method, 503, t0, None, 0, sent,
-                         request, limit_decision, breaker.state, local="breaker")
-            return
+            fb = up.fallback
+            if fb is not None and fb.breaker.acquire():
+                # The primary's circuit is open (or half-open with its probe slots taken): the
+                # fallback answers, counted under its own name, and the client is told.
+                extra_headers = (*extra_headers, ("X-Gateway-Fallback", up.name))
+                up = fb
+                breaker = fb.breaker
+            else:
+                retry = breaker.retry_after_s()
+                sent = _problem(request, 503, f"upstream {up.name!r} is unavailable (circuit "
+                                              f"{breaker.state}); retry in {retry}s",
+                                REDUCED_CAPACITY, (("Retry-After", str(retry)),), upstream=up.name)
+                self._record(route.name, up.name, route.service, method, 503, t0, None, 0, sent,
+                             request, limit_decision, breaker.state, local="breaker")
+                return
 
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
         try:
+            if request.upgrade:
+                await self._websocket(rt, request, route, up, t0, target, request_id,
+                                      extra_headers, limit_decision, verdict)
+                return
             await self._forward(rt, request, route, up, t0, method, target,
                                 request_id, extra_headers, limit_decision, verdict)
         except BaseException:
@@ -203,7 +237,7 @@ class Proxy:
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
         headers = self._upstream_headers(request, up.authorities[index], rt.limiter.trusts,
-                                         request_id)
+                                         request_id, up.tls_hosts[index])
         body_counter = [0]
         body: bytes | AsyncIterator[bytes] | None
         content_length = request.content_length
@@ -335,6 +369,87 @@ class Proxy:
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
 
+    async def _websocket(self, rt: Runtime, request: Request, route: RouteConfig,
+                         up: UpstreamRuntime, t0: float, target: str, request_id: str,
+                         extra_headers: tuple[tuple[str, str], ...], limit_decision: str,
+                         verdict: list[bool]) -> None:
+        """A WebSocket handshake the limits and the breaker admitted: sent to the upstream on
+        a connection of its own; its 101 is relayed and the two connections joined into a
+        tunnel, recorded as one request (status 101) lasting as long as the tunnel. Any other
+        answer is relayed as it is."""
+        breaker = up.breaker
+        index = up.selector.pick()
+        pool = up.pools[index]
+        if route.strip_prefix:
+            target = strip(route.path_prefix, target)
+        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id,
+                                         up.tls_hosts[index])
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", request.get("Upgrade") or "websocket"))
+        t_up = perf_counter()
+        try:
+            uresp = await pool.open_tunnel(target, headers)
+            status = uresp.status
+            data = b""
+            if status != 101:
+                try:
+                    data = await uresp.read_all(SMALL_RESPONSE) if uresp.has_body else b""
+                finally:
+                    uresp.release()
+        except UpstreamError as exc:
+            verdict[0] = True
+            breaker.on_result(exc.kind)
+            up.selector.on_result(index, True)
+            self._record(route.name, up.name, route.service, "GET", exc.status, t0,
+                         perf_counter() - t_up, 0, 0, request, limit_decision, breaker.state)
+            _problem(request, exc.status, exc.detail)
+            return
+        verdict[0] = True
+        breaker.on_result(status)
+        up.selector.on_result(index, breaker.is_failure(status))
+        handshake_s = perf_counter() - t_up
+        resp_headers = [(n, v) for n, v in uresp.headers
+                        if n.lower() not in _TUNNEL_RESPONSE_DROP]
+        if not any(n.lower() == "x-request-id" for n, _ in resp_headers):
+            resp_headers.append(("X-Request-Id", request_id))
+        resp_headers.extend(extra_headers)
+        if status != 101:
+            request.respond(status, [(n, v) for n, v in resp_headers
+                                     if n.lower() not in ("connection", "upgrade")],
+                            data, reason=uresp.reason)
+            self._record(route.name, up.name, route.service, "GET", status, t0, handshake_s,
+                         0, len(data), request, limit_decision, breaker.state)
+            return
+        up_transport, up_tail = uresp.detach()
+        try:
+            client, client_tail, tunnels = request.switch_protocols(resp_headers)
+        except ClientGone:
+            up_transport.abort()
+            pool.tunnel_closed()
+            self._record(route.name, up.name, route.service, "GET", 499, t0, handshake_s, 0, 0,
+                         request, limit_decision, breaker.state)
+            return
+        tunnel = Tunnel(client, up_transport, client_tail, up_tail,
+                        idle_timeout_s=route.websocket_idle_timeout_s,
+                        on_close=pool.tunnel_closed)
+        tunnels.add(tunnel)
+        # A tunnel needs nothing more of this config version: a reload must not wait for it
+        # (tunnels live for hours) to retire the old runtime.
+        rt.inflight -= 1
+        if rt.retired and rt.inflight == 0:
+            rt.drained.set()
+        try:
+            if request.draining:
+                tunnel.going_away()
+            await asyncio.shield(tunnel.closed)
+        finally:
+            rt.inflight += 1            # (given back by handle())
+            tunnels.discard(tunnel)
+            if not tunnel.closed.done():
+                tunnel.abort()
+        self._record(route.name, up.name, route.service, "GET", 101, t0, handshake_s,
+                     tunnel.bytes_in, tunnel.bytes_out, request, limit_decision, breaker.state)
+
     def record_rejected(self, status: int, detail: str, peer_ip: str) -> None:
         """A request the server refused before it was whole (400, 408, 414, 431): counted like
         any other response, under route "-"."""
@@ -347,8 +462,8 @@ class Proxy:
                     duration_ms=0.0, bytes_in=0, bytes_out=0, limit="-", breaker="-")
 
     def _upstream_headers(self, request: Request, authority: str,
-                          trusts: Callable[[str], bool],
-                          request_id: str) -> list[tuple[str, str]]:
+                          trusts: Callable[[str], bool], request_id: str,
+                          tls_host: str | None = None) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = None
@@ -375,9 +490,9 @@ class Proxy:
             out = [(n, v) for n, v in out if n.lower() not in connection_listed]
         peer_ip = request.peer_ip or "unknown"
         trusted = trusts(peer_ip)          # the limiter's check: one answer for both
-        out.append(("Host", host or authority))
+        out.append(("Host", tls_host or host or authority))
         out.append(("X-Forwarded-For", f"{xff}, {peer_ip}" if xff else peer_ip))
-        out.append(("X-Forwarded-Proto", proto if (proto and trusted) else "http"))
+        out.append(("X-Forwarded-Proto", proto if (proto and trusted) else self.scheme))
         out.append(("X-Forwarded-Host", fwd_host if (fwd_host and trusted) else (host or "")))
         if claims and trusted:
             out.extend(claims)

@@ -863,6 +863,9 @@ class Limiter:
             if kind == "ip_address":
                 out.append(self._client_ip(request))
                 continue
+            if kind == "client_cert":
+                out.append(_bounded(request.client_cert) if request.client_cert else ANONYMOUS)
+                continue
             values = getall(p.header)
             if not values:
                 out.append(ANONYMOUS)

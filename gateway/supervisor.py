@@ -146,6 +146,8 @@ class Supervisor:
                   for k in ("listen", "workers") if getattr(cfg, k) != getattr(self.cfg, k)]
         if cfg.admin.listen != self.cfg.admin.listen:
             errors.append("admin.listen: cannot change on reload (restart the gateway)")
+        if (cfg.tls is None) != (self.cfg.tls is None):
+            errors.append("tls: turning TLS on the listener on or off needs a restart")
         if errors:
             raise ConfigError(errors)
         results = await self._call_all("POST", "/admin/reload")

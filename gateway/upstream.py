@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -166,6 +167,17 @@ class UpstreamResponse:
             self._conn = None
             conn.pool._release(conn)
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """A 101 to a WebSocket handshake: take the connection out of the pool's hands (its slot
+        stays taken until `EndpointPool.tunnel_closed()`), with the bytes after the head."""
+        conn = self._conn
+        if conn is None or self.status != 101:
+            raise RuntimeError("only a 101 response to open_tunnel() can be detached")
+        self._conn = None
+        conn.state = _CLOSED
+        conn._cancel_timer()
+        return conn.transport, conn.tail
+
     def abort(self) -> None:
         """Close the connection now (the proxy's client went away, or it gave up)."""
         conn = self._conn
@@ -206,9 +218,11 @@ class _Connection(asyncio.Protocol):
         "spoiled",
         "state",
         "swap_parser",
+        "tail",
         "timer",
         "timer_at",
         "transport",
+        "tunnel",
         "until_close",
         "upgrade",
     )
@@ -244,6 +258,8 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.spoiled = False            # something happened that forbids reuse
         self.swap_parser = False
+        self.tunnel = False             # a WebSocket handshake: a 101 hands the connection over
+        self.tail = b""                 # bytes after a 101's head (the tunnel's first)
         # Per response message.
         self.reason = b""
         self.headers: list[tuple[str, str]] = []
@@ -275,10 +291,19 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamResetError(
-                f"{self.pool.endpoint.url} answered 101 Switching Protocols: "
-                "upgrade not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            if self.tunnel and self.upgrade and self.resp is None:
+                self.tail = data[exc.args[0]:] if exc.args else b""
+                self.transport.pause_reading()      # until the tunnel takes the connection
+                self.complete = True
+                self._cancel_timer()
+                self.resp = UpstreamResponse(101, self.reason.decode("latin-1"), self.headers,
+                                             None, False, False, self)
+                self._wake()
+            else:
+                self._fail(UpstreamResetError(
+                    f"{self.pool.endpoint.url} answered 101 Switching Protocols: "
+                    "upgrade not supported"))
         except httptools.HttpParserError as exc:
             if self.complete:
                 self.spoiled = True     # bytes after the response
@@ -600,11 +625,14 @@ class EndpointPool:
         "connect_timeout_s",
         "endpoint",
         "max_buffered_bytes",
+        "server_name",
+        "ssl",
         "timeout_s",
     )
 
     def __init__(self, endpoint: Endpoint, *, connect_timeout_s: float, timeout_s: float,
-                 max_connections: int) -> None:
+                 max_connections: int, ssl: _ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.endpoint = endpoint
@@ -617,6 +645,10 @@ class EndpointPool:
         self._opened = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None   # the first request's
+        self.ssl = ssl
+        """TLS for an https:// endpoint (the handshake is part of connecting)."""
+        self.server_name = server_name or endpoint.host
+        """SNI and the name the upstream's certificate must carry."""
         self.max_buffered_bytes = 0
         """High-water mark of response bytes buffered on one connection (a flow-control stat)."""
 
@@ -688,6 +720,43 @@ class EndpointPool:
         except BaseException:
             self._discard(conn)
             raise
+
+    async def open_tunnel(self, target: str,
+                          headers: list[tuple[str, str]]) -> UpstreamResponse:
+        """Send a WebSocket handshake (`headers` carry Upgrade and Connection) on a new
+        connection and return once the response head has arrived. A 101 is `detach()`ed into
+        a tunnel; any other answer (403, 426, ...) is read and released like any response, and
+        its connection is not reused. Errors as for `request()`."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        if self._closed:
+            raise UpstreamConnectError(f"connection pool for {self.endpoint.url} is closed")
+        if self._total < self._max:
+            self._total += 1
+        else:
+            got = await self._wait(loop, deadline)
+            if got is not None:
+                got.close()     # a pooled connection handed over: its slot is what we need
+        try:
+            conn = await self._connect(loop, deadline)
+        except BaseException:
+            self._free_slot()
+            raise
+        conn.tunnel = True
+        try:
+            resp = await conn.exchange("GET", _request_head("GET", target, headers, ""), None,
+                                       None, deadline)
+        except BaseException:
+            self._discard(conn)
+            raise
+        conn.spoiled = True
+        return resp
+
+    def tunnel_closed(self) -> None:
+        """A tunnel made from this pool's connection ended: its slot is free."""
+        self._free_slot()
 
     async def close(self) -> None:
         """Close idle connections and fail waiting requests; in-use connections close when
@@ -763,7 +832,12 @@ class EndpointPool:
         limit = min(connect_deadline, deadline)
         try:
             async with asyncio.timeout_at(limit):
-                await loop.create_connection(lambda: conn, ep.host, ep.port)
+                if self.ssl is None:
+                    await loop.create_connection(lambda: conn, ep.host, ep.port)
+                else:
+                    await loop.create_connection(lambda: conn, ep.host, ep.port, ssl=self.ssl,
+                                                 server_hostname=self.server_name,
+                                                 ssl_handshake_timeout=self.connect_timeout_s)
         except TimeoutError:
             if connect_deadline <= deadline:
                 raise UpstreamConnectError(
@@ -772,6 +846,15 @@ class EndpointPool:
             raise UpstreamTimeout(
                 f"{ep.url} did not complete the exchange within {self.timeout_s:g}s "
                 "(still connecting)") from None
+        except _ssl.SSLError as exc:
+            # Verification failures and handshake errors: the upstream cannot be reached safely,
+            # which the breaker counts as a connect error.
+            if isinstance(exc, _ssl.SSLCertVerificationError):
+                detail = f"certificate verify failed: {exc.verify_message}"
+            else:
+                detail = exc.reason or str(exc)
+            raise UpstreamConnectError(
+                f"cannot connect to {ep.url}: TLS handshake failed: {detail}") from exc
         except OSError as exc:
             # asyncio's own message ("Connect call failed ...") hides the cause; name it.
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:

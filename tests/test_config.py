@@ -100,7 +100,7 @@ def test_bad_upstream_limit_route_all_reported_at_once() -> None:
     text = """
 upstreams:
   - name: payments
-    endpoints: ["https://x", "http://127.0.0.1:9001/path"]
+    endpoints: ["ftp://x", "http://127.0.0.1:9001/path"]
     timeout_s: -1
     breaker: {failure_threshold: 0, failure_on: [404, "boom"], error_rate: {threshold: 2}}
   - name: payments
@@ -116,8 +116,7 @@ routes:
     strip_prefix: 1
 """
     assert errors_of(text) == [
-        "upstreams[0].endpoints[0]: must be an http:// URL (TLS to upstreams is not supported "
-        "yet), got 'https://x'",
+        "upstreams[0].endpoints[0]: must be an http:// or https:// URL, got 'ftp://x'",
         "upstreams[0].endpoints[1]: must not have a path or query, got "
         "'http://127.0.0.1:9001/path'",
         "upstreams[0].timeout_s: must be > 0, got -1",
@@ -129,7 +128,7 @@ routes:
         "upstreams[0].breaker.error_rate.threshold: must be <= 1, got 2",
         "upstreams[1].name: duplicate name 'payments' (also upstreams[0])",
         "upstreams[1].endpoints: must list at least one endpoint",
-        "limits[0].key: must be one of ip_address, user_id, client_id, api_key or "
+        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert or "
         "header:<Name>, got 'cookie'",
         "limits[0].rate: unknown period 'fortnight' (second, minute, hour, day or <k>s)",
         "limits[0].burst: must be >= 0, got -1",
@@ -193,7 +192,7 @@ def test_gateway_check_command(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
         "workers: must be >= 1, got -2",
-        "limits[0].key: must be one of ip_address, user_id, client_id, api_key or "
+        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert or "
         "header:<Name>, got 'nope'",
     ]
     res = run_check(tmp_path / "missing.yaml")

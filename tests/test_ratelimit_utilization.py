@@ -48,7 +48,7 @@ async def test_utilization_is_the_busiest_key_of_the_last_window(
     assert lim.utilization()["api"] == pytest.approx(0.1)
     clock.advance(UTILIZATION_WINDOW_S + 1)
     assert lim.utilization()["api"] == 0.0                 # two quiet windows
-    text = metrics.render(Signals(clock), lim.utilization)
+    text = metrics.render(Signals(clock), utilization=lim.utilization)
     samples = parse(text)
     assert samples[("gateway_ratelimit_utilization_ratio", (("policy", "api"),))] == 0.0
     assert ("gateway_ratelimit_utilization_ratio", (("policy", "idle"),)) in samples
