@@ -382,8 +382,8 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id,
-                                         up.tls_hosts[index])
+        headers = self._upstream_headers(request, up.authorities[index], rt.limiter.trusts,
+                                         request_id, up.tls_hosts[index])
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", request.get("Upgrade") or "websocket"))
         t_up = perf_counter()
