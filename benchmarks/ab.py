@@ -8,7 +8,7 @@
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
 route without it (target: <= 5 %).
 `redis`: that limit in Redis (a private redis-server, the gateway's own RESP client) vs in memory
-(issue 3's target: Redis keeps >= 70 % of the local throughput).
+(the target: Redis keeps >= 70 % of the local throughput).
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median

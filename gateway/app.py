@@ -18,13 +18,14 @@ from aiohttp import web
 
 from gateway import admin as admin_api
 from gateway import config as config_mod
+from gateway import logs
 from gateway import metrics
 from gateway.breaker import BreakerSet
 from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.downstream import DownstreamServer
-from gateway.eventloop import new_loop
+from gateway.eventloop import background, new_loop
 from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
@@ -171,7 +172,7 @@ class GatewayServer:
                                 on_result=self.signals.record_shipper,
                                 on_spooled=self.signals.set_spooled,
                                 on_directives=self.budget_guard.update)
-        asyncio.get_running_loop().create_task(self._shipper.start())
+        background(self._shipper.start(), name="shipper-start")
 
     async def _snapshot(self) -> dict[str, Any] | None:
         """The interval's aggregates for the shipper; None when nothing happened. The swap is
@@ -306,7 +307,8 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cfg.demo_upstream:
         host, port = split_hostport(cfg.demo_upstream)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream],
+            [sys.executable, "-m", "gateway", "--log-level", logs.level(), "demo-upstream",
+             "--listen", cfg.demo_upstream],
             preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         _wait_listening(host, port, timeout=10.0)
         log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
@@ -315,7 +317,8 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cp is not None and cp.embedded:
         path = _resolve_beside(cp.config, config_path)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "control", "--config", str(path)],
+            [sys.executable, "-m", "gateway", "--log-level", logs.level(), "control",
+             "--config", str(path)],
             preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
@@ -385,7 +388,7 @@ async def serve(server: GatewayServer) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_from_signal()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: background(reload_from_signal()))
     await server.start()
     await stop.wait()
     await server.stop()

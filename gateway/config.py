@@ -1,7 +1,7 @@
 """Gateway configuration: frozen dataclasses and a loader that reports every error at once.
 
 `load(path)` reads YAML, replaces `${VAR}` / `${VAR:-default}` from the environment, validates every
-key of CONTRACT section 2 (unknown keys are errors) and cross references, and returns a `Config`.
+key (unknown keys are errors, see README "Configuration") and cross references, and returns a `Config`.
 Errors are collected as `path.to.key: message` lines and raised together in one `ConfigError`.
 """
 

@@ -140,7 +140,7 @@ class Proxy:
             _problem(request, 404, f"no route matches {method} {path}")
             self._record("-", "-", "-", method, 404, t0, None, 0, 0, request, "-", "-")
             return
-        guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
+        guard = self.budget_guard  # cost budget exhausted; upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
             self._record(route.name, "-", route.service, method, r[0], t0, None, 0, 0, request,
                          "budget", "-")

@@ -1,6 +1,6 @@
 """Rate limiting: token-bucket maths, the BucketStore seam, the local stores and the Limiter.
 
-Token bucket (CONTRACT section 3): capacity = burst + 1, refilled continuously at `rate` tokens per
+Token bucket: capacity = burst + 1, refilled continuously at `rate` tokens per
 second, fractional tokens kept; a new key starts full; one request takes one token. The maths lives
 in small pure functions below (`refill`, `wait_s`, `full_in_s`, ...) that every store uses, so the
 memory store, the shared store and the Lua script in `ratelimit.lua` compute the same numbers.

@@ -114,8 +114,8 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Default cumulative latency buckets (seconds), exposed as the Prometheus histograms' `le`:
-sub-millisecond loopback hops up to the 60 s ceiling. 0.5 and 2.0 are the seed's p95
-warning/critical thresholds, so histogram_quantile() is exact at the alert boundaries."""
+sub-millisecond loopback hops up to the 60 s ceiling. 0.5 and 2.0 are the p95
+warning/critical thresholds of the health rules and alert rules, so histogram_quantile() is exact at the alert boundaries."""
 
 
 def bucket_ends(bounds_us: Sequence[int]) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Cost attribution, imported charges, cost reports, budgets API, alerts, directives (issue 8)."""
+"""Cost attribution, imported charges, cost reports, budgets API, alerts, directives."""
 
 from __future__ import annotations
 
