@@ -18,8 +18,7 @@ from aiohttp import web
 
 from gateway import admin as admin_api
 from gateway import config as config_mod
-from gateway import logs
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.breaker import BreakerSet
 from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock

@@ -198,7 +198,7 @@ def _redact_url(url: str) -> str:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+def interpolate(text: str, env: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
     """Replace ${VAR} and ${VAR:-default}. Returns the text and the names of unset variables."""
     source: Mapping[str, str] = os.environ if env is None else env
     missing: list[str] = []
@@ -440,7 +440,8 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
             out: set[str | int] = set()
             for i, item in enumerate(items):
                 ipath = f"{path}.failure_on[{i}]"
-                if item in ("connect_error", "timeout") or isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599:
+                if item in ("connect_error", "timeout") or (
+                        isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599):
                     out.add(item)
                 elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 499:
                     errs.add(ipath, f"4xx statuses are client errors and never count as "

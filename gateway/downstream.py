@@ -227,7 +227,7 @@ class Request:
 
     async def read(self) -> bytes:
         """The whole body."""
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = await self.chunk()
             if not data:

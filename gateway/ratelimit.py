@@ -121,7 +121,7 @@ def reset_s(tokens: float, rate: float, capacity: float) -> int:
 
 def take_all(tokens: Sequence[float], enforced: Sequence[bool], cost: float = 1) -> bool:
     """All-or-nothing: admitted only if every enforced bucket admits."""
-    for t, e in zip(tokens, enforced):
+    for t, e in zip(tokens, enforced):  # noqa: SIM110 - a loop beats all() over a generator
         if e and t < cost - EPSILON:
             return False
     return True

@@ -27,8 +27,7 @@ from aiohttp import web
 
 from gateway import admin as admin_api
 from gateway import config as config_mod
-from gateway import logs
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.app import bind_socket, spawn_children, stop_children
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.eventloop import background, new_loop

@@ -41,8 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
-from gateway.control import dashboard, health, rollup
-from gateway.control import costs  # cost attribution, budgets, directives
+from gateway.control import costs, dashboard, health, rollup  # costs: budgets, directives
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body

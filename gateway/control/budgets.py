@@ -290,7 +290,8 @@ def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
                  ) -> tuple[BudgetSpec | None, list[str]]:
     """Validate a budget mapping; (spec, []) or (None, every `path.key: message`).
     With `base`, missing keys keep base's values (a PUT may send only what changes)."""
-    p = (lambda k: f"{path}.{k}" if path else k)
+    def p(k: str) -> str:
+        return f"{path}.{k}" if path else k
     errors: list[str] = []
     if not isinstance(doc, dict):
         return None, [f"{path or 'body'}: must be a mapping"]
