@@ -29,6 +29,7 @@ from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
 from gateway.signals import LoopLagMonitor, Signals
+from gateway.tracing import Tracer, make_tracer
 from gateway.upstream import EndpointPool
 
 log = logging.getLogger("gateway")
@@ -71,7 +72,8 @@ class GatewayServer:
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
-        self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard)
+        self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard,
+                           tracer=make_tracer(cfg.tracing))
         # A worker's admin socket is private to its supervisor (0700 directory): no token there.
         self.token = "" if admin_unix else cfg.admin.token
         self.state = "starting"
@@ -201,6 +203,7 @@ class GatewayServer:
         await self.lag.stop()
         if self.access_log is not None:
             await self.access_log.close()
+        await self._close_tracer(self.proxy.tracer)
         await self.runtime.limiter.close()
         for task in list(self._retiring):
             task.cancel()
@@ -226,6 +229,9 @@ class GatewayServer:
             await new.limiter.start()
             self.runtime = new
             self.proxy.runtime = new
+            if cfg.tracing != old.cfg.tracing:
+                old_tracer, self.proxy.tracer = self.proxy.tracer, make_tracer(cfg.tracing)
+                await self._close_tracer(old_tracer)
             self.token = "" if self.admin_unix else cfg.admin.token
             old.retired = True
             if old.inflight == 0:
@@ -236,6 +242,12 @@ class GatewayServer:
             self.signals.record_reload("success")
             log.info("config reloaded", extra={"version": cfg.version, "previous": old.cfg.version})
             return cfg.version
+
+    @staticmethod
+    async def _close_tracer(tracer: Tracer | None) -> None:
+        """Export the spans still queued; in a thread, the exporter's shutdown blocks."""
+        if tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tracer.shutdown)
 
     def _check_reloadable(self, cfg: Config) -> None:
         """Keys that need a restart are refused on reload, naming the key."""

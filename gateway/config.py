@@ -138,6 +138,13 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str = ""       # OTLP/HTTP collector base URL; empty: no span export
+    sample_ratio: float = 0.1     # of the traces that start at the gateway
+    service_name: str = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     workers: int = 1
@@ -151,6 +158,7 @@ class Config:
     control_plane: ControlPlaneConfig | None = None
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
+    tracing: TracingConfig | None = None
     version: str = ""
     source: str = ""
 
@@ -176,6 +184,8 @@ class Config:
         if doc.get("redis"):
             doc["redis"]["url"] = _redact_url(doc["redis"]["url"])
         doc["trusted_proxies"] = [str(n) for n in self.trusted_proxies]
+        if doc.get("tracing"):
+            doc["tracing"]["otlp_endpoint"] = _redact_url(doc["tracing"]["otlp_endpoint"])
         for u in doc["upstreams"]:
             u["endpoints"] = [e["url"] for e in u["endpoints"]]
             u["breaker"]["failure_on"] = sorted(u["breaker"]["failure_on"], key=str)
@@ -633,8 +643,35 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
     return ControlPlaneConfig(**kw)
 
 
+def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
+    if value is None:
+        return None
+    m = _mapping(value, path, errs, {"otlp_endpoint", "sample_ratio", "service_name"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    if "otlp_endpoint" in m:
+        u = _str(m["otlp_endpoint"] if m["otlp_endpoint"] is not None else "",
+                 f"{path}.otlp_endpoint", errs, nonempty=False)
+        if u:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                errs.add(f"{path}.otlp_endpoint", f"must be an http(s) URL of an OTLP/HTTP "
+                                                  f"collector, got {_redact_url(u)!r}")
+        kw["otlp_endpoint"] = u
+    if "sample_ratio" in m:
+        kw["sample_ratio"] = _num(m["sample_ratio"], f"{path}.sample_ratio", errs, minimum=0,
+                                  maximum=1)
+    if "service_name" in m:
+        kw["service_name"] = _str(m["service_name"], f"{path}.service_name", errs)
+    if len(errs.lines) > n0:
+        return None
+    return TracingConfig(**kw)
+
+
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
-            "limits", "routes", "control_plane", "access_log", "demo_upstream"}
+            "limits", "routes", "control_plane", "access_log", "demo_upstream", "tracing"}
 
 
 def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
@@ -701,6 +738,7 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
                 kw["access_log"] = AccessLogConfig(**{k: v for k, v in lkw.items()
                                                       if v is not None})
     kw["control_plane"] = parse_control_plane(m.get("control_plane"), "control_plane", errs)
+    kw["tracing"] = parse_tracing(m.get("tracing"), "tracing", errs)
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)

@@ -137,6 +137,7 @@ class Request:
         "peer_ip",
         "request_id",
         "target",
+        "trace",
         "version",
         "x_request_id",
     )
@@ -152,6 +153,7 @@ class Request:
         self.keep_alive = keep_alive
         self.peer_ip = conn.peer_ip
         self.request_id = ""
+        self.trace: Any = None            # the proxy's trace context (gateway.tracing)
         self.host = special.get(b"host", "")
         self.x_request_id = special.get(b"x-request-id")
         self.chunked = b"transfer-encoding" in special

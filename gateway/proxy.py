@@ -21,6 +21,7 @@ from gateway.errors import (
     problem_body,
 )
 from gateway.routing import strip
+from gateway.tracing import context_for, find_traceparent
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
     from gateway.signals import Signals
+    from gateway.tracing import Tracer
     from gateway.upstream import EndpointPool
 
 # RFC 9110 §7.6.1 connection-specific fields, plus framing the upstream client sets itself.
@@ -39,7 +41,7 @@ HOP_BY_HOP = frozenset({
 })
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
                               "x-forwarded-host", "host", "expect", "x-request-id",
-                              "forwarded", "x-real-ip"}
+                              "forwarded", "x-real-ip", "traceparent"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
@@ -103,8 +105,10 @@ class Proxy:
 
     def __init__(self, runtime: Runtime, signals: Signals,
                  access_log: AccessLog | None = None,
-                 budget_guard: BudgetGuard | None = None) -> None:
+                 budget_guard: BudgetGuard | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.runtime = runtime
+        self.tracer = tracer          # None: traceparent propagation only, no spans
         self.signals = signals
         self.access_log = access_log
         self.budget_guard = budget_guard
@@ -337,6 +341,7 @@ class Proxy:
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = None
         claims: list[tuple[str, str]] = []     # Forwarded, X-Real-IP: kept from trusted peers
+        traceparent = None                     # the client's; "" when it sent two (invalid)
         # The one Host the router saw (a second Host field is refused; an absolute-form
         # target's authority replaces it).
         host = request.host
@@ -353,6 +358,8 @@ class Proxy:
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
                 elif lname == "forwarded" or lname == "x-real-ip":
                     claims.append((name, value))
+                elif lname == "traceparent":
+                    traceparent = value if traceparent is None else ""
                 continue
             out.append((name, value))
         if connection_listed:
@@ -366,6 +373,8 @@ class Proxy:
         if claims and trusted:
             out.extend(claims)
         out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
+        trace = request.trace = context_for(traceparent, self.tracer)
+        out.append(("traceparent", trace.header))  # exactly one (tracestate passes as it came)
         return out
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
@@ -375,12 +384,21 @@ class Proxy:
         self.signals.record(route, upstream, service, method, status, duration, upstream_s,
                             bytes_in, bytes_out)
         log = self.access_log
+        tracer = self.tracer
+        if log is None and tracer is None:
+            return
+        trace = request.trace
+        if trace is None:  # answered before forwarding: the trace context is made only now
+            trace = request.trace = context_for(find_traceparent(request.headers), tracer)
+        path = request.target.split("?", 1)[0]
         if log is not None:
-            path = request.target.split("?", 1)[0]
             log.log(request_id=request.request_id, method=method,
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
-                    bytes_out=bytes_out, limit=limit, breaker=breaker)
+                    bytes_out=bytes_out, limit=limit, breaker=breaker, trace_id=trace.trace_id)
+        if tracer is not None and trace.sampled:
+            tracer.export(trace, duration, method, route, path, status, upstream, service,
+                          limit, breaker, request.peer_ip)
 
 
 _TRUST_CACHE: dict[tuple[int, str], bool] = {}
