@@ -110,7 +110,7 @@ def test_sampling_is_parent_based_and_by_ratio_on_new_traces() -> None:
 
 def test_missing_sdk_is_reported_clearly(monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace.export", None)
     with caplog.at_level(logging.ERROR, logger="gateway.tracing"):
         assert make_tracer(_cfg(1.0)) is None
     assert "pip install 'gateway[otel]'" in caplog.text
