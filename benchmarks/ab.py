@@ -3,7 +3,8 @@
     python benchmarks/ab.py signals [--rounds 5] [--duration 5] [--connections 32]
     python benchmarks/ab.py limit   [...]
     python benchmarks/ab.py redis   [...]
-    python benchmarks/ab.py tracing [...]
+    python benchmarks/ab.py tracing [...] [--sample 0.1]
+    python benchmarks/ab.py propagation [...]
 
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
@@ -12,6 +13,8 @@ route without it (target: <= 5 %).
 (the target: Redis keeps >= 70 % of the local throughput).
 `tracing`: span export on at sample_ratio 0.1 to a local OTLP/HTTP sink vs no `tracing:` section
 (traceparent propagation is in both; target: <= 5 %).
+`propagation`: the shipped gateway vs one whose trace context is a constant (what parsing or
+generating `traceparent` costs on every forwarded request).
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -38,6 +41,9 @@ ROOMY_REDIS = ('  - {name: roomy_redis, key: ip_address, rate: "100000000/second
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+CONSTANT_TRACE = ("import sys; import gateway.proxy as p; from gateway.tracing import context_for; "
+                  "c = context_for(None, None); p.context_for = lambda *a: c; "
+                  "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
 
 # A local OTLP/HTTP sink: answers every export with an empty ExportTraceServiceResponse.
 OTLP_SINK = """
@@ -58,7 +64,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing", "propagation"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -92,6 +98,7 @@ def main() -> int:
             "redis": (("with", shipped, "limits: [roomy_redis]"),
                       ("without", shipped, "limits: [roomy_headers]")),
             "tracing": (("with", shipped, ""), ("without", shipped, "")),
+            "propagation": (("with", shipped, ""), ("without", ["-c", CONSTANT_TRACE], "")),
         }[args.variant]
         gateways = []
         for name, prefix, limits in variants:
@@ -140,6 +147,12 @@ def main() -> int:
     print(f"{args.variant}: gateway CPU per request with {c_on:.1f} us, without {c_off:.1f} us; "
           f"cost {c_on / c_off - 1:+.1%} (what the gateway itself spends; the load generator "
           f"shares the cores, so throughput also moves with the bytes it has to parse)")
+    # Rounds are pairs measured back to back: the median of the per-round ratios cancels the
+    # drift that moves both sides of a pair alike (a busy neighbour, frequency changes).
+    paired_rps = statistics.median(w / o for w, o in zip(rps["with"], rps["without"]))
+    paired_cpu = statistics.median(w / o for w, o in zip(cpu_us["with"], cpu_us["without"]))
+    print(f"{args.variant}: median of per-round ratios: throughput cost {1 - paired_rps:+.1%}, "
+          f"CPU per request {paired_cpu - 1:+.1%}")
     return 0
 
 

@@ -46,7 +46,6 @@ log = logging.getLogger("gateway.tracing")
 _HEX_DASH = "0123456789abcdef-"
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-_LOW64 = (1 << 64) - 1
 
 
 class TraceContext(NamedTuple):
@@ -95,18 +94,24 @@ def context_for(incoming: str | None, tracer: Tracer | None) -> TraceContext:
         trace_id, parent_id, flags = parsed
         if tracer is not None and flags & 1:
             span_id = f"{getrandbits(64) or 1:016x}"
-            return TraceContext(trace_id, span_id, parent_id, True,
-                                f"00-{trace_id}-{span_id}-01")
+            return _new(TraceContext, (trace_id, span_id, parent_id, True,
+                                       f"00-{trace_id}-{span_id}-01"))
         assert incoming is not None
-        return TraceContext(trace_id, parent_id, parent_id, False, incoming)
-    tid = getrandbits(128) or 1
-    trace_id = f"{tid:032x}"
-    span_id = f"{getrandbits(64) or 1:016x}"
+        return _new(TraceContext, (trace_id, parent_id, parent_id, False, incoming))
+    # One draw for both ids, and the tuple built directly: each halves this path's cost, which
+    # every forwarded request pays (NamedTuple's own __new__ is a Python function).
+    ids = f"{getrandbits(192):048x}"
+    trace_id, span_id = ids[:32], ids[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:   # all-zero ids are invalid
+        return context_for(None, tracer)
     if tracer is None:
-        return TraceContext(trace_id, span_id, "", False, f"00-{trace_id}-{span_id}-01")
-    sampled = (tid & _LOW64) < tracer.bound
-    return TraceContext(trace_id, span_id, "", sampled,
-                        f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}")
+        return _new(TraceContext, (trace_id, span_id, "", False, f"00-{trace_id}-{span_id}-01"))
+    sampled = (int(trace_id[16:], 16)) < tracer.bound
+    return _new(TraceContext, (trace_id, span_id, "", sampled,
+                               f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"))
+
+
+_new = tuple.__new__
 
 
 class TracingUnavailable(Exception):
