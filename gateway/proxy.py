@@ -41,7 +41,7 @@ HOP_BY_HOP = frozenset({
 })
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
                               "x-forwarded-host", "host", "expect", "x-request-id",
-                              "forwarded", "x-real-ip", "traceparent"}
+                              "forwarded", "x-real-ip", "traceparent", "tracestate"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
@@ -342,6 +342,7 @@ class Proxy:
         xff = proto = fwd_host = None
         claims: list[tuple[str, str]] = []     # Forwarded, X-Real-IP: kept from trusted peers
         traceparent = None                     # the client's; "" when it sent two (invalid)
+        tracestate: list[tuple[str, str]] = []  # kept only with a valid traceparent
         # The one Host the router saw (a second Host field is refused; an absolute-form
         # target's authority replaces it).
         host = request.host
@@ -360,6 +361,8 @@ class Proxy:
                     claims.append((name, value))
                 elif lname == "traceparent":
                     traceparent = value if traceparent is None else ""
+                elif lname == "tracestate":
+                    tracestate.append((name, value))
                 continue
             out.append((name, value))
         if connection_listed:
@@ -374,7 +377,9 @@ class Proxy:
             out.extend(claims)
         out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
         trace = request.trace = context_for(traceparent, self.tracer)
-        out.append(("traceparent", trace.header))  # exactly one (tracestate passes as it came)
+        out.append(("traceparent", trace.header))  # exactly one
+        if tracestate and trace.parent_id:  # the client's trace continues: so does its state
+            out.extend(tracestate)
         return out
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,

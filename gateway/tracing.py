@@ -3,7 +3,8 @@
 Propagation (always on, the only cost when `tracing:` is absent): every forwarded request
 carries exactly one `traceparent`. A valid one from the client is forwarded (its `tracestate`
 too); a missing or invalid one (malformed, all-zero ids, version ff, or sent twice) is replaced
-by a new trace. The trace id is in the access log.
+by a new trace, and the client's `tracestate`, which belonged to another trace, is dropped. The
+trace id is in the access log.
 
 Export (`tracing.otlp_endpoint` set, the `otel` extra installed): a request is recorded when its
 parent says so (the client's sampled flag: parent-based sampling, as OpenTelemetry's default

@@ -157,8 +157,10 @@ async def test_upstream_sees_exactly_one_traceparent_and_the_log_its_trace_id(
         assert tp == [VALID] and ts == ["vendor=abc"]          # forwarded unchanged
         tp2, _, rid2 = await seen_traceparents(s, url)         # none: a new one
         assert len(tp2) == 1 and parse_traceparent(tp2[0]) is not None
-        tp3, _, rid3 = await seen_traceparents(s, url, {"traceparent": "00-bogus"})
+        tp3, ts3, rid3 = await seen_traceparents(s, url, {"traceparent": "00-bogus",
+                                                          "tracestate": "vendor=abc"})
         assert len(tp3) == 1 and parse_traceparent(tp3[0]) is not None
+        assert ts3 == []                                        # a new trace: no old state
         tp4, _, rid4 = await seen_traceparents(s, url, [("traceparent", VALID),
                                                         ("traceparent", VALID)])
         assert len(tp4) == 1 and tp4[0] != VALID                # two fields: invalid, anew
