@@ -3,12 +3,18 @@
     python benchmarks/ab.py signals [--rounds 5] [--duration 5] [--connections 32]
     python benchmarks/ab.py limit   [...]
     python benchmarks/ab.py redis   [...]
+    python benchmarks/ab.py tracing [...] [--sample 0.1]
+    python benchmarks/ab.py propagation [...]
 
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
 route without it (target: <= 5 %).
 `redis`: that limit in Redis (a private redis-server, the gateway's own RESP client) vs in memory
-(issue 3's target: Redis keeps >= 70 % of the local throughput).
+(the target: Redis keeps >= 70 % of the local throughput).
+`tracing`: span export on at sample_ratio 0.1 to a local OTLP/HTTP sink vs no `tracing:` section
+(traceparent propagation is in both; target: <= 5 %).
+`propagation`: the shipped gateway vs one whose trace context is a constant (what parsing or
+generating `traceparent` costs on every forwarded request).
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -27,22 +33,42 @@ from pathlib import Path
 import psutil
 from run import GATEWAY_YAML, ROOT, free_port, wait_port, wrk
 
-ROOMY_LOCAL = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
-               'burst: 1000000, headers: true}\n')
-ROOMY_HEADERS = (ROOMY_LOCAL +
-                 '  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
-                 'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
+ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/second", '
+                 'burst: 1000000, headers: true}\n')
+# Only with a redis: section (a redis limit without one is a config error).
+ROOMY_REDIS = ('  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
+               'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+CONSTANT_TRACE = ("import sys; import gateway.proxy as p; from gateway.tracing import context_for; "
+                  "c = context_for(None, None); p.context_for = lambda *a: c; "
+                  "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+# A local OTLP/HTTP sink: answers every export with an empty ExportTraceServiceResponse.
+OTLP_SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit", "redis"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing", "propagation"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--sample", type=float, default=0.1, help="tracing: sample_ratio")
     args = ap.parse_args()
     up = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="gw-ab-"))
@@ -58,12 +84,21 @@ def main() -> int:
                                           stdout=subprocess.DEVNULL, cwd=tmp))
             wait_port(rport)
             redis_line = f'redis: {{url: "redis://127.0.0.1:{rport}/0", timeout_ms: 25}}\n'
+        tracing_line = ""
+        if args.variant == "tracing":
+            sink = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(sink)]))
+            wait_port(sink)
+            tracing_line = (f'tracing: {{otlp_endpoint: "http://127.0.0.1:{sink}", '
+                            f'sample_ratio: {args.sample}}}\n')
         shipped = ["-m", "gateway"]
         variants = {
             "signals": (("with", shipped, ""), ("without", ["-c", STUBBED], "")),
             "limit": (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")),
             "redis": (("with", shipped, "limits: [roomy_redis]"),
                       ("without", shipped, "limits: [roomy_headers]")),
+            "tracing": (("with", shipped, ""), ("without", shipped, "")),
+            "propagation": (("with", shipped, ""), ("without", ["-c", CONSTANT_TRACE], "")),
         }[args.variant]
         gateways = []
         for name, prefix, limits in variants:
@@ -71,9 +106,9 @@ def main() -> int:
             cfg = tmp / f"{port}.yaml"
             text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
                                        limits=limits)
-            # (the Redis policy only where a redis: section exists: check refuses it otherwise)
-            roomy = ROOMY_HEADERS if redis_line else ROOMY_LOCAL
-            cfg.write_text(redis_line + text.replace("limits:\n", "limits:\n" + roomy, 1))
+            cfg.write_text(redis_line + (tracing_line if name == "with" else "") +
+                           text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS +
+                                        (ROOMY_REDIS if redis_line else ""), 1))
             gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
                                               str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp))
             procs.append(gateways[-1])
@@ -112,6 +147,12 @@ def main() -> int:
     print(f"{args.variant}: gateway CPU per request with {c_on:.1f} us, without {c_off:.1f} us; "
           f"cost {c_on / c_off - 1:+.1%} (what the gateway itself spends; the load generator "
           f"shares the cores, so throughput also moves with the bytes it has to parse)")
+    # Rounds are pairs measured back to back: the median of the per-round ratios cancels the
+    # drift that moves both sides of a pair alike (a busy neighbour, frequency changes).
+    paired_rps = statistics.median(w / o for w, o in zip(rps["with"], rps["without"]))
+    paired_cpu = statistics.median(w / o for w, o in zip(cpu_us["with"], cpu_us["without"]))
+    print(f"{args.variant}: median of per-round ratios: throughput cost {1 - paired_rps:+.1%}, "
+          f"CPU per request {paired_cpu - 1:+.1%}")
     return 0
 
 

@@ -123,7 +123,7 @@ def main() -> int:
     results = {}
     try:
         wait_port(up_port)
-        for name, port, limits in (("gateway", gw_port, ""),
+        for _name, port, limits in (("gateway", gw_port, ""),
                                    ("gateway+local limit", gw2_port, "limits: [roomy]")):
             cfg = tmp / f"{port}.yaml"
             cfg.write_text(GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up_port,

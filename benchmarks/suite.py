@@ -1,4 +1,4 @@
-"""The benchmark suite (issue #10): every scenario and its anchors in one run, one command.
+"""The benchmark suite: every scenario and its anchors in one run, one command.
 
     python benchmarks/suite.py [--quick] [--duration S] [--out benchmarks/results]
                                [--connections 32,256] [--only a,d,nginx,...] [--soak]

@@ -1,4 +1,5 @@
-"""The `gateway` command: run, control, check (and the bundled demo upstream)."""
+"""The `gateway` command: run, control, check, the operator commands admin and ctl (and the
+bundled demo upstream)."""
 
 from __future__ import annotations
 
@@ -73,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo-upstream", help="run the bundled demo upstream")
     p_demo.add_argument("--listen", default="127.0.0.1:9001")
 
+    from gateway import cli
+    cli.add_parsers(sub)                 # admin ..., ctl ...: operator commands over HTTP
+
     args = parser.parse_args(argv)
     from gateway import logs
     logs.setup(args.log_level.upper())
 
     if args.command == "check":
         return _check(args.config)
+    if args.command in ("admin", "ctl"):
+        return cli.run(args)
     if args.command == "run":
         from gateway import app
         if args.worker_index is not None:

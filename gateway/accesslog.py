@@ -50,7 +50,7 @@ class AccessLog:
 
     def log(self, *, request_id: str, method: str, path: str, route: str, upstream: str,
             status: int, duration_ms: float, bytes_in: int, bytes_out: int,
-            limit: str | None, breaker: str | None) -> None:
+            limit: str | None, breaker: str | None, trace_id: str = "") -> None:
         """Queue one line. Never blocks and never raises for odd values (they are str()-ed)."""
         q = path.find("?")
         if q >= 0:
@@ -61,6 +61,7 @@ class AccessLog:
             "request_id": request_id, "method": method, "path": path, "route": route,
             "upstream": upstream, "status": status, "duration_ms": round(duration_ms, 3),
             "bytes_in": bytes_in, "bytes_out": bytes_out, "limit": limit, "breaker": breaker,
+            "trace_id": trace_id,
         }, default=str, option=orjson.OPT_APPEND_NEWLINE)
         if self._size + len(line) > MAX_PENDING_BYTES:
             self._dropped += 1

@@ -18,18 +18,19 @@ from aiohttp import web
 
 from gateway import admin as admin_api
 from gateway import config as config_mod
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.breaker import BreakerSet
 from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.downstream import DownstreamServer
-from gateway.eventloop import new_loop
+from gateway.eventloop import background, new_loop
 from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
 from gateway.signals import LoopLagMonitor, Signals
 from gateway.tls import ListenerTls, TlsFileError, client_context
+from gateway.tracing import Tracer, make_tracer
 from gateway.upstream import EndpointPool
 
 log = logging.getLogger("gateway")
@@ -81,7 +82,8 @@ class GatewayServer:
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
-        self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard)
+        self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard,
+                           tracer=make_tracer(cfg.tracing))
         self.tls = ListenerTls(cfg.tls) if cfg.tls is not None else None
         if self.tls is not None:
             self.proxy.scheme = "https"
@@ -199,7 +201,7 @@ class GatewayServer:
                                 on_result=self.signals.record_shipper,
                                 on_spooled=self.signals.set_spooled,
                                 on_directives=self.budget_guard.update)
-        asyncio.get_running_loop().create_task(self._shipper.start())
+        background(self._shipper.start(), name="shipper-start")
 
     async def _close_intervals(self) -> None:
         """Without a control plane: end an interval every QUANTILE_INTERVAL_S (the aggregates
@@ -240,6 +242,7 @@ class GatewayServer:
         await self.lag.stop()
         if self.access_log is not None:
             await self.access_log.close()
+        await self._close_tracer(self.proxy.tracer)
         await self.runtime.limiter.close()
         for task in list(self._retiring):
             task.cancel()
@@ -267,6 +270,9 @@ class GatewayServer:
             await new.limiter.start()
             self.runtime = new
             self.proxy.runtime = new
+            if cfg.tracing != old.cfg.tracing:
+                old_tracer, self.proxy.tracer = self.proxy.tracer, make_tracer(cfg.tracing)
+                await self._close_tracer(old_tracer)
             self.token = "" if self.admin_unix else cfg.admin.token
             old.retired = True
             if old.inflight == 0:
@@ -277,6 +283,12 @@ class GatewayServer:
             self.signals.record_reload("success")
             log.info("config reloaded", extra={"version": cfg.version, "previous": old.cfg.version})
             return cfg.version
+
+    @staticmethod
+    async def _close_tracer(tracer: Tracer | None) -> None:
+        """Export the spans still queued; in a thread, the exporter's shutdown blocks."""
+        if tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tracer.shutdown)
 
     def _check_reloadable(self, cfg: Config) -> None:
         """Keys that need a restart are refused on reload, naming the key."""
@@ -363,7 +375,8 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cfg.demo_upstream:
         host, port = split_hostport(cfg.demo_upstream)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "demo-upstream", "--listen", cfg.demo_upstream],
+            [sys.executable, "-m", "gateway", "--log-level", logs.level(), "demo-upstream",
+             "--listen", cfg.demo_upstream],
             preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         _wait_listening(host, port, timeout=10.0)
         log.info("demo upstream started", extra={"listen": cfg.demo_upstream,
@@ -372,7 +385,8 @@ def spawn_children(cfg: Config, config_path: str) -> list[subprocess.Popen[bytes
     if cp is not None and cp.embedded:
         path = _resolve_beside(cp.config, config_path)
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "control", "--config", str(path)],
+            [sys.executable, "-m", "gateway", "--log-level", logs.level(), "control",
+             "--config", str(path)],
             preexec_fn=_child_setup))  # noqa: PLW1509 - started before any thread
         log.info("embedded control plane started", extra={"config": str(path),
                                                            "pid": children[-1].pid})
@@ -442,7 +456,7 @@ async def serve(server: GatewayServer) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_from_signal()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: background(reload_from_signal()))
     await server.start()
     await stop.wait()
     await server.stop()

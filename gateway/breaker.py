@@ -1,6 +1,6 @@
 """Circuit breakers and endpoint health, one of each per upstream.
 
-`CircuitBreaker` is the closed / open / half_open state machine of CONTRACT section 3:
+`CircuitBreaker` is the closed / open / half_open state machine:
 
 * closed -> open after `failure_threshold` consecutive failures, or when the optional error-rate
   rule sees `failures / requests >= threshold` over the sliding `window_s` with at least
@@ -239,7 +239,7 @@ class CircuitBreaker:
         self._transition(CLOSED, reason)
 
     def snapshot(self) -> dict[str, Any]:
-        """The breaker as CONTRACT section 4 shows it. `opened_at` is when the circuit last
+        """The breaker as `GET /admin/breakers` shows it. `opened_at` is when the circuit last
         opened (kept while half_open); `retry_at` is when an open circuit half-opens."""
         opened = self._opened_wall if self._state is not CLOSED else None
         retry_at = None

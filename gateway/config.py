@@ -1,7 +1,7 @@
 """Gateway configuration: frozen dataclasses and a loader that reports every error at once.
 
 `load(path)` reads YAML, replaces `${VAR}` / `${VAR:-default}` from the environment, validates every
-key of CONTRACT section 2 (unknown keys are errors) and cross references, and returns a `Config`.
+key (unknown keys are errors, see README "Configuration") and cross references, and returns a `Config`.
 Errors are collected as `path.to.key: message` lines and raised together in one `ConfigError`.
 """
 
@@ -178,6 +178,13 @@ class ListenerTlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str = ""       # OTLP/HTTP collector base URL; empty: no span export
+    sample_ratio: float = 0.1     # of the traces that start at the gateway
+    service_name: str = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     workers: int = 1
@@ -193,6 +200,7 @@ class Config:
     demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: ListenerTlsConfig | None = None
+    tracing: TracingConfig | None = None
     version: str = ""
     source: str = ""
 
@@ -218,6 +226,8 @@ class Config:
         if doc.get("redis"):
             doc["redis"]["url"] = _redact_url(doc["redis"]["url"])
         doc["trusted_proxies"] = [str(n) for n in self.trusted_proxies]
+        if doc.get("tracing"):
+            doc["tracing"]["otlp_endpoint"] = _redact_url(doc["tracing"]["otlp_endpoint"])
         for u in doc["upstreams"]:
             u["endpoints"] = [e["url"] for e in u["endpoints"]]
             u["breaker"]["failure_on"] = sorted(u["breaker"]["failure_on"], key=str)
@@ -240,7 +250,7 @@ def _redact_url(url: str) -> str:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+def interpolate(text: str, env: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
     """Replace ${VAR} and ${VAR:-default}. Returns the text and the names of unset variables."""
     source: Mapping[str, str] = os.environ if env is None else env
     missing: list[str] = []
@@ -482,7 +492,8 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
             out: set[str | int] = set()
             for i, item in enumerate(items):
                 ipath = f"{path}.failure_on[{i}]"
-                if item in ("connect_error", "timeout") or isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599:
+                if item in ("connect_error", "timeout") or (
+                        isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599):
                     out.add(item)
                 elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 499:
                     errs.add(ipath, f"4xx statuses are client errors and never count as "
@@ -793,9 +804,36 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
     return ControlPlaneConfig(**kw)
 
 
+def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
+    if value is None:
+        return None
+    m = _mapping(value, path, errs, {"otlp_endpoint", "sample_ratio", "service_name"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    if "otlp_endpoint" in m:
+        u = _str(m["otlp_endpoint"] if m["otlp_endpoint"] is not None else "",
+                 f"{path}.otlp_endpoint", errs, nonempty=False)
+        if u:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                errs.add(f"{path}.otlp_endpoint", f"must be an http(s) URL of an OTLP/HTTP "
+                                                  f"collector, got {_redact_url(u)!r}")
+        kw["otlp_endpoint"] = u
+    if "sample_ratio" in m:
+        kw["sample_ratio"] = _num(m["sample_ratio"], f"{path}.sample_ratio", errs, minimum=0,
+                                  maximum=1)
+    if "service_name" in m:
+        kw["service_name"] = _str(m["service_name"], f"{path}.service_name", errs)
+    if len(errs.lines) > n0:
+        return None
+    return TracingConfig(**kw)
+
+
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
             "limits", "routes", "control_plane", "access_log", "demo_upstream", "tls",
-            "metrics"}
+            "metrics", "tracing"}
 
 
 def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
@@ -892,6 +930,7 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
         kw["metrics"] = parse_metrics(m["metrics"], "metrics", errs)
     if m.get("tls") is not None:
         kw["tls"] = parse_listener_tls(m["tls"], "tls", errs)
+    kw["tracing"] = parse_tracing(m.get("tracing"), "tracing", errs)
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)

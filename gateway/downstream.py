@@ -155,6 +155,7 @@ class Request:
         "peer_ip",
         "request_id",
         "target",
+        "trace",
         "upgrade",
         "version",
         "x_request_id",
@@ -171,6 +172,7 @@ class Request:
         self.keep_alive = keep_alive
         self.peer_ip = conn.peer_ip
         self.request_id = ""
+        self.trace: Any = None            # the proxy's trace context (gateway.tracing)
         self.host = special.get(b"host", "")
         self.x_request_id = special.get(b"x-request-id")
         self.chunked = b"transfer-encoding" in special
@@ -252,7 +254,7 @@ class Request:
 
     async def read(self) -> bytes:
         """The whole body."""
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = await self.chunk()
             if not data:

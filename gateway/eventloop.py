@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -14,3 +16,15 @@ def new_loop() -> asyncio.AbstractEventLoop:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     return loop
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+    """Start `coro` as a task that stays referenced until it finishes. The loop itself keeps
+    only weak references to tasks, so one whose handle is dropped can be collected mid-flight."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task

@@ -39,3 +39,8 @@ def setup(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def level() -> str:
+    """The root logger's level name: child processes get it as `--log-level`."""
+    return logging.getLevelName(logging.getLogger().level)

@@ -42,7 +42,7 @@ class MetricDef:
     merge: str = "sum"  # how merge_expositions() combines workers' values (gauges only)
 
 
-# The contract's names (CONTRACT section 5) ...
+# The public metric names (listed in README "Metrics and golden signals") ...
 REQUESTS = MetricDef(
     "gateway_requests_total", "counter",
     "Requests answered, proxied or gateway-generated (method outside the standard set: OTHER).",

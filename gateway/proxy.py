@@ -21,6 +21,7 @@ from gateway.errors import (
     problem_body,
 )
 from gateway.routing import strip
+from gateway.tracing import context_for, find_traceparent
 from gateway.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
     from gateway.signals import Signals
+    from gateway.tracing import Tracer
     from gateway.upstream import EndpointPool
 
 # RFC 9110 §7.6.1 connection-specific fields, plus framing the upstream client sets itself.
@@ -40,7 +42,7 @@ HOP_BY_HOP = frozenset({
 })
 _REQUEST_DROP = HOP_BY_HOP | {"content-length", "x-forwarded-for", "x-forwarded-proto",
                               "x-forwarded-host", "host", "expect", "x-request-id",
-                              "forwarded", "x-real-ip"}
+                              "forwarded", "x-real-ip", "traceparent", "tracestate"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 # What a relayed 101 leaves out (Upgrade and Connection stay: they are the 101's point).
@@ -123,8 +125,10 @@ class Proxy:
 
     def __init__(self, runtime: Runtime, signals: Signals,
                  access_log: AccessLog | None = None,
-                 budget_guard: BudgetGuard | None = None) -> None:
+                 budget_guard: BudgetGuard | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.runtime = runtime
+        self.tracer = tracer          # None: traceparent propagation only, no spans
         self.signals = signals
         self.access_log = access_log
         self.budget_guard = budget_guard
@@ -163,7 +167,7 @@ class Proxy:
             self._record("-", "-", "-", method, 404, t0, None, 0, sent, request, "-", "-",
                          local="no_route")
             return
-        guard = self.budget_guard  # cost budget exhausted (issue 8); upstream "-": not billed
+        guard = self.budget_guard  # cost budget exhausted; upstream "-": not billed
         if guard is not None and (r := guard.check(route.service)) is not None:
             request.respond(r[0], (*r[1], ("X-Request-Id", request_id)), r[2])
             self._record(route.name, "-", route.service, method, r[0], t0, None, 0,
@@ -468,6 +472,8 @@ class Proxy:
         connection_listed: tuple[str, ...] = ()
         xff = proto = fwd_host = None
         claims: list[tuple[str, str]] = []     # Forwarded, X-Real-IP: kept from trusted peers
+        traceparent = None                     # the client's; "" when it sent two (invalid)
+        tracestate: list[tuple[str, str]] = []  # kept only with a valid traceparent
         # The one Host the router saw (a second Host field is refused; an absolute-form
         # target's authority replaces it).
         host = request.host
@@ -484,6 +490,10 @@ class Proxy:
                     connection_listed += tuple(v.strip().lower() for v in value.split(","))
                 elif lname == "forwarded" or lname == "x-real-ip":
                     claims.append((name, value))
+                elif lname == "traceparent":
+                    traceparent = value if traceparent is None else ""
+                elif lname == "tracestate":
+                    tracestate.append((name, value))
                 continue
             out.append((name, value))
         if connection_listed:
@@ -497,6 +507,10 @@ class Proxy:
         if claims and trusted:
             out.extend(claims)
         out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
+        trace = request.trace = context_for(traceparent, self.tracer)
+        out.append(("traceparent", trace.header))  # exactly one
+        if tracestate and trace.parent_id:  # the client's trace continues: so does its state
+            out.extend(tracestate)
         return out
 
     def _record(self, route: str, upstream: str, service: str, method: str, status: int,
@@ -510,12 +524,21 @@ class Proxy:
             self.signals.record(route, upstream, service, method, status, duration, upstream_s,
                                 bytes_in, bytes_out)
         log = self.access_log
+        tracer = self.tracer
+        if log is None and tracer is None:
+            return
+        trace = request.trace
+        if trace is None:  # answered before forwarding: the trace context is made only now
+            trace = request.trace = context_for(find_traceparent(request.headers), tracer)
+        path = request.target.split("?", 1)[0]
         if log is not None:
-            path = request.target.split("?", 1)[0]
             log.log(request_id=request.request_id, method=method,
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
-                    bytes_out=bytes_out, limit=limit, breaker=breaker)
+                    bytes_out=bytes_out, limit=limit, breaker=breaker, trace_id=trace.trace_id)
+        if tracer is not None and trace.sampled:
+            tracer.export(trace, duration, method, route, path, status, upstream, service,
+                          limit, breaker, request.peer_ip)
 
 
 async def _stream_body(request: Request, counter: list[int]) -> AsyncIterator[bytes]:

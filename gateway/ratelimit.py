@@ -1,6 +1,6 @@
 """Rate limiting: token-bucket maths, the BucketStore seam, the local stores and the Limiter.
 
-Token bucket (CONTRACT section 3): capacity = burst + 1, refilled continuously at `rate` tokens per
+Token bucket: capacity = burst + 1, refilled continuously at `rate` tokens per
 second, fractional tokens kept; a new key starts full; one request takes one token. The maths lives
 in small pure functions below (`refill`, `wait_s`, `full_in_s`, ...) that every store uses, so the
 memory store, the shared store and the Lua script in `ratelimit.lua` compute the same numbers.
@@ -133,7 +133,7 @@ def reset_s(tokens: float, rate: float, capacity: float) -> int:
 
 def take_all(tokens: Sequence[float], enforced: Sequence[bool], cost: float = 1) -> bool:
     """All-or-nothing: admitted only if every enforced bucket admits."""
-    for t, e in zip(tokens, enforced):
+    for t, e in zip(tokens, enforced):  # noqa: SIM110 - a loop beats all() over a generator
         if e and t < cost - EPSILON:
             return False
     return True

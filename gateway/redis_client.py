@@ -1,6 +1,6 @@
 """A small RESP2 client for the rate limiter's hot path: one pipelined asyncio.Protocol connection.
 
-Purpose-built like `upstream.py` (ARCHITECTURE "Performance design"): redis-py's asyncio client
+Purpose-built like `upstream.py`: redis-py's asyncio client
 spends most of a call in its own machinery (pool checkout, `asyncio.wait_for`, command packing and
 reply parsing in layers), which capped `store: redis` at well under half the local store's rate.
 Here a command is one bytes join written to the socket at once; any number of commands are in

@@ -47,7 +47,7 @@ import orjson
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import ControlPlaneConfig
 
-Snapshot = Callable[[], "dict[str, Any] | None | Awaitable[dict[str, Any] | None]"]
+Snapshot = Callable[[], "dict[str, Any] | Awaitable[dict[str, Any] | None] | None"]
 log = logging.getLogger("gateway.shipper")
 
 _SUFFIX = ".json.gz"

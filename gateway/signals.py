@@ -125,7 +125,7 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Default cumulative latency buckets (seconds), exposed as the Prometheus histograms' `le`
 (`metrics.latency_buckets` replaces them): sub-millisecond loopback hops up to the 60 s ceiling.
-0.5 and 2.0 are the seed's p95 warning/critical thresholds, so histogram_quantile() is exact at
+0.5 and 2.0 are the p95 warning/critical thresholds of the alert rules, so histogram_quantile() is exact at
 the alert boundaries; between 0.1 and 1 s, where web p99s live, bounds at most 1.5x apart keep
 its linear interpolation within ~25 % of the truth (a 0.25-0.5 s bucket put a true 288 ms p99 at
 433 ms). For exact values there are the quantile gauges of the last interval (QUANTILES)."""

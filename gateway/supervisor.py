@@ -27,10 +27,10 @@ from aiohttp import web
 
 from gateway import admin as admin_api
 from gateway import config as config_mod
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.app import bind_socket, spawn_children, stop_children
 from gateway.config import Config, ConfigError, split_hostport
-from gateway.eventloop import new_loop
+from gateway.eventloop import background, new_loop
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -68,7 +68,8 @@ class Supervisor:
         if os.path.exists(w.sock_path):
             os.unlink(w.sock_path)
         w.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", self.config_path,
+            [sys.executable, "-m", "gateway", "--log-level", logs.level(), "run",
+             "--config", self.config_path,
              "--worker-index", str(w.index), "--port", str(self.port),
              "--admin-unix", w.sock_path], env=env)
         log.info("worker started", extra={"worker": w.index, "pid": w.proc.pid})
@@ -203,7 +204,7 @@ class Supervisor:
 
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_from_signal()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: background(reload_from_signal()))
         await stop.wait()
         self.state = "draining"
         self._stopping = True

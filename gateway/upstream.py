@@ -1,6 +1,6 @@
 """The upstream HTTP/1.1 client: a keep-alive connection pool per endpoint, streaming both ways.
 
-Purpose-built for the proxy's hot path (ARCHITECTURE "Performance design"): one asyncio.Protocol per
+Purpose-built for the proxy's hot path (each choice below was measured): one asyncio.Protocol per
 connection with an `httptools` response parser, the request head written as one bytes join, no
 task per request, no regex, no logging. A request is `pool.request(...)`, which returns an
 `UpstreamResponse` once the response head has arrived; the proxy then reads the body chunk by chunk

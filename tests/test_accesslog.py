@@ -52,7 +52,7 @@ async def test_lines_are_json_and_appear_after_the_timed_flush(tmp_path: Path) -
     assert got[0] == {"time": "2023-11-14T22:13:20.250Z", "request_id": "req-1", "method": "GET",
                       "path": "/pay/1", "route": "payments-api", "upstream": "payments",
                       "status": 200, "duration_ms": 12.346, "bytes_in": 10, "bytes_out": 200,
-                      "limit": "allowed", "breaker": "closed"}
+                      "limit": "allowed", "breaker": "closed", "trace_id": ""}
     assert got[1]["path"] == "/pay/2"            # no query string, so no api_key
     assert (got[1]["status"], got[1]["limit"], got[1]["breaker"]) == (429, "limited", None)
     assert "secret" not in out.read_text()

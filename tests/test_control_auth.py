@@ -24,7 +24,7 @@ from tests.test_control_support import (
 T = DAY0 + 3_600
 ROLES = ("admin", "monitor", "reader", "gateway")
 
-# (method, path, roles allowed) -- CONTRACT section 6 / the seed's access matrix
+# (method, path, roles allowed) -- the access matrix of the README's roles table
 MATRIX = [
     ("POST", "/v1/ingest", {"admin", "gateway"}),
     ("GET", "/v1/signals", {"admin", "monitor", "reader"}),

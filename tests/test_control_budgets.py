@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -119,7 +120,7 @@ def test_day_boundaries_in_a_zone():
 def test_linear_allocation_telescopes():
     total, start, end = 1_000_003, 0, 7 * 86_400 + 13
     cuts = [0, 1, 999, 86_400, 100_000, 3 * 86_400 + 7, end]
-    parts = [bm.share(total, start, end, a, b) for a, b in zip(cuts, cuts[1:])]
+    parts = [bm.share(total, start, end, a, b) for a, b in itertools.pairwise(cuts)]
     assert sum(parts) == total
     assert bm.share(total, start, end, -100, end + 100) == total
     assert bm.share(500, 10, 10, 0, 11) == 500 and bm.share(500, 10, 10, 11, 20) == 0

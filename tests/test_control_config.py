@@ -35,7 +35,7 @@ def test_load_good_config():
     assert cfg.listen == "127.0.0.1:9100" and cfg.database == "data/c.db"
     assert [(t.name, t.role, t.token) for t in cfg.tokens] == [
         ("ops", "admin", "s3cret"), ("gw", "gateway", "ingest-default")]
-    # issue 7: slos and notifications are parsed (see test_control_slo.py)
+    # slos and notifications are parsed (see test_control_slo.py)
     assert [(s.name, s.service, s.objective) for s in cfg.slos] == [("api", "svc", 99.9)]
     assert cfg.cost_models == {"svc": {"per_request": 0.001}}
     assert [(t.name, t.url, t.format) for t in cfg.notifications] == [
@@ -97,16 +97,35 @@ def test_shipped_control_yaml_is_valid_and_detected():
     assert not is_control_config(None) and not is_control_config({"listen": "x"})
 
 
-def test_run_serves_logs_and_stops_on_sigterm(tmp_path: Path):
+def _run_control(tmp_path: Path, *log_level: str) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     cfg = tmp_path / "control.yaml"
     cfg.write_text(f'listen: "127.0.0.1:{port}"\ndatabase: "db/c.db"\n'
                    "tokens: [{name: a, role: admin, token: tok}]\n")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gateway.control.app import run; "
-                               "sys.exit(run(sys.argv[1]))", str(cfg)],
+        [sys.executable, "-m", "gateway", *log_level, "control", "--config", str(cfg)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return port, proc
+
+
+def test_log_level_is_honoured_by_the_control_plane(tmp_path: Path):
+    port, proc = _run_control(tmp_path, "--log-level", "warning")
+    try:
+        wait_port(port, timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = [orjson.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert not [doc for doc in lines if doc["level"] == "info"], lines
+
+
+def test_run_serves_logs_and_stops_on_sigterm(tmp_path: Path):
+    port, proc = _run_control(tmp_path)
     try:
         wait_port(port, timeout=15)
         import urllib.request

@@ -1,4 +1,4 @@
-"""Cost attribution, imported charges, cost reports, budgets API, alerts, directives (issue 8)."""
+"""Cost attribution, imported charges, cost reports, budgets API, alerts, directives."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ async def test_groupings_add_up_to_the_total(tmp_path):
     models = {"svc": {"per_request": "0.0000004", "per_upstream_second": "0.0000166667",
                       "per_gb_in": 0.01, "per_gb_out": 0.09, "fixed_monthly": "30"},
               "*": {"per_request": 0.000003}}
-    async with control_plane(tmp_path, clock, cost_models=models) as (url, s, app):
+    async with control_plane(tmp_path, clock, cost_models=models) as (url, s, _app):
         first = DAY0 + 7_200
         for k in range(30):                      # every ~48 minutes over a day
             t = first + k * 2_900
@@ -255,10 +255,10 @@ async def test_enforcement_directives_and_shadow_mode(tmp_path):
         st, r = await ingest(s, url, batch("3", DAY0 + 20, [series("r", "other", count=1)]))
         assert r["directives"] == {}
         # the period rolls over: nothing spent in the new day
-        st, r = await ingest(s, url, batch("4", DAY0 + 30, [series(count=500)]))
+        _st, r = await ingest(s, url, batch("4", DAY0 + 30, [series(count=500)]))
         assert "svc" in r["directives"]["reject_services"]
         clock.advance(86_400)
-        st, r = await ingest(s, url, batch("5", DAY0 + 86_400 + 5, [series("r", "x", count=1)]))
+        _st, r = await ingest(s, url, batch("5", DAY0 + 86_400 + 5, [series("r", "x", count=1)]))
         assert r["directives"] == {}
 
 
@@ -335,7 +335,7 @@ def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
     finops.evaluate(store, clock.time())
     got = {(a["kind"], a["threshold"], a["severity"]) for a in store.budget_alerts(bid)}
     assert got == {("actual", "0.8", "info"), ("forecast", "1", "critical")}
-    fc = [a for a in store.budget_alerts(bid) if a["kind"] == "forecast"][0]
+    fc = next(a for a in store.budget_alerts(bid) if a["kind"] == "forecast")
     assert fc["spend_micros"] == 1_700_000                # 850 000 * 24 h / 12 h
     store.close()
 

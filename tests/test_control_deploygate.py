@@ -1,4 +1,4 @@
-"""The deploy gate: seed 003's tiers at their boundaries, custom tiers, incidents block."""
+"""The deploy gate: the budget policy's tiers at their boundaries, custom tiers, incidents block."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET /v1/health/overview: each threshold of the seed hit by crafted data."""
+"""GET /v1/health/overview: each health threshold hit by crafted data."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The role matrix of the SLO / alert / incident / deploy-gate endpoints (CONTRACT section 6 and
-seed 000's access matrix: monitor reads, only admin changes; reader sees none of it)."""
+"""The role matrix of the SLO / alert / incident / deploy-gate endpoints (monitor reads,
+only admin changes; reader sees none of it)."""
 
 from __future__ import annotations
 

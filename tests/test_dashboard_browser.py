@@ -457,7 +457,7 @@ def test_sign_in_rejects_a_bad_token_and_sign_out_forgets_it(stack: Stack,
 @pytest.mark.timeout(120)
 def test_incident_is_resolved_from_the_page(stack: Stack, session_factory: Any) -> None:
     if "/v1/incidents" in stack.missing:
-        pytest.fail("GET/POST /v1/incidents is not on the control plane yet (issue 7): the "
+        pytest.fail("GET/POST /v1/incidents is not on the control plane yet: the "
                     "dashboard's incident view cannot be exercised end to end")
     status, created = api(stack.control_url, "/v1/incidents", body={
         "title": "Checkout 5xx", "description": "20 % of checkout requests fail",

@@ -440,7 +440,7 @@ def test_alert_rules_are_well_formed_and_use_defined_metrics() -> None:
         (r,) = [r for r in rules if r["alert"] == alert and r["labels"]["severity"] == severity]
         return r
 
-    # the seed's thresholds and durations
+    # the health rules' thresholds and durations
     seed = [
         ("GatewayLatencyP95High", "warning", "> 0.5", "5m"),
         ("GatewayLatencyP95High", "critical", "> 2", "5m"),
@@ -504,7 +504,7 @@ def test_promtool_accepts_rules_config_exposition_and_rule_unit_tests() -> None:
 
     promtool("check", "rules", "alerts.yml")
     promtool("check", "config", "prometheus.yml")
-    promtool("test", "rules", "alerts_test.yml")      # the seed's thresholds really fire
+    promtool("test", "rules", "alerts_test.yml")      # the thresholds really fire
     s = Signals(FakeClock())
     feed_mix(s)
     s.record_breaker_transition("payments", "closed", "open", "x")

@@ -111,7 +111,7 @@ async def test_header_hygiene(tmp_path: Path, upstream: Upstream) -> None:
             b"TE: trailers\r\nProxy-Authorization: Basic Zm9v\r\nUpgrade: h2c\r\n"
             b"X-Forwarded-For: 203.0.113.9\r\nX-Custom: kept\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
                       .split(b":")[1])
         body = await reader.readexactly(length)
         seen = {k.lower(): v for k, v in orjson.loads(body)["headers"]}
@@ -230,7 +230,7 @@ async def test_client_disconnect_mid_download_does_not_break_the_gateway(
         await reader.readexactly(100_000)
         writer.transport.abort()
         await asyncio.sleep(0.2)
-        status, _, data = await fetch(session, "GET", url_of(gw, "/"))
+        status, _, _data = await fetch(session, "GET", url_of(gw, "/"))
         assert status == 200
         assert gw.signals.inflight == 0
 

@@ -14,7 +14,7 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /healthz, GET /metrics                 no auth
   GET  /, /static/...                         the dashboard (see dashboard.py), no auth
   /v1/slos, /v1/error-budgets, /v1/deploy-gate, /v1/alerts, /v1/incidents, /v1/admin/evaluate
-                                  SLOs, budgets, alerts, incidents (issue 7): see reliability.py
+                                  SLOs, budgets, alerts, incidents: see reliability.py
 
 SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
 loop stays responsive and the store sees one caller at a time.
@@ -41,9 +41,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
-from gateway.control import dashboard, health, rollup
-from gateway.control import costs  # issue 8: cost attribution, budgets, directives
-from gateway.control import slometrics  # SLO gauges on /metrics
+from gateway.control import (  # costs: budgets, directives
+    costs,
+    dashboard,
+    health,
+    rollup,
+    slometrics,
+)
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body
@@ -233,7 +237,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | None = None
                  ) -> tuple[bool, str, int, dict[str, Any]]:
     batch = parse_batch(body, now=now)
-    # --- Costs and budgets (issue 8): metered in the batch's transaction (a replay is never
+    # --- Costs and budgets: metered in the batch's transaction (a replay is never
     # billed twice); then the budgets are evaluated and the gateways' directives returned.
     with store.transaction():
         stored = rollup.apply(store, batch, now)
@@ -327,7 +331,7 @@ def _overview_sync(store: Store, now: float) -> dict[str, Any]:
     rows_now = store.service_buckets(60, win["since"], win["until"])
     rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
     rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
-    from gateway.control import incidents  # issue 7: the active incidents
+    from gateway.control import incidents  # the active incidents
     return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
                            store.service_upstreams(), win, now,
                            incidents=[incidents.summary(i)
@@ -442,8 +446,8 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
 
     app.cleanup_ctx.append(database)
     dashboard.setup(app)                       # GET /, /static/..., /v1/me
-    costs.setup(app)                           # issue 8: /v1/costs, /v1/budgets[/{id}]
-    # --- SLOs, alerts, incidents (issue 7): /v1/slos, /v1/error-budgets, /v1/deploy-gate,
+    costs.setup(app)                           # /v1/costs, /v1/budgets[/{id}]
+    # --- SLOs, alerts, incidents: /v1/slos, /v1/error-budgets, /v1/deploy-gate,
     # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
     # this module.)
     from gateway.control.reliability import slo_routes
@@ -492,29 +496,6 @@ async def serve(cfg: ControlConfig, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
-class _JsonLines(logging.Formatter):
-    """Fallback when gateway.logs is unavailable: one JSON object per line, extras included."""
-
-    _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": record.created, "level": record.levelname.lower(),
-               "logger": record.name, "msg": record.getMessage()}
-        doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
-        return orjson.dumps(doc, default=str).decode()
-
-
-def _setup_logging() -> None:
-    try:
-        from gateway import logs
-        logs.setup()
-    except Exception:  # the shared JSON log setup is optional here
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JsonLines())
-        logging.getLogger().handlers[:] = [handler]
-        logging.getLogger().setLevel(logging.INFO)
-
-
 def run(config_path: str) -> int:
     """`gateway control --config PATH`: blocking; uvloop; SIGTERM/SIGINT stop it gracefully.
     Returns the exit status (0 ok, 2 invalid config, 1 cannot start)."""
@@ -524,7 +505,6 @@ def run(config_path: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 2
-    _setup_logging()
     import uvloop
 
     async def main() -> int:

@@ -1,4 +1,4 @@
-"""Bearer tokens, roles and the access matrix (CONTRACT section 6, the seed's RLS table).
+"""Bearer tokens, roles and the access matrix.
 
 Roles: `admin` everything; `monitor` reads all but budgets; `reader` reads golden signals
 (`/v1/signals`) and the health overview only; `gateway` may only ingest; the audit log is admin only.
@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from gateway.control.config import TokenConfig
 
-# permission -> roles allowed. Later issues add e.g. "budgets:read" (admin only),
-# "slos:read" (admin, monitor), "slos:write" (admin).
+# permission -> roles allowed; a handler names one permission, a new feature adds its own.
 ACCESS: dict[str, frozenset[str]] = {
     "ingest": frozenset({"admin", "gateway"}),
     "signals:read": frozenset({"admin", "monitor", "reader"}),
@@ -22,14 +21,14 @@ ACCESS: dict[str, frozenset[str]] = {
     "breakers:read": frozenset({"admin", "monitor"}),
     "audit:read": frozenset({"admin"}),
     "admin:write": frozenset({"admin"}),
-    # --- Costs and budgets (issue 8): budgets are admin only (the seed's finops_cost_budgets
-    # row); cost usage is readable by monitor (finops_cost_usage: read-only)
+    # --- Costs and budgets: budgets are admin only (they hold spending limits); cost usage
+    # is readable by monitor, read-only
     "budgets:read": frozenset({"admin"}),
     "budgets:write": frozenset({"admin"}),
     "costs:read": frozenset({"admin", "monitor"}),
     "costs:write": frozenset({"admin"}),
-    # --- SLOs, alerts, incidents (issue 7): the seed's matrix gives Monitor read-only access to
-    # incidents, health and alerts, so monitor reads SLOs, error budgets (SLO budgets, not the
+    # --- SLOs, alerts, incidents: monitor has read-only access to incidents, health and
+    # alerts, so it reads SLOs, error budgets (SLO budgets, not the
     # admin-only cost budgets), alerts, incidents and the deploy gate but changes nothing;
     # reader sees none of it (golden signals and the health overview only).
     "slos:read": frozenset({"admin", "monitor"}),

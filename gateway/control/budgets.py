@@ -14,8 +14,8 @@ local day 23 or 25 hours long; that is what `period_bounds` returns.
 
 Thresholds are fractions of the effective amount (the amount, or an active emergency override if it
 is higher). A threshold t is crossed when spend >= amount * t (exact integer comparison). Severity:
-t < 0.9 info, 0.9 <= t < 1.0 warning, t >= 1.0 critical (the seed's "Budget Alerts").
-Usage status (the seed's "Weekly Budget Review"): >= 100 % OVER_BUDGET, >= 90 % HIGH_USAGE,
+t < 0.9 info, 0.9 <= t < 1.0 warning, t >= 1.0 critical.
+Usage status (for a weekly budget review): >= 100 % OVER_BUDGET, >= 90 % HIGH_USAGE,
 >= 75 % MODERATE_USAGE, else LOW_USAGE.
 
 Forecast: linear extrapolation of the period's spend so far, forecast = actual * period_length /
@@ -290,7 +290,8 @@ def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
                  ) -> tuple[BudgetSpec | None, list[str]]:
     """Validate a budget mapping; (spec, []) or (None, every `path.key: message`).
     With `base`, missing keys keep base's values (a PUT may send only what changes)."""
-    p = (lambda k: f"{path}.{k}" if path else k)
+    def p(k: str) -> str:
+        return f"{path}.{k}" if path else k
     errors: list[str] = []
     if not isinstance(doc, dict):
         return None, [f"{path or 'body'}: must be a mapping"]

@@ -2,9 +2,9 @@
 
 Keys: `listen` (default 127.0.0.1:9000), `database` (SQLite file, default var/control.db, relative
 to the working directory), `tokens: [{name, role, token}]`, and `slos`, `cost_models`, `budgets`,
-`notifications`, which are accepted and kept (validated shallowly) for features of later issues.
-(Issue 7: `slos` and `notifications` are validated fully by slo.parse_slos and
-notify.parse_notifications, into slo.SLO and notify.Target values.)
+`notifications`. `slos` and `notifications` are validated fully by slo.parse_slos and
+notify.parse_notifications, into slo.SLO and notify.Target values; `cost_models` and `budgets`
+by costs.check_config.
 `${VAR}` / `${VAR:-default}` are replaced from the environment. Unknown keys are errors; every error
 is a `path.to.key: message` line, all raised together in one `ConfigError`.
 """
@@ -50,11 +50,11 @@ class ControlConfig:
     listen: str = "127.0.0.1:9000"
     database: str = "var/control.db"
     tokens: tuple[TokenConfig, ...] = ()
-    # Accepted and stored for later issues (SLOs, costs, budgets, notifications); not acted on yet.
-    slos: tuple[Any, ...] = ()           # slo.SLO (issue 7)
+    # Typed loosely here: the modules that own them (slo, costs, notify) import this one.
+    slos: tuple[Any, ...] = ()           # slo.SLO
     cost_models: Any = field(default_factory=dict)
     budgets: tuple[dict[str, Any], ...] = ()
-    notifications: Any = ()               # notify.Target tuple (issue 7)
+    notifications: Any = ()               # notify.Target tuple
     version: str = ""
     source: str = ""
 
@@ -152,10 +152,10 @@ def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Con
     for key in ("cost_models", "notifications"):
         if key in m:
             kw[key] = _list_or_mapping(m[key], key, errs)
-    # --- Costs and budgets (issue 8): deep validation of cost_models and budgets
+    # --- Costs and budgets: deep validation of cost_models and budgets
     from gateway.control.costs import check_config as _check_costs
     _check_costs(m, errs)
-    # --- SLOs and notifications (issue 7): full validation (slo.py, notify.py), replacing the
+    # --- SLOs and notifications: full validation (slo.py, notify.py), replacing the
     # shallow checks above when those passed (so an error is never reported twice)
     from gateway.control.notify import parse_notifications
     from gateway.control.slo import parse_slos

@@ -1,4 +1,4 @@
-"""Cost attribution and cost budgets (issue 8): cost models, metering at ingest, cost reports,
+"""Cost attribution and cost budgets: cost models, metering at ingest, cost reports,
 imported charges, budget evaluation (alerts, enforcement directives) and their HTTP API.
 
 Cost models (`cost_models:` in control.yaml, keyed by service; `"*"` applies to services without
@@ -562,7 +562,7 @@ class FinOps:
                "period_start": v["period_start"], "period_end": v["period_end"]}
         log.warning("budget threshold reached", extra={"event": "budget_alert", **{
             k: doc[k] for k in ("budget", "service", "kind", "threshold", "severity")}})
-        try:  # the SLO alerts' path (issue 7): /v1/alerts and the notifier
+        try:  # the same path as SLO alerts: /v1/alerts and the notifier
             from gateway.control import alerts as alerts_mod
             pct = bm.percent(spend, v["effective_amount_cents"] * bm.MICROS_PER_CENT)
             what = "spend" if kind == "actual" else "forecast spend"

@@ -1,4 +1,4 @@
-"""The deploy gate: seed 003's error-budget policy as a decision. Pure (no I/O).
+"""The deploy gate: the error-budget policy as a decision. Pure (no I/O).
 
 Per SLO of the service, on its remaining budget fraction r (tiers configurable per SLO,
 `deploy_gate:`; defaults shown):

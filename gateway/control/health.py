@@ -1,4 +1,4 @@
-"""Service health from the golden signals, with the seed's thresholds.
+"""Service health from the golden signals, with fixed warning and critical thresholds.
 
 Rules (strictly greater than the threshold fires; `critical` beats `warning`):
 
@@ -161,7 +161,7 @@ def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
              service_upstreams: list[tuple[str, str]], win: dict[str, float],
              now: float, incidents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Assemble `GET /v1/health/overview` from service-total 1m rows and breaker reports;
-    `incidents`: the active (not resolved) incidents, newest first (issue 7)."""
+    `incidents`: the active (not resolved) incidents, newest first."""
     current: dict[str, ServiceWindow] = {}
     for row in rows_now:
         current.setdefault(row["service"], ServiceWindow(row["service"])).add(row)

@@ -1,15 +1,15 @@
-"""Incidents (seeds 000 and 003): declaration, lifecycle, escalation, timeline, post-mortems.
+"""Incidents: declaration, lifecycle, escalation, timeline, post-mortems.
 
 * Ids `INC-YYYY-NNN` (UTC year of declaration, per-year sequence).
 * Status: investigating -> acknowledged -> mitigated -> resolved (forward only; `resolve` from
   any open status; needs `resolution_notes` and `root_cause`).
-* Severity SEV-1..SEV-4 (the seed's words critical/major/minor/info are accepted as aliases).
+* Severity SEV-1..SEV-4 (the words critical/major/minor/info are accepted as aliases).
 * Escalation: while nobody has acknowledged it, the escalation level rises by one each time the
   response time of its severity passes (SEV-1 15 min, SEV-2 1 h, SEV-3 4 h, SEV-4 1 business
   day = the same time on the next weekday, UTC); `escalate` raises it by hand.
 * Timeline: declaration, status changes, escalations, linked alerts, breaker openings of the
   service's upstreams, notes.
-* Post-mortem: required for SEV-1 and SEV-2, due 48 h after resolution (seed 003); recorded with
+* Post-mortem: required for SEV-1 and SEV-2, due 48 h after resolution; recorded with
   `POST /v1/incidents/{id}/postmortem` (or inside the resolve request).
 * Page alerts open an incident (one open incident per service and cause) or join the open one.
 

@@ -46,6 +46,7 @@ import orjson
 from gateway.config import _bool, _Errors, _int, _kind, _mapping, _name, _num, _str
 from gateway.control import mail, pagerduty
 from gateway.control.alerts import Event
+from gateway.eventloop import background
 
 log = logging.getLogger("gateway.control.notify")
 
@@ -330,8 +331,7 @@ class Notifier:
             except asyncio.QueueFull:
                 log.warning("notification queue full; event dropped",
                             extra={"target": t.name, "alert_id": event.alert["id"]})
-                asyncio.get_running_loop().create_task(self._log(t, event, "dropped", 0, None,
-                                                                 "queue full"))
+                background(self._log(t, event, "dropped", 0, None, "queue full"))
 
     async def idle(self) -> None:
         """Wait until every queued event was handled (tests)."""

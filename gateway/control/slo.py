@@ -86,7 +86,7 @@ RULES: tuple[Rule, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class GateTiers:
-    """Deploy-gate tiers on the remaining budget fraction (seed 003's error-budget policy)."""
+    """Deploy-gate tiers on the remaining budget fraction (the error-budget policy)."""
 
     allow_above: float = 0.5          # > 50 %: deploy any time
     low_traffic_above: float = 0.2    # 20-50 %: low-traffic hours only
@@ -371,7 +371,7 @@ def firing_rules(slo: SLO, windows: dict[str, Counts]) -> list[dict[str, Any]]:
 
 
 def incident_severity(error_rate: float) -> str:
-    """Seed 003's classification on the 5-minute error rate: > 50 % SEV-1, 25-50 % SEV-2,
+    """Severity from the 5-minute error rate: > 50 % SEV-1, 25-50 % SEV-2,
     5-25 % SEV-3, otherwise SEV-4 (a page below 1 % is still an incident, the lowest)."""
     if error_rate > 0.50:
         return "SEV-1"

@@ -114,7 +114,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              details TEXT NOT NULL)""",
         "CREATE INDEX audit_at ON audit(at)",
     ]),
-    # --- SLOs, alerts, incidents (issue 7): migration 2 -------------------------------------
+    # --- SLOs, alerts, incidents: migration 2 -------------------------------------------------
     # slos                 SLO definitions (doc = slo.SLO.to_doc() as JSON); source config|api
     # alerts               burn-rate (source slo) and hand-made (source manual) alerts;
     #                      dedup_key = "<slo id>:<tier>", at most one open (firing|acknowledged)
@@ -196,7 +196,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              error TEXT NOT NULL)""",
         "CREATE INDEX notification_deliveries_at ON notification_deliveries(at)",
     ]),
-    # --- Costs and budgets (issue 8): migration 3 ------------------------------------------
+    # --- Costs and budgets: migration 3 ------------------------------------------------------
     # cost_usage     metered quantities per 15-minute bucket, (service, route, cost_type, unit,
     #                price); money is derived per row (see costs.py), so every grouping of the
     #                same rows adds up to the same integer micro-dollars
@@ -651,7 +651,7 @@ class Store:
                  "reason": r[5], "details": orjson.loads(r[6])} for r in rows]
 
 
-    # --- Costs and budgets (issue 8) ---------------------------------------------------------
+    # --- Costs and budgets ------------------------------------------------------------------
     # (SQL only; the money maths is in budgets.py / costs.py)
 
     def add_cost_usage(self, rows: Iterable[tuple[str, int, str, str, str, str, int]]) -> None:
@@ -798,7 +798,7 @@ class Store:
         return [dict(zip(self._ALERT_COLS, r)) for r in rows]
 
 
-    # --- SLOs, alerts, incidents (issue 7) ---------------------------------------------------
+    # --- SLOs, alerts, incidents ------------------------------------------------------------
     # (SQL only; the maths is in slo.py, the rules in evaluator.py / incidents.py)
 
     def slo_docs(self) -> list[dict[str, Any]]:
