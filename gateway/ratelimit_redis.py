@@ -19,9 +19,10 @@ written through the connection as it is.
 * `redis+sentinel://h1:p1,h2:p2/<master>/<db>`: the connection is a Sentinel-managed one: every
   (re)connect asks the sentinels for the current master, and a master demoted to a replica
   (READONLY) drops the connection, so a failover is followed by the normal reconnect below.
-* `redis.cluster: true`: a RedisCluster seeded by the URL's host; each batch goes out as a
-  cluster pipeline (redis-py groups it by node and follows MOVED/ASK). A request's keys share a
-  hash tag (its first Redis policy's client key), so its one script runs on one node.
+* `redis.cluster: true`: a RedisCluster seeded by the URL's host (its slot map, connections and
+  redirections); each batch is split by node, one write per node, and a call answered MOVED or
+  ASK goes again through the cluster client. A request's keys share a hash tag (its first Redis
+  policy's client key), so its one script runs on one node.
 
 Failure handling: every call is bounded by `redis.timeout_ms` (one timer per store sweeps due
 calls; a reply already received by a saturated event loop still counts). The first failure
@@ -45,7 +46,15 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import RedisConfig, parse_sentinel_url
@@ -61,8 +70,8 @@ _NOW_SERVER = b"$0\r\n\r\n"          # ARGV[1] "": the script reads the server's
 _CONSUME = (b"$1\r\n0\r\n", b"$1\r\n1\r\n")
 
 Call = list[Any]
-"""[future, deadline, command]: the command is encoded bytes (one connection) or an argument
-tuple (cluster); a list so that a NOSCRIPT retry can swap the command in place."""
+"""[future, deadline, command]: the command is encoded bytes (one connection) or (slot, encoded,
+arguments) (cluster); a list so that a NOSCRIPT retry can swap the command in place."""
 
 
 def _fail(calls: list[Call], exc: StoreError) -> None:
@@ -187,15 +196,20 @@ class _ConnectionLink:
 
 
 class _ClusterLink:
-    """A RedisCluster; a batch is one cluster pipeline (split by node, MOVED/ASK followed)."""
+    """A RedisCluster: a batch is split by the node that serves each call's slot and written to
+    one connection per node; a call answered MOVED/ASK/TRYAGAIN goes again through the cluster
+    client, which follows the redirection and updates its slot map for the calls after it.
+    (A cluster pipeline per batch does the same with about three times the client CPU per call:
+    `benchmarks/bench_redis_store.py`.)"""
 
     cluster = True
 
     def __init__(self, config: RedisConfig) -> None:
-        url = config.url
         self.client = RedisCluster.from_url(
-            url, socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25),
+            config.url, socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25),
             **_tls_kwargs(config))
+        self._conns: dict[str, Any] = {}         # node name -> the connection batches go on
+        self.redirects = 0                       # calls answered MOVED/ASK/TRYAGAIN (tests)
 
     async def open(self) -> None:
         client = self.client
@@ -204,26 +218,56 @@ class _ClusterLink:
         await client.script_load(SCRIPT)          # on every primary
 
     async def run(self, batch: list[Call]) -> None:
-        pipe = self.client.pipeline()
+        nodes = self.client.nodes_manager
+        groups: dict[str, list[Call]] = {}
         for call in batch:
-            pipe.execute_command(*call[2])
-        replies = await pipe.execute(raise_on_error=False)
-        for call, reply in zip(batch, replies):
-            fut = call[0]
-            if fut is None or fut.done():
-                continue
-            if isinstance(reply, BaseException):
-                if isinstance(reply, ResponseError):
-                    fut.set_exception(reply)
-                else:           # a node unreachable after redis-py's retries
-                    raise reply
+            name = nodes.get_node_from_slot(call[2][0]).name
+            group = groups.get(name)
+            if group is None:
+                groups[name] = [call]
             else:
+                group.append(call)
+        sent = []
+        for name, calls in groups.items():
+            conn = self._conns.get(name)
+            if conn is None:
+                node = nodes.get_node(node_name=name)
+                conn = self._conns[name] = node.acquire_connection()   # held, never released
+            await conn.send_packed_command(b"".join([c[2][1] for c in calls]),
+                                           check_health=False)
+            sent.append((conn, calls))
+        redirected = []
+        for conn, calls in sent:
+            for call in calls:
+                fut = call[0]
+                try:
+                    reply = await conn.read_response()
+                except (AskError, TryAgainError, ClusterDownError):   # MovedError is an AskError
+                    redirected.append(call)
+                    continue
+                except ResponseError as exc:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        self.redirects += len(redirected)
+        for call in redirected:
+            fut = call[0]
+            try:
+                reply = await self.client.execute_command(*call[2][2])
+            except ResponseError as exc:
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+                continue
+            if fut is not None and not fut.done():
                 fut.set_result(reply)
 
     def noscript(self, call: Call) -> list[Call]:
         # EVAL runs the script and caches it on the node that answered NOSCRIPT
-        args = call[2]
-        call[2] = ("EVAL", SCRIPT, *args[2:])
+        slot, _, args = call[2]
+        args = ["EVAL", SCRIPT, *args[2:]]
+        call[2] = (slot, _encode(args), args)
         return [call]
 
     async def close(self) -> None:
@@ -273,6 +317,11 @@ class RedisStore:
     def available(self) -> bool:
         """False while Redis is considered down (calls fail fast)."""
         return not self._down
+
+    @property
+    def redirects(self) -> int:
+        """Cluster calls the current connection saw redirected (tests and diagnostics)."""
+        return getattr(self._link, "redirects", 0)
 
     async def start(self) -> None:
         """Connect and load the script; if Redis does not answer, start degraded and probe in
@@ -333,9 +382,12 @@ class RedisStore:
             raise StoreError("redis is unavailable; failing fast until a probe succeeds")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        cmd: bytes | tuple[Any, ...] = (self._cluster_args(buckets, idents, cost, consume)
-                                        if self._cluster
-                                        else self._evalsha(buckets, idents, cost, consume))
+        if self._cluster:
+            cmd: bytes | tuple[int, bytes, list[Any]] = self._cluster_call(buckets, idents, cost,
+                                                                           consume)
+        else:
+            cmd = self._evalsha(buckets, [b.key_prefix + i for b, i in zip(buckets, idents)],
+                                cost, consume)
         fut: asyncio.Future[Any] = loop.create_future()
         call: Call = [fut, deadline, cmd]
         try:
@@ -429,7 +481,7 @@ class RedisStore:
 
     # commands ---------------------------------------------------------------------------------
 
-    def _evalsha(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int,
+    def _evalsha(self, buckets: Sequence[Bucket], keys: Sequence[str], cost: int,
                  consume: bool) -> bytes:
         """EVALSHA sha n key.. now cost consume (rate cap enforce)..  as one bytes join."""
         n = len(buckets)
@@ -438,8 +490,8 @@ class RedisStore:
             head = self._heads[n] = (b"*%d\r\n$7\r\nEVALSHA\r\n" % (6 + 4 * n)
                                      + _bulk(SCRIPT_SHA) + _bulk(str(n)))
         parts = [head]
-        for b, ident in zip(buckets, idents):
-            parts.append(_bulk(b.key_prefix + ident))
+        for key in keys:
+            parts.append(_bulk(key))
         sc = self._script_clock
         parts.append(_NOW_SERVER if sc is None else _bulk(str(round(sc.time() * 1e6))))
         parts.append(b"$%d\r\n%d\r\n" % (len(str(cost)), cost))
@@ -452,19 +504,21 @@ class RedisStore:
             parts.append(enc)
         return b"".join(parts)
 
-    def _cluster_args(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int,
-                      consume: bool) -> tuple[Any, ...]:
-        """EVALSHA's arguments with every key in the slot of the first client key's hash tag."""
+    def _cluster_call(self, buckets: Sequence[Bucket], idents: Sequence[str], cost: int,
+                      consume: bool) -> tuple[int, bytes, list[Any]]:
+        """(slot, encoded EVALSHA, its arguments) with every key in the slot of the first client
+        key's hash tag. The arguments serve a redirection or a NOSCRIPT retry."""
         tag = idents[0]
         keys = [b.key_prefix + "{" + tag + "}" + ("" if ident == tag else ":" + ident)
                 for b, ident in zip(buckets, idents)]
+        data = self._evalsha(buckets, keys, cost, consume)
         sc = self._script_clock
-        now = "" if sc is None else str(round(sc.time() * 1e6))
-        args: list[Any] = ["EVALSHA", SCRIPT_SHA, len(keys), *keys, now, cost,
+        args: list[Any] = ["EVALSHA", SCRIPT_SHA, len(keys), *keys,
+                           "" if sc is None else str(round(sc.time() * 1e6)), cost,
                            "1" if consume else "0"]
         for b in buckets:
             args.extend(b.lua_args)
-        return tuple(args)
+        return key_slot(keys[0].encode("utf-8", "surrogateescape")), data, args
 
     # failures ---------------------------------------------------------------------------------
 

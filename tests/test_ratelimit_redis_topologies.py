@@ -177,9 +177,10 @@ async def main():
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     store = lim.redis
+    redirects = store.redirects
     await lim.close()
     print(json.dumps({**counts, "allowed": allowed, "first": min(first), "last": max(last),
-                      "failures": store.failures, "batches": store.batches}))
+                      "failures": store.failures, "redirects": redirects}))
 
 asyncio.run(main())
 '''
@@ -226,7 +227,8 @@ def test_cluster_two_processes_exact_per_key_with_a_slot_moved(cluster: ClusterS
     span = max(r["last"] for r in results) - min(r["first"] for r in results)
     capacity = burst + 1
     per_key = [sum(r["allowed"][k] for r in results) for k in range(nkeys)]
-    assert all(r["other"] == 0 for r in results), results        # no store errors
+    assert all(r["other"] == 0 and r["failures"] == 0 for r in results), results  # no errors
+    assert all(r["redirects"] > 0 for r in results), results     # the move was followed
     assert all(r["limited"] > 0 for r in results), results
     upper = capacity + rate * span
     assert max(per_key) <= upper, (per_key, upper)
