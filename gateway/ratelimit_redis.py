@@ -219,19 +219,18 @@ class _ClusterLink:
 
     async def run(self, batch: list[Call]) -> None:
         nodes = self.client.nodes_manager
-        groups: dict[str, list[Call]] = {}
+        groups: dict[str, tuple[Any, list[Call]]] = {}
         for call in batch:
-            name = nodes.get_node_from_slot(call[2][0]).name
-            group = groups.get(name)
+            node = nodes.get_node_from_slot(call[2][0])
+            group = groups.get(node.name)
             if group is None:
-                groups[name] = [call]
+                groups[node.name] = (node, [call])
             else:
-                group.append(call)
+                group[1].append(call)
         sent = []
-        for name, calls in groups.items():
+        for name, (node, calls) in groups.items():
             conn = self._conns.get(name)
             if conn is None:
-                node = nodes.get_node(node_name=name)
                 conn = self._conns[name] = node.acquire_connection()   # held, never released
             await conn.send_packed_command(b"".join([c[2][1] for c in calls]),
                                            check_health=False)
