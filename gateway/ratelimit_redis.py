@@ -44,14 +44,13 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
     NoScriptError,
-    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -107,8 +106,6 @@ def describe(url: str) -> str:
 class Link(Protocol):
     """One way to Redis: opened, handed batches by the pump, closed when replaced."""
 
-    cluster: bool
-
     async def open(self) -> None:
         """Connect, PING and SCRIPT LOAD (the caller bounds the time)."""
         ...
@@ -142,23 +139,23 @@ def _tls_kwargs(config: RedisConfig) -> dict[str, Any]:
 class _ConnectionLink:
     """One connection of a redis-py pool (plain URL or Sentinel-managed), written to directly."""
 
-    cluster = False
-
     def __init__(self, config: RedisConfig) -> None:
         url = config.url
+        connect_s = max(config.timeout_ms / 1000.0, 0.25)
         if url.startswith("redis+sentinel://"):
             sentinels, master, db, user, password = parse_sentinel_url(url)
+            # timeouts for the questions to the sentinels only: a socket timeout on the master's
+            # connection would wrap every read (the pump's deadlines bound the calls)
             self._sentinel: Sentinel | None = Sentinel(
-                sentinels, socket_timeout=max(config.timeout_ms / 1000.0, 0.25),
-                socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25))
+                sentinels, sentinel_kwargs={"socket_timeout": connect_s,
+                                            "socket_connect_timeout": connect_s})
             self.client: aioredis.Redis = self._sentinel.master_for(
                 master, db=db, username=user or None, password=password or None,
-                socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25))
+                socket_connect_timeout=connect_s)
         else:
             self._sentinel = None
-            self.client = aioredis.Redis.from_url(
-                url, socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25),
-                **_tls_kwargs(config))
+            self.client = aioredis.Redis.from_url(url, socket_connect_timeout=connect_s,
+                                                  **_tls_kwargs(config))
         self._conn: Any = None
 
     async def open(self) -> None:
@@ -202,11 +199,12 @@ class _ClusterLink:
     (A cluster pipeline per batch does the same with about three times the client CPU per call:
     `benchmarks/bench_redis_store.py`.)"""
 
-    cluster = True
-
-    def __init__(self, config: RedisConfig) -> None:
+    def __init__(self, config: RedisConfig, known: Sequence[tuple[str, int]] = ()) -> None:
+        """`known`: nodes the previous link saw, seeds besides the URL's host (which may be the
+        node that just failed)."""
         self.client = RedisCluster.from_url(
             config.url, socket_connect_timeout=max(config.timeout_ms / 1000.0, 0.25),
+            startup_nodes=[ClusterNode(host, port) for host, port in known],
             **_tls_kwargs(config))
         self._conns: dict[str, Any] = {}         # node name -> the connection batches go on
         self.redirects = 0                       # calls answered MOVED/ASK/TRYAGAIN (tests)
@@ -216,6 +214,9 @@ class _ClusterLink:
         await client.initialize()
         await client.execute_command("PING", target_nodes=RedisCluster.ALL_NODES)
         await client.script_load(SCRIPT)          # on every primary
+
+    def nodes(self) -> list[tuple[str, int]]:
+        return [(n.host, int(n.port)) for n in self.client.get_nodes()]
 
     async def run(self, batch: list[Call]) -> None:
         nodes = self.client.nodes_manager
@@ -273,10 +274,10 @@ class _ClusterLink:
         await self.client.aclose()
 
 
-def make_link(config: RedisConfig) -> Link:
+def make_link(config: RedisConfig, known: Sequence[tuple[str, int]] = ()) -> Link:
     """The link for the configured URL. Raises ValueError for a URL it cannot use."""
     if config.cluster:
-        return _ClusterLink(config)
+        return _ClusterLink(config, known)
     return _ConnectionLink(config)
 
 
@@ -297,6 +298,7 @@ class RedisStore:
         make_link(config)                    # the URL's problems surface here, not in a task
         self._link: Link | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._known: list[tuple[str, int]] = []     # cluster nodes last seen
         self._queue: list[Call] = []
         self._inflight: list[Call] = []
         self._wake: asyncio.Future[None] | None = None
@@ -337,13 +339,15 @@ class RedisStore:
         pump is cancelled (it fails the calls still in flight on it and closes its link)."""
         if self._closed:
             raise StoreError("redis store closed")
-        link = make_link(self.config)
+        link = make_link(self.config, self._known)
         try:
             async with asyncio.timeout(timeout_s):
                 await link.open()
         except BaseException:
             await self._close_link(link)
             raise
+        if isinstance(link, _ClusterLink):
+            self._known = link.nodes()
         if self._closed:
             await self._close_link(link)
             raise StoreError("redis store closed")
@@ -567,4 +571,4 @@ class RedisStore:
         self._link = None
 
 
-__all__ = ["SCRIPT", "SCRIPT_SHA", "RedisError", "RedisStore", "describe", "parse_sentinel_url"]
+__all__ = ["SCRIPT", "SCRIPT_SHA", "RedisStore", "describe"]
