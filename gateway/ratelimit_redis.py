@@ -157,6 +157,7 @@ class _ConnectionLink:
             self.client = aioredis.Redis.from_url(url, socket_connect_timeout=connect_s,
                                                   **_tls_kwargs(config))
         self._conn: Any = None
+        self._closed = False
 
     async def open(self) -> None:
         conn = self._conn = self.client.connection_pool.make_connection()
@@ -184,6 +185,9 @@ class _ConnectionLink:
         return [[None, call[1], _SCRIPT_LOAD], call]
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
         await self.client.aclose()
@@ -208,6 +212,7 @@ class _ClusterLink:
             **_tls_kwargs(config))
         self._conns: dict[str, Any] = {}         # node name -> the connection batches go on
         self.redirects = 0                       # calls answered MOVED/ASK/TRYAGAIN (tests)
+        self._closed = False
 
     async def open(self) -> None:
         client = self.client
@@ -271,7 +276,9 @@ class _ClusterLink:
         return [call]
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if not self._closed:
+            self._closed = True
+            await self.client.aclose()
 
 
 def make_link(config: RedisConfig, known: Sequence[tuple[str, int]] = ()) -> Link:
@@ -295,7 +302,11 @@ class RedisStore:
         self._retry_max_s = retry_max_s
         self._where = describe(config.url)
         self._cluster = config.cluster
-        make_link(config)                    # the URL's problems surface here, not in a task
+        scheme = urlsplit(config.url).scheme     # the URL's problems surface here, not in a task
+        if scheme == "redis+sentinel":
+            parse_sentinel_url(config.url)
+        elif scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis.url: unsupported scheme {scheme!r}")
         self._link: Link | None = None
         self._pump: asyncio.Task[None] | None = None
         self._known: list[tuple[str, int]] = []     # cluster nodes last seen
@@ -351,12 +362,14 @@ class RedisStore:
         if self._closed:
             await self._close_link(link)
             raise StoreError("redis store closed")
-        old_pump = self._pump
+        old_pump, old_link = self._pump, self._link
         self._link = link
         self.connects += 1
         self._pump = asyncio.get_running_loop().create_task(self._run_pump(link))
         if old_pump is not None:
             old_pump.cancel()
+        if old_link is not None:        # also here: a pump cancelled before it ran closes nothing
+            await self._close_link(old_link)
 
     @staticmethod
     async def _close_link(link: Link) -> None:
@@ -568,7 +581,9 @@ class RedisStore:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._link = None
+        if self._link is not None:
+            await self._close_link(self._link)
+            self._link = None
 
 
 __all__ = ["SCRIPT", "SCRIPT_SHA", "RedisStore", "describe"]
