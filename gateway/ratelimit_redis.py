@@ -217,7 +217,7 @@ class _ClusterLink:
     async def open(self) -> None:
         client = self.client
         await client.initialize()
-        await client.execute_command("PING", target_nodes=RedisCluster.ALL_NODES)
+        await client.execute_command("PING", target_nodes=RedisCluster.PRIMARIES)
         await client.script_load(SCRIPT)          # on every primary
 
     def nodes(self) -> list[tuple[str, int]]:

@@ -121,11 +121,13 @@ class SentinelSetup(Processes):
 
 
 class ClusterSetup(Processes):
-    """Three masters, no replicas, every slot assigned (`redis-cli --cluster create`)."""
+    """Three masters, every slot assigned (`redis-cli --cluster create`); with `replicas=1` each
+    master has a replica that takes over when it fails (after the 2 s node timeout)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replicas: int = 0) -> None:
         super().__init__(workdir)
-        self.ports = [free_port() for _ in range(3)]
+        self.replicas = replicas
+        self.ports = [free_port() for _ in range(3 * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -135,12 +137,13 @@ class ClusterSetup(Processes):
         for port in self.ports:
             self.start(port, *_server_args(
                 port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"))
+                "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000",
+                "--repl-diskless-sync-delay", "0"))
         for port in self.ports:
             wait_port(port)
         subprocess.run([_exe("redis-cli"), "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, timeout=30,
+                        *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas",
+                        str(self.replicas), "--cluster-yes"], check=True, timeout=30,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for port in self.ports:
             r = redis.Redis(port=port)
@@ -149,10 +152,24 @@ class ClusterSetup(Processes):
                          .get("cluster_state") == "ok", 15)
             finally:
                 r.close()
+        for port in self.ports:       # a replica that never synced would not take over
+            r = redis.Redis(port=port)
+            try:
+                wait_for("a replica never synced", lambda r=r: r.info("replication")["role"]
+                         == "master" or r.info("replication")["master_link_status"] == "up", 15)
+            finally:
+                r.close()
 
-    def node_of_slot(self, slot: int) -> int:
-        """The port of the master serving `slot`."""
-        r = redis.Redis(port=self.ports[0])
+    def state_ok(self, port: int) -> bool:
+        r = redis.Redis(port=port)
+        try:
+            return bool(r.cluster("info").get("cluster_state") == "ok")
+        finally:
+            r.close()
+
+    def node_of_slot(self, slot: int, via: int | None = None) -> int:
+        """The port of the master serving `slot` (asking the node at `via`)."""
+        r = redis.Redis(port=via or self.ports[0])
         try:
             for start, end, master, *_ in r.execute_command("CLUSTER SLOTS"):
                 if start <= slot <= end:

@@ -377,3 +377,62 @@ async def test_two_gateways_on_the_cluster_exact_per_key(tmp_path: Path, demo_up
     finally:
         for gw in gws:
             gw.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_cluster_master_failover_under_load(tmp_path: Path, built: list[Limiter]) -> None:
+    setup = ClusterSetup(tmp_path, replicas=1)
+    try:
+        await asyncio.to_thread(setup.start_all)
+        masters = {setup.node_of_slot(s) for s in (0, 8000, 16383)}
+        victim = min(masters)                     # also the URL's seed: reseeding is needed
+        survivor = next(p for p in masters if p != victim)
+        names = [f"u{i}" for i in range(100)]
+        on_victim = [n for n in names if setup.node_of_slot(key_slot(n.encode())) == victim][:3]
+        elsewhere = [n for n in names if setup.node_of_slot(key_slot(n.encode())) != victim][:2]
+        hot = limit("hot", "100000/second", burst=1000, store="redis", on_store_error="local")
+        lim = Limiter(with_redis([hot], RedisConfig(url=f"redis://127.0.0.1:{victim}/0",
+                                                    timeout_ms=250, cluster=True)))
+        built.append(lim)
+        await lim.start()
+        store = lim.redis
+        assert store is not None and store.available
+
+        log: list[tuple[float, str, int, str]] = []     # (start, user, status, decision)
+
+        async def one(user: str) -> None:
+            req = FakeRequest({"X-User-Id": user})
+            while True:
+                t = time.monotonic()
+                o = await lim.check(route("hot"), req)
+                log.append((t, user, o.status, o.decision))
+                await asyncio.sleep(0.002)
+
+        load = [asyncio.ensure_future(one(u)) for u in (*on_victim, *elsewhere) for _ in range(4)]
+        try:
+            await asyncio.sleep(0.5)
+            t_kill = time.monotonic()
+            await asyncio.to_thread(setup.kill, victim)
+            slot = key_slot(on_victim[0].encode())
+            await asyncio.to_thread(
+                wait_for, "no replica took over",
+                lambda: setup.state_ok(survivor) and setup.node_of_slot(slot, survivor) != victim,
+                30)
+            deadline = time.monotonic() + 10
+            while not (store.available and log[-1][3] == "allowed"):
+                assert time.monotonic() < deadline, "the store never came back after failover"
+                await asyncio.sleep(0.05)
+            t_back = time.monotonic()
+            await asyncio.sleep(1.0)
+        finally:
+            for task in load:
+                task.cancel()
+            await asyncio.gather(*load, return_exceptions=True)
+    finally:
+        await asyncio.to_thread(setup.stop)
+    before = [e for e in log if e[0] < t_kill - 0.05]
+    after = [e for e in log if e[0] > t_back]
+    assert {e[2] for e in log} == {200}                 # the outage fell back to local buckets
+    assert sum(e[3] == "allowed" for e in before) > 0.9 * len(before)
+    moved = [e for e in after if e[1] in on_victim]     # keys now on the promoted replica
+    assert moved and sum(e[3] == "allowed" for e in moved) > 0.9 * len(moved)
