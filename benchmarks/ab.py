@@ -7,8 +7,10 @@
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
 route without it (target: <= 5 %).
-`redis`: that limit in Redis (a private redis-server, the gateway's own RESP client) vs in memory
-(issue 3's target: Redis keeps >= 70 % of the local throughput).
+`redis`: that limit in Redis (a private redis-server, redis-py behind the store's batching pump)
+vs in memory (target: Redis keeps >= 70 % of the local throughput). With `--baseline-src DIR`
+(another checkout's source tree, e.g. `git archive <commit> | tar -x -C DIR`) a third gateway
+runs that tree's Redis store in the same rounds: the new store against the old one.
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -18,6 +20,7 @@ ratio. Traffic only to 127.0.0.1, every run bounded by --duration.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="redis: also run this source tree's Redis store (PYTHONPATH=DIR)")
     args = ap.parse_args()
     up = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="gw-ab-"))
@@ -64,6 +69,10 @@ def main() -> int:
             "redis": (("with", shipped, "limits: [roomy_redis]"),
                       ("without", shipped, "limits: [roomy_headers]")),
         }[args.variant]
+        envs = {name: None for name, _, _ in variants}
+        if args.variant == "redis" and args.baseline_src is not None:
+            variants = (*variants, ("baseline", shipped, "limits: [roomy_redis]"))
+            envs["baseline"] = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
         gateways = []
         for name, prefix, limits in variants:
             port = free_port()
@@ -73,7 +82,8 @@ def main() -> int:
             cfg.write_text(redis_line +
                            text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
             gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
-                                              str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp))
+                                              str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp,
+                                             env=envs[name]))
             procs.append(gateways[-1])
             wait_port(port)
             ports[name] = port
@@ -104,6 +114,15 @@ def main() -> int:
         print(f"redis: median Redis {on:,.0f} req/s, local {off:,.0f} req/s: Redis keeps "
               f"{on / off:.0%} (target >= 70 %); gateway CPU per request {c_on:.1f} vs "
               f"{c_off:.1f} us")
+        if "baseline" in rps:
+            base = statistics.median(rps["baseline"])
+            ratios = [w / b for w, b in zip(rps["with"], rps["baseline"])]
+            c_base = statistics.median(cpu_us["baseline"])
+            print(f"redis: baseline tree's Redis store {base:,.0f} req/s ({c_base:.1f} us CPU/"
+                  f"request), keeps {base / off:.0%} of local; this tree's store / baseline: "
+                  f"ratio of medians {on / base:.1%}, median of per-round ratios "
+                  f"{statistics.median(ratios):.1%} (rounds {', '.join(f'{r:.0%}' for r in ratios)}"
+                  f"); CPU per request {c_on / c_base:.1%} of the baseline's")
         return 0
     print(f"{args.variant}: median with {on:,.0f} req/s, without {off:,.0f} req/s; "
           f"throughput cost {1 - on / off:+.1%} (target <= 5 %)")

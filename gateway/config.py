@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import yaml
@@ -115,9 +115,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTLSConfig:
+    ca: str = ""                  # PEM bundle of the CA(s) that signed the server; empty: system
+    cert: str = ""                # client certificate (PEM), with its key
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     timeout_ms: float = 25.0
+    cluster: bool = False         # the URL's host is a seed of a Redis Cluster
+    tls: RedisTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +191,80 @@ class Config:
         for r in doc["routes"]:
             r["methods"] = sorted(r["methods"]) if r["methods"] else None
         return doc
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str, str]:
+    """`redis+sentinel://[user:pass@]h:p[,h:p]/<master>/<db>` -> (sentinels, master, db,
+    username, password). ValueError names the problem."""
+    u = urlsplit(url)
+    creds, _, hosts = u.netloc.rpartition("@")
+    user, _, password = creds.partition(":")
+    sentinels: list[tuple[str, int]] = []
+    for hp in hosts.split(","):
+        if hp.startswith("["):          # [v6]:port
+            host, _, rest = hp[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = hp.partition(":")
+        port = port or "26379"
+        if not host or not port.isdigit():
+            raise ValueError(f"bad sentinel address {hp!r}: expected host:port")
+        sentinels.append((host, int(port)))
+    parts = [p for p in u.path.split("/") if p]
+    if not parts:
+        raise ValueError("no master name: expected redis+sentinel://host:port/<master>/<db>")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"bad path {u.path!r}: expected /<master>/<db>")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return sentinels, unquote(parts[0]), db, unquote(user), unquote(password)
+
+
+def _check_redis_url(url: str, errs: _Errors) -> None:
+    """The parts of a redis URL the store would otherwise reject at start."""
+    u = urlsplit(url)
+    if u.scheme == "redis+sentinel":
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            errs.add("redis.url", str(exc))
+        return
+    if u.scheme == "unix":
+        if not u.path:
+            errs.add("redis.url", "unix:// URL without a socket path")
+        return
+    try:
+        _ = u.port
+    except ValueError:
+        errs.add("redis.url", f"bad port in {_redact_url(url)!r}")
+        return
+    db = u.path.strip("/")
+    if db and not db.isdigit():
+        errs.add("redis.url", f"the path must be a database number, got {db!r}")
+
+
+def _redis_tls(value: Any, errs: _Errors) -> RedisTLSConfig | None:
+    tm = _mapping(value, "redis.tls", errs, {"ca", "cert", "key"})
+    if tm is None:
+        return None
+    tkw: dict[str, str] = {}
+    for name in ("ca", "cert", "key"):
+        if name in tm:
+            path = _str(tm[name], f"redis.tls.{name}", errs)
+            if path is not None and not Path(path).is_file():
+                errs.add(f"redis.tls.{name}", f"file not found: {path!r}")
+            elif path is not None:
+                tkw[name] = path
+    if ("cert" in tm) != ("key" in tm):
+        errs.add("redis.tls", "cert and key go together (a client certificate and its key)")
+    return RedisTLSConfig(**tkw)
+
+
+def _check_redis_combination(rkw: dict[str, Any], errs: _Errors) -> None:
+    scheme = urlsplit(rkw.get("url") or "redis:").scheme
+    if rkw.get("tls") is not None and scheme != "rediss":
+        errs.add("redis.tls", f"needs a rediss:// URL, got {scheme}://")
+    if rkw.get("cluster") and scheme not in ("redis", "rediss"):
+        errs.add("redis.cluster", f"needs a redis:// or rediss:// seed URL, got {scheme}://")
 
 
 def _redact_url(url: str) -> str:
@@ -672,18 +755,26 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
                                     "admin.token", errs, nonempty=False)
             kw["admin"] = AdminConfig(**{k: v for k, v in akw.items() if v is not None})
     if "redis" in m and m["redis"] is not None:
-        rm = _mapping(m["redis"], "redis", errs, {"url", "timeout_ms"})
+        rm = _mapping(m["redis"], "redis", errs, {"url", "timeout_ms", "cluster", "tls"})
         if rm is not None:
             rkw: dict[str, Any] = {}
             if "url" in rm:
                 u = _str(rm["url"], "redis.url", errs)
-                if u is not None and urlsplit(u).scheme not in ("redis", "rediss", "unix"):
-                    errs.add("redis.url", f"must be a redis://, rediss:// or unix:// URL, got "
-                                          f"{_redact_url(u)!r}")
+                if u is not None and urlsplit(u).scheme not in ("redis", "rediss", "unix",
+                                                               "redis+sentinel"):
+                    errs.add("redis.url", f"must be a redis://, rediss://, unix:// or "
+                                          f"redis+sentinel:// URL, got {_redact_url(u)!r}")
+                elif u is not None:
+                    _check_redis_url(u, errs)
                 rkw["url"] = u
             if "timeout_ms" in rm:
                 rkw["timeout_ms"] = _num(rm["timeout_ms"], "redis.timeout_ms", errs, minimum=0,
                                          exclusive_min=True)
+            if "cluster" in rm:
+                rkw["cluster"] = _bool(rm["cluster"], "redis.cluster", errs)
+            if "tls" in rm and rm["tls"] is not None:
+                rkw["tls"] = _redis_tls(rm["tls"], errs)
+            _check_redis_combination(rkw, errs)
             kw["redis"] = RedisConfig(**{k: v for k, v in rkw.items() if v is not None})
     if "access_log" in m and m["access_log"] is not None:
         lm = m["access_log"]

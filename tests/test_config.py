@@ -86,9 +86,37 @@ BAD = [
     ("trusted_proxies: [not-an-ip]",
      ["trusted_proxies[0]: must be an IP address or CIDR, got 'not-an-ip'"]),
     ("redis: {url: 'http://x', timeout_ms: 0}",
-     ["redis.url: must be a redis://, rediss:// or unix:// URL, got 'http://x'",
+     ["redis.url: must be a redis://, rediss://, unix:// or redis+sentinel:// URL, "
+      "got 'http://x'",
       "redis.timeout_ms: must be > 0, got 0"]),
+    ("redis: {url: 'redis+sentinel://127.0.0.1:26379'}",
+     ["redis.url: no master name: expected redis+sentinel://host:port/<master>/<db>"]),
+    ("redis: {url: 'redis+sentinel://127.0.0.1:x/mymaster/0'}",
+     ["redis.url: bad sentinel address '127.0.0.1:x': expected host:port"]),
+    ("redis: {url: 'redis://127.0.0.1:6379/zero'}",
+     ["redis.url: the path must be a database number, got 'zero'"]),
+    ("redis: {url: 'rediss://127.0.0.1:6379/0', tls: {ca: /nonexistent/ca.pem, cert: /x.pem}}",
+     ["redis.tls.ca: file not found: '/nonexistent/ca.pem'",
+      "redis.tls.cert: file not found: '/x.pem'",
+      "redis.tls: cert and key go together (a client certificate and its key)"]),
+    ("redis: {url: 'redis://127.0.0.1:6379/0', tls: {}, cluster: yes-please}",
+     ["redis.cluster: must be true or false, got 'yes-please'",
+      "redis.tls: needs a rediss:// URL, got redis://"]),
+    ("redis: {url: 'redis+sentinel://h:26379/m/0', cluster: true}",
+     ["redis.cluster: needs a redis:// or rediss:// seed URL, got redis+sentinel://"]),
 ]
+
+
+def test_redis_sentinel_cluster_and_tls_keys_parse(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    cfg = config.load_text(
+        BASE + f"redis: {{url: 'rediss://10.0.0.1:6380/0', cluster: true, tls: {{ca: '{ca}'}}}}\n",
+        env={})
+    assert cfg.redis is not None and cfg.redis.cluster and cfg.redis.tls is not None
+    assert cfg.redis.tls.ca == str(ca) and cfg.redis.tls.cert == ""
+    assert config.parse_sentinel_url("redis+sentinel://:pw@a:26379,[::1]:26380,b/mymaster/3") == (
+        [("a", 26379), ("::1", 26380), ("b", 26379)], "mymaster", 3, "", "pw")
 
 
 @pytest.mark.parametrize("extra,expected", BAD, ids=[b[0][:30] for b in BAD])
