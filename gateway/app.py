@@ -29,6 +29,7 @@ from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
 from gateway.signals import LoopLagMonitor, Signals
+from gateway.tenants import Tenancy, TenantTable
 from gateway.upstream import EndpointPool
 
 log = logging.getLogger("gateway")
@@ -68,6 +69,7 @@ class GatewayServer:
         self.signals = Signals(clock)
         self.lag = LoopLagMonitor(self.signals)
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
+        self.tenant_table = TenantTable(clock)  # fed by the shipper's ingest responses
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
@@ -97,6 +99,12 @@ class GatewayServer:
         limiter = Limiter(cfg, clock=self.clock, previous=previous.limiter if previous else None)
         limiter.add_listener(self.signals.record_limit)
         self.signals.set_evictions_source(lambda: limiter.evictions)
+        tenancy = None
+        if cfg.tenants is not None:
+            tenancy = Tenancy(cfg.tenants, trusted=cfg.trusted_proxies, clock=self.clock,
+                              table=self.tenant_table, redis=limiter.redis,
+                              previous=previous.tenancy if previous else None)
+            tenancy.add_listener(self.signals.record_limit)
         upstreams: dict[str, UpstreamRuntime] = {}
         for u in cfg.upstreams:
             pools = []
@@ -114,7 +122,7 @@ class GatewayServer:
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)
             self.signals.set_breaker_state(name, ur.breaker.state)
-        return Runtime(cfg, Router(cfg.routes), upstreams, limiter, breakers)
+        return Runtime(cfg, Router(cfg.routes), upstreams, limiter, breakers, tenancy)
 
     def _on_breaker_transition(self, upstream: str, old: str, new: str, reason: str) -> None:
         self.signals.record_breaker_transition(upstream, old, new, reason)
@@ -171,8 +179,12 @@ class GatewayServer:
                                 gateway_id=gateway_id, clock=self.clock,
                                 on_result=self.signals.record_shipper,
                                 on_spooled=self.signals.set_spooled,
-                                on_directives=self.budget_guard.update)
+                                on_directives=self._on_directives)
         asyncio.get_running_loop().create_task(self._shipper.start())
+
+    def _on_directives(self, directives: dict[str, Any]) -> None:
+        self.budget_guard.update(directives)
+        self.tenant_table.update(directives)
 
     async def _snapshot(self) -> dict[str, Any] | None:
         """The interval's aggregates for the shipper; None when nothing happened. The swap is

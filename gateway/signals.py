@@ -45,7 +45,7 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE"
 OTHER_METHOD = "OTHER"
 _METHOD_LABEL = {m: m for m in METHODS}
 
-LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 RELOAD_RESULTS = ("success", "failure")
 SHIPPER_RESULTS = ("success", "failure", "spooled", "dropped")

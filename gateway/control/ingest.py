@@ -39,7 +39,7 @@ LATE_LIMIT_S = 86_400.0                  # batches whose interval started up to 
 FUTURE_SKEW_S = 300.0                    # tolerated clock skew of a gateway
 MAX_INTERVAL_S = 3_600.0
 BREAKER_STATES = ("closed", "half_open", "open")
-DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
 
 
 class IngestError(Exception):
