@@ -193,7 +193,12 @@ class GatewayServer:
         agg = self.signals.swap()
         if agg.is_empty:
             return None
-        return await asyncio.to_thread(agg.to_wire)
+        tenancy = self.runtime.tenancy
+        usage = tenancy.usage() if tenancy is not None else None
+        doc = await asyncio.to_thread(agg.to_wire)
+        if usage:
+            doc["tenants"] = usage
+        return doc
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), flush, close."""
