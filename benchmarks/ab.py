@@ -3,6 +3,7 @@
     python benchmarks/ab.py signals [--rounds 5] [--duration 5] [--connections 32]
     python benchmarks/ab.py limit   [...]
     python benchmarks/ab.py redis   [...]
+    python benchmarks/ab.py tenant  [...]
 
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
@@ -11,6 +12,9 @@ route without it (target: <= 5 %).
 vs in memory (target: Redis keeps >= 70 % of the local throughput). With `--baseline-src DIR`
 (another checkout's source tree, e.g. `git archive <commit> | tar -x -C DIR`) a third gateway
 runs that tree's Redis store in the same rounds: the new store against the old one.
+`tenant`: a route whose requests pass a tenant plan in Redis (token bucket + day quota: one Lua
+script per request, the calendar window from the gateway's clock) vs the same route with a plain
+Redis limit instead (target: the plan costs <= 10 % more). Both admit everything.
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -34,6 +38,13 @@ ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/se
                  'burst: 1000000, headers: true}\n'
                  '  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
                  'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
+TENANT_PLAN = ('tenants:\n'
+               '  store: redis\n'
+               '  time_zone: "Europe/Berlin"\n'
+               '  default_plan: roomy\n'
+               '  plans:\n'
+               '    roomy: {rate: "100000000/second", burst: 1000000, '
+               'quotas: {day: 1000000000000}}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -41,7 +52,7 @@ STUBBED = ("import sys; import gateway.signals as s; "
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit", "redis"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis", "tenant"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -55,7 +66,7 @@ def main() -> int:
     redis_line = ""
     try:
         wait_port(up)
-        if args.variant == "redis":
+        if args.variant in ("redis", "tenant"):
             rport = free_port()
             procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "",
                                            "--appendonly", "no", "--bind", "127.0.0.1"],
@@ -68,7 +79,9 @@ def main() -> int:
             "limit": (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")),
             "redis": (("with", shipped, "limits: [roomy_redis]"),
                       ("without", shipped, "limits: [roomy_headers]")),
+            "tenant": (("with", shipped, ""), ("without", shipped, "limits: [roomy_redis]")),
         }[args.variant]
+        extra = {"with": TENANT_PLAN} if args.variant == "tenant" else {}
         envs = {name: None for name, _, _ in variants}
         if args.variant == "redis" and args.baseline_src is not None:
             variants = (*variants, ("baseline", shipped, "limits: [roomy_redis]"))
@@ -79,7 +92,7 @@ def main() -> int:
             cfg = tmp / f"{port}.yaml"
             text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
                                        limits=limits)
-            cfg.write_text(redis_line +
+            cfg.write_text(redis_line + extra.get(name, "") +
                            text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS, 1))
             gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
                                               str(cfg)], stderr=subprocess.DEVNULL, cwd=tmp,
@@ -123,6 +136,14 @@ def main() -> int:
                   f"ratio of medians {on / base:.1%}, median of per-round ratios "
                   f"{statistics.median(ratios):.1%} (rounds {', '.join(f'{r:.0%}' for r in ratios)}"
                   f"); CPU per request {c_on / c_base:.1%} of the baseline's")
+        return 0
+    if args.variant == "tenant":
+        ratios = [w / b for w, b in zip(rps["with"], rps["without"])]
+        print(f"tenant: median plan (bucket + day quota, Redis) {on:,.0f} req/s, plain Redis "
+              f"limit {off:,.0f} req/s; throughput cost {1 - on / off:+.1%} (target <= 10 %); "
+              f"per-round ratios {', '.join(f'{r:.0%}' for r in ratios)}")
+        print(f"tenant: gateway CPU per request {c_on:.1f} vs {c_off:.1f} us; cost "
+              f"{c_on / c_off - 1:+.1%}")
         return 0
     print(f"{args.variant}: median with {on:,.0f} req/s, without {off:,.0f} req/s; "
           f"throughput cost {1 - on / off:+.1%} (target <= 5 %)")

@@ -185,6 +185,35 @@ def _override(d: Any) -> Override | None:
                     expires_at=_num_or_none(d.get("expires_at"), False))
 
 
+class _Shape:
+    """What requests of one plan share while its windows stay the same: computed once per
+    window, not per request (Redis arguments, the RateLimit-Policy value, usage counters)."""
+
+    __slots__ = ("args", "counts", "plan", "policy_header", "start", "suffixes", "until",
+                 "usage_windows", "windows")
+
+    def __init__(self, plan: EffectivePlan, windows: tuple[Window, ...], fake_time: bool) -> None:
+        self.plan = plan
+        self.windows = windows
+        self.start = max((w.start for w in windows), default=-math.inf)
+        self.until = min((w.end for w in windows), default=math.inf)
+        self.suffixes = tuple(f"{w.kind}:{w.id}" for w in windows)
+        args = [repr(plan.rate), repr(plan.capacity), "1"]
+        for (_, limit), w in zip(plan.quotas, windows):
+            args.append(str(limit))
+            # with a fake clock (tests) the server's real clock would expire them at once
+            args.append(str(int(w.end) + EXPIRY_MARGIN_S) if not fake_time
+                        else str(int(time.time()) + 86400))
+        self.args = args
+        items = [plan.policy_item] if plan.policy_item else []
+        for (kind, limit), w in zip(plan.quotas, windows):
+            items.append(f'"{plan.name}-{kind}";q={limit};w={w.length_s}')
+        self.policy_header = ", ".join(items)
+        self.usage_windows = tuple((w.kind, w.id, limit)
+                                   for (_, limit), w in zip(plan.quotas, windows))
+        self.counts: dict[str, list[int]] = {}     # tenant -> [admitted, rejected]
+
+
 class MemoryQuotas:
     """Buckets and window counters in this process."""
 
@@ -261,11 +290,10 @@ class Tenancy:
         self._cache_version = -1
         self._windows: dict[str, Window] = {}
         self._listeners: list[Callable[[str, str], None]] = []
-        # usage since the last shipment: (tenant, plan, window ids) -> [admitted, rejected]
-        self._usage: dict[tuple[str, str, tuple[tuple[str, str, int], ...]], list[int]] = {}
+        self._shapes: dict[int, _Shape] = {}       # id(plan) -> its current shape
+        # shapes holding counts since the last shipment (kept across reloads)
+        self._counted: list[_Shape] = previous._counted if previous is not None else []
         self.usage_dropped = 0
-        if previous is not None:
-            self._usage = previous._usage
 
     def add_listener(self, fn: Callable[[str, str], None]) -> None:
         """`fn(policy, decision)`: policy is `plan:<name>`."""
@@ -317,6 +345,15 @@ class Tenancy:
         cache[tenant] = eff
         return eff
 
+    def _shape(self, plan: EffectivePlan, now: float) -> _Shape:
+        shape = self._shapes.get(id(plan))
+        if shape is None or shape.plan is not plan or not shape.start <= now < shape.until:
+            if len(self._shapes) > 4096:
+                self._shapes.clear()
+            shape = self._shapes[id(plan)] = _Shape(plan, self.windows(plan, now),
+                                                    self._fake_time)
+        return shape
+
     def windows(self, plan: EffectivePlan, now: float) -> tuple[Window, ...]:
         out = []
         ws = self._windows
@@ -340,13 +377,14 @@ class Tenancy:
             self._emit(plan, "allowed")
             return _UNLIMITED
         now = self._clock.time()
-        windows = self.windows(plan, now)
+        shape = self._shape(plan, now)
+        windows = shape.windows
         decision = "allowed"
         if self._redis is None:
             ok, tokens, counts = self.memory.take_now(tenant, plan, windows)
         else:
             try:
-                ok, tokens, counts = await self._redis_take(tenant, plan, windows)
+                ok, tokens, counts = await self._redis_take(tenant, shape)
             except StoreError:
                 decision = "store_error"
                 mode = self.cfg.on_store_error
@@ -357,27 +395,28 @@ class Tenancy:
                     self._emit(plan, decision)
                     return _DENIED
                 ok, tokens, counts = self.memory.take_now(tenant, plan, windows)
-        self._count(tenant, plan, windows, ok)
+        c = shape.counts.get(tenant)
+        if c is None:
+            if not shape.counts:
+                self._counted.append(shape)
+            c = shape.counts[tenant] = [0, 0]
+        c[0 if ok else 1] += 1
         if not ok:
             self._emit(plan, "limited")
-            return self._rejected(tenant, plan, windows, tokens, counts, now)
+            return self._rejected(tenant, shape, tokens, counts, now)
         self._emit(plan, decision)
-        return LimitOutcome(True, 200, self._headers(plan, windows, tokens, counts, now, True),
+        return LimitOutcome(True, 200, self._headers(shape, tokens, counts, now, True),
                             b"", decision)
 
-    async def _redis_take(self, tenant: str, plan: EffectivePlan,
-                          windows: tuple[Window, ...]) -> tuple[bool, float, list[int]]:
+    async def _redis_take(self, tenant: str,
+                          shape: _Shape) -> tuple[bool, float, list[int]]:
         assert self._redis is not None
         prefix = "gw:tq:{" + tenant + "}:"
         keys = [prefix + "b"]
-        args = ["" if not self._fake_time else str(round(self._clock.time() * 1e6)),
-                repr(plan.rate), repr(plan.capacity), "1"]
-        for (kind, limit), w in zip(plan.quotas, windows):
-            keys.append(f"{prefix}{kind}:{w.id}")
-            args.append(str(limit))
-            # with a fake clock (tests) the server's real clock would expire them at once
-            args.append(str(int(w.end) + EXPIRY_MARGIN_S) if not self._fake_time
-                        else str(int(time.time()) + 86400))
+        for suffix in shape.suffixes:
+            keys.append(prefix + suffix)
+        args = shape.args
+        args = [("" if not self._fake_time else str(round(self._clock.time() * 1e6))), *args]
         res = await self._redis.run_script(SCRIPT, SCRIPT_SHA, keys, args)
         return res[0] == 1, float(res[1]), [int(c) for c in res[2:]]
 
@@ -385,45 +424,36 @@ class Tenancy:
         for fn in self._listeners:
             fn("plan:" + plan.name, decision)
 
-    def _count(self, tenant: str, plan: EffectivePlan, windows: tuple[Window, ...],
-               ok: bool) -> None:
-        key = (tenant, plan.name, tuple((w.kind, w.id, limit)
-                                        for (_, limit), w in zip(plan.quotas, windows)))
-        u = self._usage.get(key)
-        if u is None:
-            u = self._usage[key] = [0, 0]
-        u[0 if ok else 1] += 1
-
     def usage(self) -> list[dict[str, Any]]:
         """Take the counts since the last call (the shipper's tenant section)."""
-        usage, self._usage = self._usage, {}
+        counted, self._counted = self._counted, []
         known = set(self._assigned) | set(self.table.entries)
-        rows = sorted(usage.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+        rows = []
+        for shape in counted:
+            counts, shape.counts = shape.counts, {}
+            name = shape.plan.name
+            windows = [{"window": k, "id": i, "limit": lim} for k, i, lim in shape.usage_windows]
+            for tenant, (admitted, rejected) in counts.items():
+                rows.append((admitted + rejected, tenant, name, admitted, rejected, windows))
+        rows.sort(key=lambda r: -r[0])
         out = []
         others = 0
-        for (tenant, plan, windows), (admitted, rejected) in rows:
+        for _, tenant, plan, admitted, rejected, windows in rows:
             if tenant not in known:
                 if others >= USAGE_TOP_N:
                     self.usage_dropped += 1
                     continue
                 others += 1
             out.append({"tenant": tenant, "plan": plan, "admitted": admitted,
-                        "rejected": rejected,
-                        "windows": [{"window": k, "id": i, "limit": lim}
-                                    for k, i, lim in windows]})
+                        "rejected": rejected, "windows": windows})
         return out
 
     # -- answers --------------------------------------------------------------------------------
 
-    def _policy_header(self, plan: EffectivePlan, windows: tuple[Window, ...]) -> str:
-        items = [plan.policy_item] if plan.policy_item else []
-        for (kind, limit), w in zip(plan.quotas, windows):
-            items.append(f'"{plan.name}-{kind}";q={limit};w={w.length_s}')
-        return ", ".join(items)
-
-    def _headers(self, plan: EffectivePlan, windows: tuple[Window, ...], tokens: float,
-                 counts: list[int], now: float, admitted: bool) -> tuple[tuple[str, str], ...]:
+    def _headers(self, shape: _Shape, tokens: float, counts: list[int], now: float,
+                 admitted: bool) -> tuple[tuple[str, str], ...]:
         """RateLimit-Policy with every policy of the plan, RateLimit for the one nearest."""
+        plan, windows = shape.plan, shape.windows
         taken = 1 if admitted else 0
         best: tuple[int, int, str] | None = None
         if plan.rate > 0:
@@ -437,16 +467,17 @@ class Tenancy:
             t = max(0, math.ceil(w.end - now))
             if best is None or r < best[0] or (r == best[0] and t > best[1]):
                 best = (r, t, f'"{plan.name}-{kind}"')
-        headers = [("RateLimit-Policy", self._policy_header(plan, windows))]
+        headers = [("RateLimit-Policy", shape.policy_header)]
         if best is not None:
             headers.append(("RateLimit", f"{best[2]};r={best[0]};t={best[1]}"))
         return tuple(headers)
 
-    def _rejected(self, tenant: str, plan: EffectivePlan, windows: tuple[Window, ...],
-                  tokens: float, counts: list[int], now: float) -> LimitOutcome:
+    def _rejected(self, tenant: str, shape: _Shape, tokens: float, counts: list[int],
+                  now: float) -> LimitOutcome:
+        plan, windows = shape.plan, shape.windows
         spent = [(kind, limit, w, n) for (kind, limit), w, n in zip(plan.quotas, windows, counts)
                  if n + 1 > limit]
-        headers = self._headers(plan, windows, tokens, counts, now, False)
+        headers = self._headers(shape, tokens, counts, now, False)
         if spent:
             # the window that resets last decides when the request can pass
             kind, limit, w, n = max(spent, key=lambda s: s[2].end)
