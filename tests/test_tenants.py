@@ -255,3 +255,23 @@ async def test_redis_counters_expire_after_their_window(redis_server: Any) -> No
         assert abs(month_ttl - (w_month.end + 3600 - now)) <= 2
     finally:
         await store.close()
+
+
+def test_gateway_check_names_tenant_keys(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('upstreams: [{name: u, endpoints: ["http://127.0.0.1:1"]}]\n'
+                   "routes: [{name: r, upstream: u}]\n"
+                   "limits: [{name: l, key: global, rate: 1/second, delay_max_ms: -5}]\n"
+                   "tenants:\n  time_zone: Mars/Base\n  default_plan: gold\n"
+                   "  plans: {free: {quotas: {year: 3}}}\n")
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stdout.splitlines() + out.stderr.splitlines()
+    for expected in ("limits[0].delay_max_ms: must be >= 0, got -5",
+                     "tenants.time_zone: unknown time zone 'Mars/Base'",
+                     "tenants.plans.free.quotas.year: unknown key",
+                     "tenants.default_plan: names unknown plan 'gold' (known: free)"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
