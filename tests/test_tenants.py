@@ -275,3 +275,26 @@ def test_gateway_check_names_tenant_keys(tmp_path: Any) -> None:
                      "tenants.plans.free.quotas.year: unknown key",
                      "tenants.default_plan: names unknown plan 'gold' (known: free)"):
         assert any(line.startswith(expected) for line in lines), (expected, lines)
+
+
+@pytest.mark.parametrize("mode", ["allow", "deny", "local"])
+async def test_redis_failures_follow_on_store_error(mode: str) -> None:
+    from tests.conftest import free_port
+    store = RedisStore(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200))
+    clock = FakeClock(wall=_utc(2026, 12, 4, 12))
+    cfg = cfg_with(f"  on_store_error: {mode}\n", store="redis").tenants
+    ten = Tenancy(cfg, clock=clock, redis=store)
+    events: list[tuple[str, str]] = []
+    ten.add_listener(lambda p, d: events.append((p, d)))
+    try:
+        outs = [await ten.check(tenant("m")) for _ in range(5)]
+    finally:
+        await store.close()
+    if mode == "allow":
+        assert [o.status for o in outs] == [200] * 5
+    elif mode == "deny":
+        assert [o.status for o in outs] == [503] * 5
+        assert dict(outs[0].headers)["Retry-After"] == "1"
+    else:                                   # the memory store counts meanwhile: day quota 4
+        assert [o.status for o in outs] == [200] * 4 + [429]
+    assert events[0] == ("plan:monthly", "store_error")
