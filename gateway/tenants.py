@@ -11,11 +11,11 @@ token and every window has room; then it takes from all of them, otherwise from 
 
 Stores:
 
-* `local`: `MemoryQuotas`, a dict per process. With `workers > 1` each worker counts apart (the
-  shared table of the local limits holds token buckets, not counters): a quota then admits up to
-  `workers` times its value in a window. Use `store: redis` where quotas must be exact. Bounded
-  (GATEWAY_TENANT_SLOTS, default 65536 tenants): past that, the least recently inserted tenant
-  is forgotten, and restarts with fresh counts.
+* `local`: `MemoryQuotas`, a dict in the process (bounded: GATEWAY_TENANT_SLOTS, default 65536
+  tenants; past that the least recently inserted tenant is forgotten and restarts with fresh
+  counts). With `workers > 1`, `gateway.quotatable.SharedQuotas`: one table in a file every
+  worker maps, decided under a `flock`, so the quota holds for the whole gateway, as the local
+  limits do. Across replicas, only `redis` is exact.
 * `redis`: one Lua script (`tenants.lua`) per request, through the limiter's Redis connection and
   its batching pump: the bucket and every window checked and taken atomically on the server, so
   the windows never count more than the quota across any number of gateways. Counters expire an
@@ -52,6 +52,7 @@ from gateway.errors import (
     StoreError,
     problem_body,
 )
+from gateway.quotatable import SharedQuotas
 from gateway.quotawindows import Window, rfc3339, window_at, zone
 from gateway.ratelimit import (
     ANONYMOUS,
@@ -259,18 +260,16 @@ class MemoryQuotas:
                 counters[kind] = [w.id, n + 1]
         return ok, tokens, counts
 
-    def usage(self, tenant: str, kind: str, window_id: str) -> int:
-        st = self._state.get(tenant)
-        c = st[2].get(kind) if st is not None else None
-        return c[1] if c is not None and c[0] == window_id else 0
-
 
 class Tenancy:
     """The tenant check of one config version (`check` is on the hot path)."""
 
     def __init__(self, cfg: TenantsConfig, *, trusted: Any = (), clock: Clock = SYSTEM_CLOCK,
                  table: TenantTable | None = None, redis: RedisStore | None = None,
-                 previous: Tenancy | None = None, redis_fake_time: bool = False) -> None:
+                 previous: Tenancy | None = None, redis_fake_time: bool = False,
+                 shared_dir: str | None = None) -> None:
+        """`shared_dir`: count in a SharedQuotas table there (default: GATEWAY_SHARED_DIR when
+        GATEWAY_WORKERS > 1, as the supervisor sets for its workers)."""
         self.cfg = cfg
         self._clock = clock
         self._tz = zone(cfg.time_zone)
@@ -278,8 +277,18 @@ class Tenancy:
         self.table = table if table is not None else TenantTable(clock)
         self._redis = redis if cfg.store == "redis" else None
         self._fake_time = redis_fake_time
-        self.memory: MemoryQuotas = previous.memory if previous is not None \
-            else MemoryQuotas(clock)
+        if shared_dir is None and _workers() > 1:
+            shared_dir = os.environ.get("GATEWAY_SHARED_DIR") or None
+        path = os.path.join(shared_dir, "tenants.table") if shared_dir else None
+        prev = previous.memory if previous is not None else None
+        self.memory: MemoryQuotas | SharedQuotas
+        if prev is not None and (path is None and isinstance(prev, MemoryQuotas) or (
+                isinstance(prev, SharedQuotas) and prev.path == path)):
+            self.memory = prev
+        elif path is not None:
+            self.memory = SharedQuotas(path, clock=clock)
+        else:
+            self.memory = MemoryQuotas(clock)
         key = cfg.key
         self._kind = "header" if key.startswith("header:") else key
         self._header = key[7:] if key.startswith("header:") else _KEY_HEADERS.get(key, "")
@@ -509,6 +518,13 @@ class Tenancy:
 
 def _violated(names: list[str]) -> dict[str, Any]:
     return {"violated-policies": names}
+
+
+def _workers() -> int:
+    try:
+        return int(os.environ.get("GATEWAY_WORKERS", "") or 1)
+    except ValueError:
+        return 1
 
 
 _ADJ = {"day": "daily", "week": "weekly", "month": "monthly"}

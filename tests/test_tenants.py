@@ -111,13 +111,16 @@ tenants:
 # -- the check, on both stores ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def make(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture(params=["memory", "shared", "redis"])
+async def make(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
     stores: list[RedisStore] = []
 
     def build(clock: FakeClock, extra: str = "", table: TenantTable | None = None) -> Tenancy:
         if request.param == "memory":
             return Tenancy(cfg_with(extra).tenants, clock=clock, table=table)
+        if request.param == "shared":   # the table workers share, as a fresh file per test
+            return Tenancy(cfg_with(extra).tenants, clock=clock, table=table,
+                           shared_dir=str(tmp_path))
         server = request.getfixturevalue("redis_server")
         server.flush()
         store = RedisStore(RedisConfig(url=server.url, timeout_ms=1000))
@@ -267,7 +270,7 @@ def test_gateway_check_names_tenant_keys(tmp_path: Any) -> None:
                    "tenants:\n  time_zone: Mars/Base\n  default_plan: gold\n"
                    "  plans: {free: {quotas: {year: 3}}}\n")
     out = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2
     lines = out.stdout.splitlines() + out.stderr.splitlines()
     for expected in ("limits[0].delay_max_ms: must be >= 0, got -5",
@@ -298,3 +301,17 @@ async def test_redis_failures_follow_on_store_error(mode: str) -> None:
     else:                                   # the memory store counts meanwhile: day quota 4
         assert [o.status for o in outs] == [200] * 4 + [429]
     assert events[0] == ("plan:monthly", "store_error")
+
+
+async def test_workers_share_one_table(tmp_path: Any) -> None:
+    """Two Tenancy objects on one file, as two workers would be: one quota, one bucket."""
+    clock = FakeClock(wall=_utc(2026, 12, 4, 12))
+    a = Tenancy(cfg_with().tenants, clock=clock, shared_dir=str(tmp_path))
+    b = Tenancy(cfg_with().tenants, clock=clock, shared_dir=str(tmp_path))
+    statuses = [(await (a if i % 2 else b).check(tenant("m"))).status for i in range(6)]
+    assert statuses == [200] * 4 + [429] * 2                # day quota 4, not 8
+    cfg = cfg_with("  default_plan: free\n").tenants
+    a, b = (Tenancy(cfg, clock=clock, shared_dir=str(tmp_path)) for _ in range(2))
+    statuses = [(await (a if i % 2 else b).check(tenant("f"))).status for i in range(4)]
+    assert statuses == [200, 200, 200, 429]                 # bucket capacity 3, shared
+    assert a.memory.evictions == 0  # type: ignore[union-attr]
