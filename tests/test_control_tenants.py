@@ -123,3 +123,16 @@ async def test_usage_per_window_and_the_80_percent_alert_once_per_window(tmp_pat
             (t1,) = doc["tenants"]
             assert [(u["window"], u["window_id"], u["current_usage"]) for u in t1["usage"]] == \
                 [("day", "2023-11-16", 85), ("month", "2023-11", 181)]
+
+
+async def test_usage_rows_are_pruned_after_retention(tmp_path):
+    from gateway.control.tenants import TenantRepo
+    from tests.test_control_support import store_of
+    clock = FakeClock(wall=T0)
+    async with slo_plane(tmp_path, clock) as (url, s, app):
+        await ingest(s, url, usage_batch("p1", T0 - 10, [("old", 5, 0)],
+                                         [("day", "2023-11-15", 100)]))
+        repo = TenantRepo(store_of(app))
+        assert repo.prune(T0 - 60) == 0
+        assert repo.prune(T0 + 60) == 1
+        assert (await call(s, url, "GET", "/v1/tenants/old"))[0] == 404

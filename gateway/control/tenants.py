@@ -15,7 +15,8 @@ the tenant table sent to gateways, and the `/v1/tenants` API.
 * Usage: each batch carries admitted/rejected counts per tenant and quota window (the window ids
   come from the gateway, computed in its time zone); they add up per (tenant, window kind, window
   id) across gateways. Gateways ship configured and table tenants plus at most 100 others per
-  interval (see gateway/tenants.py), so this table grows with known tenants, not with clients.
+  interval (see gateway/tenants.py), so this table grows with known tenants, not with clients;
+  rows untouched for 400 days are pruned hourly.
 * When a window's admitted count passes 80 % of its quota, one alert is raised for that window
   (`source: "quota"`, in /v1/alerts and through the notification targets, as SLO alerts are);
   `tenant_alerts` is the once-per-window ledger.
@@ -42,6 +43,7 @@ from gateway.control.store import Store
 log = logging.getLogger("gateway.control.tenants")
 
 ALERT_THRESHOLD = 0.8
+USAGE_RETENTION_S = 400 * 86400     # a year of monthly windows, and then some
 MAX_ID = 256
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 OVERRIDE_FIELDS = ("qps", "burst", "daily_quota", "monthly_quota")
@@ -86,13 +88,17 @@ class TenantRepo:
                  now))
             return int(cur.lastrowid or 0)
 
-    def overrides(self, tenant: str | None = None) -> list[dict[str, Any]]:
+    def overrides(self, tenant: str | None = None,
+                  not_expired_at: float | None = None) -> list[dict[str, Any]]:
         sql = ("SELECT id, tenant_id, qps, burst, daily_quota, monthly_quota, effective_date, "
-               "expires_at, reason, actor, created_at FROM tenant_overrides")
+               "expires_at, reason, actor, created_at FROM tenant_overrides WHERE 1 = 1")
         args: tuple[Any, ...] = ()
         if tenant is not None:
-            sql += " WHERE tenant_id = ?"
+            sql += " AND tenant_id = ?"
             args = (tenant,)
+        if not_expired_at is not None:
+            sql += " AND (expires_at IS NULL OR expires_at > ?)"
+            args = (*args, not_expired_at)
         cols = ("id", "tenant", "qps", "burst", "daily_quota", "monthly_quota",
                 "effective_date", "expires_at", "reason", "actor", "created_at")
         return [dict(zip(cols, r)) for r in self._rows(sql + " ORDER BY id", args)]
@@ -121,6 +127,22 @@ class TenantRepo:
         cols = ("tenant", "window", "window_id", "plan", "limit", "current_usage", "rejected",
                 "updated_at")
         return [dict(zip(cols, r)) for r in self._rows(sql, args)]
+
+    def window_usage(self, tenant: str, kind: str, window_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT plan, quota_limit, admitted FROM tenant_usage WHERE "
+                          "tenant_id = ? AND kind = ? AND window_id = ?", (tenant, kind, window_id))
+        if not rows:
+            return None
+        plan, limit, admitted = rows[0]
+        return {"tenant": tenant, "window": kind, "window_id": window_id, "plan": plan,
+                "limit": limit, "current_usage": admitted}
+
+    def prune(self, before: float) -> int:
+        """Forget usage and alert rows last touched before `before` (retention)."""
+        with self.store.transaction():
+            n = self._exec("DELETE FROM tenant_usage WHERE updated_at < ?", (before,))
+            n += self._exec("DELETE FROM tenant_alerts WHERE created_at < ?", (before,))
+        return n
 
     def alert_once(self, tenant: str, kind: str, window_id: str, threshold: float,
                    now: float) -> bool:
@@ -169,8 +191,9 @@ class TenantBook:
             return
         repo.add_usage(rows)
         touched = {(t.tenant, kind, wid) for t in batch.tenants for kind, wid, _ in t.windows}
-        for u in repo.usage():
-            if (u["tenant"], u["window"], u["window_id"]) not in touched or u["limit"] <= 0:
+        for key in sorted(touched):
+            u = repo.window_usage(*key)
+            if u is None or u["limit"] <= 0:
                 continue
             if u["current_usage"] >= ALERT_THRESHOLD * u["limit"] and repo.alert_once(
                     u["tenant"], u["window"], u["window_id"], ALERT_THRESHOLD, now):
@@ -202,7 +225,7 @@ class TenantBook:
         repo = TenantRepo(store)
         plans = repo.plans()
         by_tenant: dict[str, list[dict[str, Any]]] = {}
-        for o in repo.overrides():
+        for o in repo.overrides(not_expired_at=now):
             by_tenant.setdefault(o["tenant"], []).append(o)
         table: dict[str, Any] = {}
         for tenant in set(plans) | set(by_tenant):
@@ -442,12 +465,19 @@ def setup(app: web.Application) -> None:
 
     async def publisher(app: web.Application) -> AsyncIterator[None]:
         async def tick() -> None:
+            pruned_at = -math.inf
             while True:
                 await asyncio.sleep(0.5)
                 try:
                     publish_events(app)
+                    clock = app[control_app.CLOCK]
+                    if clock.monotonic() - pruned_at >= 3600:
+                        pruned_at = clock.monotonic()
+                        db = app[control_app.DB]
+                        await db.call(TenantRepo(db.store).prune,
+                                      clock.time() - USAGE_RETENTION_S)
                 except Exception:
-                    log.exception("quota alert publication failed")
+                    log.exception("tenant housekeeping failed")
 
         job = asyncio.create_task(tick())
         try:
