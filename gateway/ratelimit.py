@@ -839,7 +839,9 @@ class Limiter:
         return True, out, 1
 
     def _give_back(self, group: _Group, idents: list[str], tokens: list[float | None]) -> None:
-        pos = [j for j, t in enumerate(tokens) if t is not None and t >= 1 - EPSILON]
+        pos = [j for j, t in enumerate(tokens)   # the buckets the take drew on (throttled
+               if t is not None                  # ones may have drawn below zero)
+               and t >= 1 - group.buckets[j].delay_tokens - EPSILON]
         if pos:
             local = self._local
             local.refund([group.buckets[j] for j in pos], [idents[j] for j in pos], 1)

@@ -845,3 +845,22 @@ async def test_throttling_reserves_future_tokens_exactly(make: Callable[..., Lim
     assert o.allowed and o.decision == "allowed" and o.delay_s == 0.0
     o = await lim.check(r, FakeRequest())
     assert o.decision == "delayed" and abs(o.delay_s - 0.1) < 1e-6
+
+
+async def test_a_throttled_local_reservation_is_given_back_when_redis_rejects(
+        redis_server: Any) -> None:
+    redis_server.flush()
+    clock = FakeClock()
+    lim = Limiter(config([limit("provider", "10/second", key="global", delay_max_ms=1000),
+                          limit("per_user", "1/minute", store="redis")],
+                         redis_url=redis_server.url), clock=clock, redis_fake_time=True)
+    try:
+        r = route("provider", "per_user")
+        x, y = FakeRequest({"X-User-Id": "x"}), FakeRequest({"X-User-Id": "y"})
+        assert (await lim.check(r, x)).decision == "allowed"
+        o = await lim.check(r, x)                 # provider would hold it; per_user refuses
+        assert o.status == 429
+        o = await lim.check(r, y)                 # the refused one's reservation came back
+        assert o.decision == "delayed" and abs(o.delay_s - 0.1) < 1e-6
+    finally:
+        await lim.close()

@@ -58,7 +58,7 @@ async def test_a_burst_of_20_at_10_per_second_is_spread_over_2_s_without_429(
             done = sorted(t - t0 for _, t in results)
             assert statuses == [200] * 20
             # capacity 1 at 10/s: the first at once, the 20th 1.9 s later
-            assert 1.75 <= done[-1] <= 2.6, done
+            assert 1.75 <= done[-1] <= 3.2, done
             assert done[0] < 0.5 and done[9] >= 0.8, done
             assert up.requests == 20
             d = _decisions(gw)
