@@ -103,7 +103,8 @@ class GatewayServer:
         if cfg.tenants is not None:
             tenancy = Tenancy(cfg.tenants, trusted=cfg.trusted_proxies, clock=self.clock,
                               table=self.tenant_table, redis=limiter.redis,
-                              previous=previous.tenancy if previous else None)
+                              previous=previous.tenancy if previous else None,
+                              collect_usage=cfg.control_plane is not None)
             tenancy.add_listener(self.signals.record_limit)
         upstreams: dict[str, UpstreamRuntime] = {}
         for u in cfg.upstreams:

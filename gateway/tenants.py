@@ -75,6 +75,7 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 EXPIRY_MARGIN_S = 3600      # counters outlive their window by this (skewed clocks, late readers)
 USAGE_TOP_N = 100
+USAGE_MAX_TENANTS = 65536   # tenants counted per plan and window between two shipments
 _KEY_HEADERS = {"user_id": "X-User-Id", "client_id": "X-Client-Id", "api_key": "X-Api-Key"}
 
 
@@ -267,7 +268,7 @@ class Tenancy:
     def __init__(self, cfg: TenantsConfig, *, trusted: Any = (), clock: Clock = SYSTEM_CLOCK,
                  table: TenantTable | None = None, redis: RedisStore | None = None,
                  previous: Tenancy | None = None, redis_fake_time: bool = False,
-                 shared_dir: str | None = None) -> None:
+                 shared_dir: str | None = None, collect_usage: bool = True) -> None:
         """`shared_dir`: count in a SharedQuotas table there (default: GATEWAY_SHARED_DIR when
         GATEWAY_WORKERS > 1, as the supervisor sets for its workers)."""
         self.cfg = cfg
@@ -295,7 +296,7 @@ class Tenancy:
         self._plans = {p.name: p for p in cfg.plans}
         self._assigned = dict(cfg.assignments)
         self._base = {name: effective(p) for name, p in self._plans.items()}
-        self._cache: dict[str, EffectivePlan | None] = {}
+        self._cache: dict[str, tuple[EffectivePlan | None, float]] = {}  # (plan, valid until)
         self._cache_version = -1
         self._windows: dict[str, Window] = {}
         self._listeners: list[Callable[[str, str], None]] = []
@@ -303,6 +304,7 @@ class Tenancy:
         # shapes holding counts since the last shipment (kept across reloads)
         self._counted: list[_Shape] = previous._counted if previous is not None else []
         self.usage_dropped = 0
+        self.collect_usage = collect_usage    # False without a control plane to ship to
 
     def add_listener(self, fn: Callable[[str, str], None]) -> None:
         """`fn(policy, decision)`: policy is `plan:<name>`."""
@@ -327,15 +329,16 @@ class Tenancy:
         return hash_api_key(value) if self._kind == "api_key" else _bounded(value)
 
     def plan_for(self, tenant: str) -> EffectivePlan | None:
+        """The plan in force for `tenant` (None: unknown). Cached per tenant until the table
+        changes or the tenant's override expires, so a request costs one dict lookup."""
         table = self.table
         if table.version != self._cache_version:
             self._cache.clear()
             self._cache_version = table.version
         cache = self._cache
-        if tenant in cache:
-            eff = cache[tenant]
-            if eff is None or not eff.overridden:
-                return eff
+        hit = cache.get(tenant)
+        if hit is not None and (hit[1] == math.inf or self._clock.time() < hit[1]):
+            return hit[0]
         entry = table.lookup(tenant)
         name: str | None = None
         ov: Override | None = None
@@ -351,7 +354,8 @@ class Tenancy:
             eff = effective(self._plans[name], ov)
         if len(cache) > 65536:
             cache.clear()
-        cache[tenant] = eff
+        until = ov.expires_at if ov is not None and ov.expires_at is not None else math.inf
+        cache[tenant] = (eff, until)
         return eff
 
     def _shape(self, plan: EffectivePlan, now: float) -> _Shape:
@@ -404,12 +408,17 @@ class Tenancy:
                     self._emit(plan, decision)
                     return _DENIED
                 ok, tokens, counts = self.memory.take_now(tenant, plan, windows)
-        c = shape.counts.get(tenant)
-        if c is None:
-            if not shape.counts:
-                self._counted.append(shape)
-            c = shape.counts[tenant] = [0, 0]
-        c[0 if ok else 1] += 1
+        if self.collect_usage:
+            c = shape.counts.get(tenant)
+            if c is None:
+                if not shape.counts:
+                    self._counted.append(shape)
+                if len(shape.counts) >= USAGE_MAX_TENANTS:
+                    self.usage_dropped += 1         # bounded between two shipments
+                    c = [0, 0]
+                else:
+                    c = shape.counts[tenant] = [0, 0]
+            c[0 if ok else 1] += 1
         if not ok:
             self._emit(plan, "limited")
             return self._rejected(tenant, shape, tokens, counts, now)
