@@ -5,6 +5,7 @@
     python benchmarks/ab.py redis   [...]
     python benchmarks/ab.py tracing [...] [--sample 0.1]
     python benchmarks/ab.py propagation [...]
+    python benchmarks/ab.py tenant  [...]
 
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
@@ -17,6 +18,9 @@ runs that tree's Redis store in the same rounds: the new store against the old o
 (traceparent propagation is in both; target: <= 5 %).
 `propagation`: the shipped gateway vs one whose trace context is a constant (what parsing or
 generating `traceparent` costs on every forwarded request).
+`tenant`: a route whose requests pass a tenant plan in Redis (token bucket + day quota: one Lua
+script per request, the calendar window from the gateway's clock) vs the same route with a plain
+Redis limit instead (target: the plan costs <= 10 % more). Both admit everything.
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -41,6 +45,13 @@ ROOMY_HEADERS = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/se
 # Only with a redis: section (a redis limit without one is a config error).
 ROOMY_REDIS = ('  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
                'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
+TENANT_PLAN = ('tenants:\n'
+               '  store: redis\n'
+               '  time_zone: "Europe/Berlin"\n'
+               '  default_plan: roomy\n'
+               '  plans:\n'
+               '    roomy: {rate: "100000000/second", burst: 1000000, '
+               'quotas: {day: 1000000000000}}\n')
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -67,7 +78,8 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing", "propagation"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing", "propagation",
+                                        "tenant"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -82,7 +94,7 @@ def main() -> int:
     redis_line = ""
     try:
         wait_port(up)
-        if args.variant == "redis":
+        if args.variant in ("redis", "tenant"):
             rport = free_port()
             procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "",
                                            "--appendonly", "no", "--bind", "127.0.0.1"],
@@ -104,7 +116,9 @@ def main() -> int:
                       ("without", shipped, "limits: [roomy_headers]")),
             "tracing": (("with", shipped, ""), ("without", shipped, "")),
             "propagation": (("with", shipped, ""), ("without", ["-c", CONSTANT_TRACE], "")),
+            "tenant": (("with", shipped, ""), ("without", shipped, "limits: [roomy_redis]")),
         }[args.variant]
+        extra = {"with": TENANT_PLAN} if args.variant == "tenant" else {}
         envs = {name: None for name, _, _ in variants}
         if args.variant == "redis" and args.baseline_src is not None:
             variants = (*variants, ("baseline", shipped, "limits: [roomy_redis]"))
@@ -116,6 +130,7 @@ def main() -> int:
             text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
                                        limits=limits)
             cfg.write_text(redis_line + (tracing_line if name == "with" else "") +
+                           extra.get(name, "") +
                            text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS +
                                         (ROOMY_REDIS if redis_line else ""), 1))
             gateways.append(subprocess.Popen([sys.executable, *prefix, "run", "--config",
@@ -160,6 +175,14 @@ def main() -> int:
                   f"ratio of medians {on / base:.1%}, median of per-round ratios "
                   f"{statistics.median(ratios):.1%} (rounds {', '.join(f'{r:.0%}' for r in ratios)}"
                   f"); CPU per request {c_on / c_base:.1%} of the baseline's")
+        return 0
+    if args.variant == "tenant":
+        ratios = [w / b for w, b in zip(rps["with"], rps["without"])]
+        print(f"tenant: median plan (bucket + day quota, Redis) {on:,.0f} req/s, plain Redis "
+              f"limit {off:,.0f} req/s; throughput cost {1 - on / off:+.1%} (target <= 10 %); "
+              f"per-round ratios {', '.join(f'{r:.0%}' for r in ratios)}")
+        print(f"tenant: gateway CPU per request {c_on:.1f} vs {c_off:.1f} us; cost "
+              f"{c_on / c_off - 1:+.1%}")
         return 0
     print(f"{args.variant}: median with {on:,.0f} req/s, without {off:,.0f} req/s; "
           f"throughput cost {1 - on / off:+.1%} (target <= 5 %)")

@@ -29,6 +29,7 @@ from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
 from gateway.signals import LoopLagMonitor, Signals
+from gateway.tenants import Tenancy, TenantTable
 from gateway.tls import ListenerTls, TlsFileError, client_context
 from gateway.tracing import Tracer, make_tracer
 from gateway.upstream import EndpointPool
@@ -79,6 +80,7 @@ class GatewayServer:
                                          if cfg.metrics.latency_buckets else {}))
         self.lag = LoopLagMonitor(self.signals)
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
+        self.tenant_table = TenantTable(clock)  # fed by the shipper's ingest responses
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
@@ -113,6 +115,13 @@ class GatewayServer:
         limiter = Limiter(cfg, clock=self.clock, previous=previous.limiter if previous else None)
         limiter.add_listener(self.signals.record_limit)
         self.signals.set_evictions_source(lambda: limiter.evictions)
+        tenancy = None
+        if cfg.tenants is not None:
+            tenancy = Tenancy(cfg.tenants, trusted=cfg.trusted_proxies, clock=self.clock,
+                              table=self.tenant_table, redis=limiter.redis,
+                              previous=previous.tenancy if previous else None,
+                              collect_usage=cfg.control_plane is not None)
+            tenancy.add_listener(self.signals.record_limit)
         upstreams: dict[str, UpstreamRuntime] = {}
         for i, u in enumerate(cfg.upstreams):
             pools = []
@@ -135,7 +144,7 @@ class GatewayServer:
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)
             self.signals.set_breaker_state(name, ur.breaker.state)
-        return Runtime(cfg, Router(cfg.routes), upstreams, limiter, breakers)
+        return Runtime(cfg, Router(cfg.routes), upstreams, limiter, breakers, tenancy)
 
     def _on_breaker_transition(self, upstream: str, old: str, new: str, reason: str) -> None:
         self.signals.record_breaker_transition(upstream, old, new, reason)
@@ -200,7 +209,7 @@ class GatewayServer:
                                 gateway_id=gateway_id, clock=self.clock,
                                 on_result=self.signals.record_shipper,
                                 on_spooled=self.signals.set_spooled,
-                                on_directives=self.budget_guard.update)
+                                on_directives=self._on_directives)
         background(self._shipper.start(), name="shipper-start")
 
     async def _close_intervals(self) -> None:
@@ -211,6 +220,10 @@ class GatewayServer:
             await asyncio.sleep(QUANTILE_INTERVAL_S)
             self.signals.swap()
 
+    def _on_directives(self, directives: dict[str, Any]) -> None:
+        self.budget_guard.update(directives)
+        self.tenant_table.update(directives)
+
     async def _snapshot(self) -> dict[str, Any] | None:
         """The interval's aggregates for the shipper; None when nothing happened. The swap is
         atomic on the loop; encoding the histograms (milliseconds with many series) happens in a
@@ -218,7 +231,12 @@ class GatewayServer:
         agg = self.signals.swap()
         if agg.is_empty:
             return None
-        return await asyncio.to_thread(agg.to_wire)
+        tenancy = self.runtime.tenancy
+        usage = tenancy.usage() if tenancy is not None else None
+        doc = await asyncio.to_thread(agg.to_wire)
+        if usage:
+            doc["tenants"] = usage
+        return doc
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), flush, close."""

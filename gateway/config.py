@@ -95,6 +95,7 @@ class LimitConfig:
     on_store_error: str = "local"  # allow | deny | local
     headers: bool = True
     rate_text: str = ""           # the rate as written, for display
+    delay_max_ms: float = 0.0     # hold a request up to this long for its token instead of a 429
 
     @property
     def rate(self) -> float:
@@ -125,6 +126,47 @@ class RouteConfig:
     limits: tuple[str, ...] = ()
     websocket: bool = False               # tunnel `Upgrade: websocket` requests
     websocket_idle_timeout_s: float = WEBSOCKET_IDLE_S
+    tenants: bool = True          # enforce the tenant plans (when `tenants:` is configured)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanConfig:
+    """A tenant plan: a token bucket (rate_count 0: none) and calendar quotas."""
+
+    name: str
+    rate_count: int = 0           # N in "N/period"; 0: no rate limit
+    period_s: float = 1.0
+    burst: int = 0
+    quotas: tuple[tuple[str, int], ...] = ()   # (day|week|month, admitted requests per window)
+
+    @property
+    def rate(self) -> float:
+        return self.rate_count / self.period_s
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst + 1)
+
+    @property
+    def unlimited(self) -> bool:
+        return not self.rate_count and not self.quotas
+
+
+@dataclass(frozen=True, slots=True)
+class TenantsConfig:
+    key: str = "header:X-Tenant-Id"          # limit key syntax
+    store: str = "local"                     # local | redis
+    time_zone: str = "UTC"
+    default_plan: str | None = None          # None: unknown tenants are answered 403
+    plans: tuple[PlanConfig, ...] = ()
+    assignments: tuple[tuple[str, str], ...] = ()   # (tenant, plan)
+    on_store_error: str = "local"            # allow | deny | local (redis only)
+
+    def plan(self, name: str) -> PlanConfig:
+        for p in self.plans:
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +248,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     control_plane: ControlPlaneConfig | None = None
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    tenants: TenantsConfig | None = None
     demo_upstream: str | None = None   # "host:port": start the bundled demo upstream there
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: ListenerTlsConfig | None = None
@@ -762,7 +805,8 @@ def parse_websocket(value: Any, path: str, errs: _Errors) -> tuple[bool, float] 
 
 
 def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
-    allowed = {"name", "key", "rate", "burst", "store", "mode", "on_store_error", "headers"}
+    allowed = {"name", "key", "rate", "burst", "store", "mode", "on_store_error", "headers",
+               "delay_max_ms"}
     m = _mapping(value, path, errs, allowed, {"name", "key", "rate"})
     if m is None:
         return None
@@ -772,9 +816,10 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
     if "key" in m:
         key = m["key"]
         if not isinstance(key, str) or not (
-                key in _KEYS or (key.startswith("header:") and _TOKEN.match(key[7:] or "-"))):
-            errs.add(f"{path}.key", f"must be one of {', '.join(_KEYS)} or header:<Name>, "
-                                    f"got {key!r}")
+                key in _KEYS or key == "global"
+                or (key.startswith("header:") and _TOKEN.match(key[7:] or "-"))):
+            errs.add(f"{path}.key", f"must be one of {', '.join(_KEYS)}, global or "
+                                    f"header:<Name>, got {key!r}")
             key = None
     rate = parse_rate(m["rate"], f"{path}.rate", errs) if "rate" in m else None
     kw: dict[str, Any] = {}
@@ -789,6 +834,9 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
                                        ("allow", "deny", "local"))
     if "headers" in m:
         kw["headers"] = _bool(m["headers"], f"{path}.headers", errs)
+    if "delay_max_ms" in m:
+        kw["delay_max_ms"] = _num(m["delay_max_ms"], f"{path}.delay_max_ms", errs, minimum=0,
+                                  maximum=60_000)
     if len(errs.lines) > n0 or name is None or key is None or rate is None:
         return None
     return LimitConfig(name=name, key=key, rate_count=rate[0], period_s=rate[1],
@@ -796,7 +844,8 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
 
 
 def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
-    allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits", "websocket"}
+    allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits", "websocket",
+               "tenants"}
     m = _mapping(value, path, errs, allowed, {"name", "upstream"})
     if m is None:
         return None
@@ -833,6 +882,8 @@ def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
                 kw["host"] = h.lower() if h else None
     if "strip_prefix" in m:
         kw["strip_prefix"] = _bool(m["strip_prefix"], f"{path}.strip_prefix", errs)
+    if "tenants" in m:
+        kw["tenants"] = _bool(m["tenants"], f"{path}.tenants", errs)
     if "limits" in m:
         ls = _list(m["limits"], f"{path}.limits", errs)
         if ls is not None:
@@ -916,7 +967,7 @@ def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
 
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
             "limits", "routes", "control_plane", "access_log", "demo_upstream", "tls",
-            "metrics", "tracing"}
+            "metrics", "tracing", "tenants"}
 
 
 def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
@@ -943,6 +994,114 @@ def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
             return MetricsConfig()
         bounds.append(float(b))
     return MetricsConfig(latency_buckets=tuple(bounds))
+
+
+def parse_plan(name: str, value: Any, path: str, errs: _Errors) -> PlanConfig | None:
+    """`{rate, burst, quotas: {day, week, month}}`; `{}` is unlimited."""
+    if value is None:
+        value = {}
+    m = _mapping(value, path, errs, {"rate", "burst", "quotas"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    if "rate" in m:
+        rate = parse_rate(m["rate"], f"{path}.rate", errs)
+        if rate is not None:
+            kw["rate_count"], kw["period_s"] = rate
+    if "burst" in m:
+        if "rate" not in m:
+            errs.add(f"{path}.burst", "needs a rate")
+        kw["burst"] = _int(m["burst"], f"{path}.burst", errs, minimum=0)
+    if "quotas" in m and m["quotas"] is not None:
+        qm = _mapping(m["quotas"], f"{path}.quotas", errs, {"day", "week", "month"})
+        if qm is not None:
+            quotas = []
+            for w in ("day", "week", "month"):       # a fixed order: keys and headers rely on it
+                if w in qm:
+                    q = _int(qm[w], f"{path}.quotas.{w}", errs, minimum=1)
+                    if q is not None:
+                        quotas.append((w, q))
+            kw["quotas"] = tuple(quotas)
+    if len(errs.lines) > n0:
+        return None
+    return PlanConfig(name=name, **kw)
+
+
+def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
+    if value is None:
+        return None
+    allowed = {"key", "store", "time_zone", "default_plan", "plans", "assignments",
+               "on_store_error"}
+    m = _mapping(value, path, errs, allowed, {"plans"})
+    if m is None:
+        return None
+    n0 = len(errs.lines)
+    kw: dict[str, Any] = {}
+    if "key" in m:
+        key = m["key"]
+        if not isinstance(key, str) or not (
+                key in _KEYS or (key.startswith("header:") and _TOKEN.match(key[7:] or "-"))):
+            errs.add(f"{path}.key", f"must be one of {', '.join(_KEYS)} or header:<Name>, "
+                                    f"got {key!r}")
+        else:
+            kw["key"] = key
+    if "store" in m:
+        kw["store"] = _choice(m["store"], f"{path}.store", errs, ("local", "redis"))
+    if "on_store_error" in m:
+        kw["on_store_error"] = _choice(m["on_store_error"], f"{path}.on_store_error", errs,
+                                       ("allow", "deny", "local"))
+    if "time_zone" in m:
+        tz = _str(m["time_zone"], f"{path}.time_zone", errs)
+        if tz is not None:
+            from gateway.quotawindows import zone
+            try:
+                zone(tz)
+                kw["time_zone"] = tz
+            except ValueError as exc:
+                errs.add(f"{path}.time_zone", str(exc))
+    plans: list[PlanConfig] = []
+    pm = _mapping(m.get("plans"), f"{path}.plans", errs, set(m.get("plans") or ())
+                  if isinstance(m.get("plans"), dict) else set())
+    if pm is not None:
+        if not pm:
+            errs.add(f"{path}.plans", "must name at least one plan")
+        for pname, pval in pm.items():
+            if not isinstance(pname, str) or not _NAME.match(pname):
+                errs.add(f"{path}.plans.{pname}", "plan names may contain only letters, digits, "
+                                                  "'_', '.', ':' and '-'")
+                continue
+            plan = parse_plan(pname, pval, f"{path}.plans.{pname}", errs)
+            if plan is not None:
+                plans.append(plan)
+    names = set(pm or ())
+    if "default_plan" in m and m["default_plan"] is not None:
+        dp = _str(m["default_plan"], f"{path}.default_plan", errs)
+        if dp is not None and pm is not None and dp not in names:
+            errs.add(f"{path}.default_plan", f"names unknown plan {dp!r} "
+                                             f"(known: {', '.join(sorted(names)) or 'none'})")
+        kw["default_plan"] = dp
+    if "assignments" in m and m["assignments"] is not None:
+        am = _mapping(m["assignments"], f"{path}.assignments", errs,
+                      set(m["assignments"]) if isinstance(m["assignments"], dict) else set())
+        if am is not None:
+            out = []
+            for tenant, pname in am.items():
+                tpath = f"{path}.assignments.{tenant}"
+                if not isinstance(tenant, str) or not tenant or len(tenant) > 256:
+                    errs.add(tpath, "a tenant id must be a non-empty string of at most 256 "
+                                    "characters")
+                    continue
+                if not isinstance(pname, str) or (pm is not None and pname not in names):
+                    errs.add(tpath, f"names unknown plan {pname!r} "
+                                    f"(known: {', '.join(sorted(names)) or 'none'})")
+                    continue
+                out.append((tenant, pname))
+            kw["assignments"] = tuple(out)
+    if len(errs.lines) > n0:
+        return None
+    return TenantsConfig(plans=tuple(plans), **kw)
+
 
 
 def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
@@ -1022,6 +1181,12 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     if m.get("tls") is not None:
         kw["tls"] = parse_listener_tls(m["tls"], "tls", errs)
     kw["tracing"] = parse_tracing(m.get("tracing"), "tracing", errs)
+    tenants = parse_tenants(m.get("tenants"), "tenants", errs)
+    if tenants is not None:
+        kw["tenants"] = tenants
+    if isinstance(m.get("tenants"), dict) and m["tenants"].get("store") == "redis" \
+            and "redis" not in m:
+        errs.add("tenants.store", "is redis but no redis: section is configured")
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)

@@ -117,6 +117,11 @@ def _status_line(status: int, reason: str | None) -> str:
     return f"HTTP/1.1 {status} {reason}\r\n"
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class _DateHeader:
     """`Date: ...\r\n`, refreshed once a second by the servers' tick (not per response)."""
 
@@ -269,6 +274,26 @@ class Request:
     def _complete(self) -> None:
         self._body_done = True
         self._wake()
+
+    async def hold(self, seconds: float) -> bool:
+        """Wait `seconds` before answering (a throttled request waiting for its token). False as
+        soon as the client goes away meanwhile (closed, reset, or half-closed: a client that
+        stops sending while its request is held is taken to have given up on it)."""
+        conn = self._conn
+        loop = conn.loop
+        deadline = loop.time() + seconds
+        while True:
+            if conn.lost or conn.eof:
+                return False
+            if loop.time() >= deadline:
+                return True
+            w = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _resolve, w)
+            try:
+                await w
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     def _wake(self) -> None:
         w = self._waiter
@@ -515,6 +540,8 @@ class HttpConnection(asyncio.Protocol):
         # one says `Connection: close`.
         if self._parsing is not None:
             self._parsing._wake()       # a body cut short: its reader gets ClientGone
+        if self._current is not None:
+            self._current._wake()       # a held (throttled) request sees the client go
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -57,7 +57,7 @@ UPSTREAM_DURATION = MetricDef(
 INFLIGHT = MetricDef("gateway_inflight_requests", "gauge", "Requests in flight now.")
 RATELIMIT_DECISIONS = MetricDef(
     "gateway_ratelimit_decisions_total", "counter",
-    "Rate-limit decisions per policy (allowed, limited, shadow_limited, store_error).",
+    "Rate-limit decisions per policy (allowed, limited, shadow_limited, store_error, delayed).",
     ("policy", "decision"))
 BREAKER_STATE = MetricDef(
     "gateway_circuit_breaker_state", "gauge",

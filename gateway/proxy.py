@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
     from gateway.signals import Signals
+    from gateway.tenants import Tenancy
     from gateway.tracing import Tracer
     from gateway.upstream import EndpointPool
 
@@ -90,12 +91,14 @@ class Runtime:
         "limiter",
         "retired",
         "router",
+        "tenancy",
         "upstreams",
     )
 
     def __init__(self, cfg: Config, router: Router, upstreams: dict[str, UpstreamRuntime],
-                 limiter: Limiter, breakers: BreakerSet) -> None:
+                 limiter: Limiter, breakers: BreakerSet, tenancy: Tenancy | None = None) -> None:
         self.cfg = cfg
+        self.tenancy = tenancy
         self.router = router
         self.upstreams = upstreams
         self.limiter = limiter
@@ -196,6 +199,28 @@ class Proxy:
                              "-", local="limit")
                 return
             extra_headers = outcome.headers
+            if outcome.delay_s > 0.0 and not await request.hold(outcome.delay_s):
+                # throttled, and the client left while its request waited for the token
+                rt.limiter.release(route, request)
+                self._record(route.name, route.upstream, route.service, method, 499, t0, None,
+                             0, 0, request, limit_decision, "-", local="client_gone")
+                request.cut()
+                return
+
+        # 2b. the tenant's plan: its bucket and calendar quotas
+        tenancy = rt.tenancy
+        if tenancy is not None and route.tenants:
+            t_outcome = await tenancy.check(request)
+            if not t_outcome.allowed:
+                request.respond(t_outcome.status,
+                                (*t_outcome.headers, ("X-Request-Id", request_id)),
+                                t_outcome.body)
+                self._record(route.name, route.upstream, route.service, method,
+                             t_outcome.status, t0, None, 0, _sent(request, t_outcome.body),
+                             request, "tenant", "-", local="limit")
+                return
+            if t_outcome.headers:
+                extra_headers = (*extra_headers, *t_outcome.headers)
 
         # 3. breaker
         up = rt.upstreams[route.upstream]

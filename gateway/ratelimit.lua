@@ -8,7 +8,9 @@
 --           on the server's real clock, not on the fake one.
 -- ARGV[2]   cost: tokens one admission takes (1 for a request)
 -- ARGV[3]   "1" to take tokens when admitted, "0" to only look (POST /admin/limits/test)
--- ARGV[3+3i-2 .. 3+3i]  rate (tokens/s), capacity, "1" if the policy is enforced ("0": shadow)
+-- ARGV[3+3i-2 .. 3+3i]  rate (tokens/s), capacity, "1" if the policy is enforced ("0": shadow;
+--           "d<debt>": enforced and throttling: a take may leave the bucket down to -debt tokens,
+--           reserving a token that arrives later; the gateway holds the request until then)
 --
 -- Returns {admitted (1/0), tokens_1, ..., tokens_n}: the tokens each bucket held after refill and
 -- before taking, as strings (Redis would truncate Lua numbers to integers).
@@ -33,6 +35,7 @@ local consume = ARGV[3] == "1"
 local n = #KEYS
 local tokens = {}
 local stamps = {}
+local debts = {}
 local admitted = true
 for i = 1, n do
   local base = 3 + (i - 1) * 3
@@ -51,7 +54,13 @@ for i = 1, n do
   end
   tokens[i] = tok
   stamps[i] = stamp
-  if ARGV[base + 3] == "1" and tok < cost - EPS then
+  local mode = ARGV[base + 3]
+  local debt = 0
+  if string.sub(mode, 1, 1) == "d" then
+    debt = tonumber(string.sub(mode, 2))
+  end
+  debts[i] = debt
+  if mode ~= "0" and tok < cost - debt - EPS then
     admitted = false
   end
 end
@@ -59,11 +68,14 @@ end
 local out = {admitted and 1 or 0}
 for i = 1, n do
   local tok = tokens[i]
-  if admitted and consume and tok >= cost - EPS then
+  if admitted and consume and tok >= cost - debts[i] - EPS then
     local base = 3 + (i - 1) * 3
     local rate = tonumber(ARGV[base + 1])
     local cap = tonumber(ARGV[base + 2])
-    local left = math.max(0, tok - cost)
+    local left = tok - cost
+    if debts[i] == 0 then
+      left = math.max(0, left)
+    end
     redis.call("HSET", KEYS[i], "t", string.format("%.17g", left), "s",
                string.format("%.17g", stamps[i]))
     local ttl = math.ceil((cap - left) / rate * 1000) + 1

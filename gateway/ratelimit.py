@@ -85,7 +85,7 @@ log = logging.getLogger("gateway.ratelimit")
 UTILIZATION_WINDOW_S = 15.0   # gateway_ratelimit_utilization_ratio covers at least this long
 EPSILON = 1e-9          # float slack: 0.9999999999 tokens after a refill counts as 1
 ANONYMOUS = "anonymous"
-DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
 
 # ---------------------------------------------------------------------------------------------
 # Token-bucket maths (pure)
@@ -152,7 +152,8 @@ class Bucket:
     capacity: float      # burst + 1
     enforce: bool        # False for shadow policies: they never block the others
     key_prefix: str      # Redis key prefix: "gw:rl:<name>:<identity hash>:"
-    lua_args: tuple[str, str, str]  # rate, capacity, "1"/"0" as the Lua script reads them
+    lua_args: tuple[str, str, str]  # rate, capacity, "1"/"0"/"d<debt>" as the Lua script reads
+    delay_tokens: float = 0.0  # throttling: how far below zero a take may go (rate * delay_max)
 
 
 def make_bucket(cfg: LimitConfig, *, fallback: bool = False) -> Bucket:
@@ -160,9 +161,13 @@ def make_bucket(cfg: LimitConfig, *, fallback: bool = False) -> Bucket:
              + ("|fallback" if fallback else ""))
     digest = hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
     enforce = cfg.mode == "enforce"
+    # Throttling reserves a token that arrives within delay_max_ms: the bucket may go that many
+    # tokens below zero, and the request waits until its token has arrived.
+    debt = cfg.rate * cfg.delay_max_ms / 1000.0 if enforce and not fallback else 0.0
+    mode = ("d" + repr(debt)) if debt else ("1" if enforce else "0")
     return Bucket(id=ident, rate=cfg.rate, capacity=cfg.capacity, enforce=enforce,
                   key_prefix=f"gw:rl:{cfg.name}:{digest}:",
-                  lua_args=(repr(cfg.rate), repr(cfg.capacity), "1" if enforce else "0"))
+                  lua_args=(repr(cfg.rate), repr(cfg.capacity), mode), delay_tokens=debt)
 
 
 class BucketStore(Protocol):
@@ -230,14 +235,14 @@ class MemoryStore:
             table = tables.get(b.id)
             st = table.get(idents[0]) if table is not None else None
             t = b.capacity if st is None else refill(st[0], st[1], now, b.rate, b.capacity)
-            if t < cost - EPSILON:
+            if t < cost - b.delay_tokens - EPSILON:
                 return not b.enforce, [t]
             if not consume:
                 return True, [t]
             if st is None or table is None:
                 self._insert(b, idents[0], t - cost, now)
             else:
-                st[0] = t - cost if t > cost else 0.0
+                st[0] = t - cost if (t > cost or b.delay_tokens) else 0.0
                 st[1] = max(st[1], now)
             return True, [t]
         tokens: list[float] = []
@@ -247,12 +252,12 @@ class MemoryStore:
             st = table.get(ident) if table is not None else None
             t = b.capacity if st is None else refill(st[0], st[1], now, b.rate, b.capacity)
             tokens.append(t)
-            if b.enforce and t < cost - EPSILON:
+            if b.enforce and t < cost - b.delay_tokens - EPSILON:
                 admitted = False
         if admitted and consume:
             for b, ident, t in zip(buckets, idents, tokens):
-                if t >= cost - EPSILON:
-                    left = t - cost if t > cost else 0.0
+                if t >= cost - b.delay_tokens - EPSILON:
+                    left = t - cost if (t > cost or b.delay_tokens) else 0.0
                     table = tables.get(b.id)
                     st = table.get(ident) if table is not None else None
                     if st is None:
@@ -267,7 +272,7 @@ class MemoryStore:
         if table is None:
             table = self._tables[b.id] = {}
             self._rates[b.id] = (b.rate, b.capacity)
-        table[ident] = [max(0.0, left), now]
+        table[ident] = [left if b.delay_tokens else max(0.0, left), now]
         self._count += 1
         if self._count > self._sweep_at:
             self._sweep(now)
@@ -391,18 +396,18 @@ class SharedStore:
                 off, full_at, evicts = self._locate(d, now)
                 evicting.append(evicts)
                 t = b.capacity - (full_at - now) * b.rate if full_at > now else b.capacity
-                t = max(t, 0.0)
+                t = max(t, -b.delay_tokens)
                 tokens.append(t)
                 slots.append(off)
-                if b.enforce and t < cost - EPSILON:
+                if b.enforce and t < cost - b.delay_tokens - EPSILON:
                     admitted = False
             if admitted and consume:
                 mm = self._mm
                 for b, d, t, off, evicts in zip(buckets, digests, tokens, slots, evicting):
-                    if t >= cost - EPSILON:
+                    if t >= cost - b.delay_tokens - EPSILON:
                         if evicts:
                             self.evictions += 1
-                        left = t - cost if t > cost else 0.0
+                        left = t - cost if (t > cost or b.delay_tokens) else 0.0
                         _SLOT.pack_into(mm, off, d, now + (b.capacity - left) / b.rate)
             return admitted, tokens
         finally:
@@ -548,6 +553,7 @@ class LimitOutcome(NamedTuple):
     body: bytes                            # problem+json on reject, b"" when allowed
     decision: str                          # allowed | limited | shadow_limited | store_error
                                            # (or refused: a duplicate identifying field)
+    delay_s: float = 0.0                   # throttled: wait this long, then forward
 
 
 ALLOWED = LimitOutcome(True, 200, (), b"", "allowed")
@@ -591,6 +597,7 @@ class _Plan:
     local_only: bool                   # one local group: the fast path
     buckets: tuple[Bucket, ...]
     has_shadow: bool
+    delay_idx: tuple[int, ...] = ()    # policies that throttle (delay_max_ms > 0)
 
 
 _KEY_HEADERS = {"user_id": "X-User-Id", "client_id": "X-Client-Id", "api_key": "X-Api-Key"}
@@ -646,7 +653,8 @@ class Limiter:
             self._local = MemoryStore(clock)
 
         self._redis: RedisStore | None = None
-        if any(lim.store == "redis" for lim in cfg.limits):
+        if any(lim.store == "redis" for lim in cfg.limits) or (
+                cfg.tenants is not None and cfg.tenants.store == "redis"):
             redis_cfg = cfg.redis or RedisConfig()
             prev_redis = previous._redis if previous is not None else None
             if prev_redis is not None and prev_redis.config == redis_cfg:
@@ -706,7 +714,8 @@ class Limiter:
                      admit_idx=admit_idx,
                      local_only=len(groups) == 1 and groups[0].local,
                      buckets=tuple(p.bucket for p in policies),
-                     has_shadow=any(not p.enforce for p in policies))
+                     has_shadow=any(not p.enforce for p in policies),
+                     delay_idx=tuple(i for i, p in enumerate(policies) if p.bucket.delay_tokens))
         self._plans[names] = plan
         return plan
 
@@ -787,7 +796,7 @@ class Limiter:
         if plan.local_only:  # the common case, without a suspension point
             ok, local_tokens = self._local.take_now(plan.buckets, idents, 1, True)
             if self._listeners or plan.has_shadow:
-                self._emit(plan, range(len(idents)), local_tokens, _NO_ERRORS, idents)
+                self._emit(plan, range(len(idents)), local_tokens, _NO_ERRORS, idents, ok)
             if not ok:
                 return self._limited(plan, plan.groups[0], local_tokens)
             return self._admitted(plan, local_tokens, False)
@@ -805,7 +814,7 @@ class Limiter:
                 for g, ids, toks in taken:
                     self._give_back(g, ids, toks)
                 evaluated = [i for g in (*(t[0] for t in taken), group) for i in g.idx]
-                self._emit(plan, evaluated, before, errored, idents)
+                self._emit(plan, evaluated, before, errored, idents, False)
                 if status == 2:
                     return self._denied()
                 return self._limited(plan, group, before)
@@ -816,6 +825,15 @@ class Limiter:
 
     def _admitted(self, plan: _Plan, before: Sequence[float | None],
                   errored: bool) -> LimitOutcome:
+        if plan.delay_idx:
+            delay = 0.0
+            for i in plan.delay_idx:
+                t = before[i]
+                if t is not None and t < 1 - EPSILON:
+                    delay = max(delay, (1 - t) / plan.policies[i].bucket.rate)
+            if delay > 0.0:
+                headers = self._admit_headers(plan, before) if plan.admit_idx else ()
+                return LimitOutcome(True, 200, headers, b"", "delayed", delay)
         decision = "allowed"
         if errored:
             decision = "store_error"
@@ -848,10 +866,25 @@ class Limiter:
         return True, out, 1
 
     def _give_back(self, group: _Group, idents: list[str], tokens: list[float | None]) -> None:
-        pos = [j for j, t in enumerate(tokens) if t is not None and t >= 1 - EPSILON]
+        pos = [j for j, t in enumerate(tokens)   # the buckets the take drew on (throttled
+               if t is not None                  # ones may have drawn below zero)
+               and t >= 1 - group.buckets[j].delay_tokens - EPSILON]
         if pos:
             local = self._local
             local.refund([group.buckets[j] for j in pos], [idents[j] for j in pos], 1)
+
+    def release(self, route: RouteConfig, request: Request) -> None:
+        """A throttled request whose client left while it waited: its tokens go back to the
+        local buckets (a Redis bucket keeps the reservation; it refills at `rate` anyway)."""
+        plan = self._plans.get(route.limits)
+        if plan is None:
+            return
+        idents = self._identifiers(plan, request)
+        if isinstance(idents, str):
+            return
+        for g in plan.groups:
+            if g.local:
+                self._local.refund(g.buckets, [idents[i] for i in g.idx], 1)
 
     def _identifiers(self, plan: _Plan, request: Request) -> list[str] | str:
         """One identifier per policy, or (a str) the name of an identifying field the client
@@ -865,6 +898,9 @@ class Limiter:
                 continue
             if kind == "client_cert":
                 out.append(_bounded(request.client_cert) if request.client_cert else ANONYMOUS)
+                continue
+            if kind == "global":
+                out.append("global")
                 continue
             values = getall(p.header)
             if not values:
@@ -908,7 +944,8 @@ class Limiter:
                               self._trusted)
 
     def _emit(self, plan: _Plan, evaluated: Sequence[int] | range,
-              before: Sequence[float | None], errored: Sequence[bool], idents: list[str]) -> None:
+              before: Sequence[float | None], errored: Sequence[bool], idents: list[str],
+              admitted: bool = True) -> None:
         listeners = self._listeners
         low = self._low
         for i in evaluated:
@@ -920,6 +957,8 @@ class Limiter:
                 decision = "store_error"
             elif t is None or t >= 1 - EPSILON:
                 decision = "allowed"
+            elif admitted and p.bucket.delay_tokens and t >= 1 - p.bucket.delay_tokens - EPSILON:
+                decision = "delayed"
             elif p.enforce:
                 decision = "limited"
             else:
@@ -1013,6 +1052,8 @@ class Limiter:
             raise ValueError(f"requests must be an integer >= 1, got {requests!r}")
         if not key or key == ANONYMOUS:
             ident = ANONYMOUS
+        elif p.kind == "global":
+            ident = "global"
         elif p.kind == "api_key":  # the key in clear, or its hash as the logs show it
             ident = key if _HASHED_KEY.match(key) else hash_api_key(key)
         else:

@@ -424,6 +424,39 @@ class RedisStore:
             raise StoreError(f"redis call failed: {type(exc).__name__}: {exc}") from exc
         return res[0] == 1, [float(x) for x in res[1:]]
 
+    async def run_script(self, script: str, sha: str, keys: Sequence[str],
+                         args: Sequence[str]) -> Any:
+        """Another Lua script through the same batching pump and deadline: EVALSHA, and EVAL
+        once if Redis answers NOSCRIPT. The keys must share a hash tag (Cluster). Raises
+        StoreError and marks Redis down on failure, as `take` does."""
+        if self._down:
+            raise StoreError("redis is unavailable; failing fast until a probe succeeds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+
+        def command(argv: list[Any]) -> bytes | tuple[int, bytes, list[Any]]:
+            if self._cluster:
+                return (key_slot(keys[0].encode("utf-8", "surrogateescape")), _encode(argv),
+                        argv)
+            return _encode(argv)
+
+        fut: asyncio.Future[Any] = loop.create_future()
+        call: Call = [fut, deadline, command(["EVALSHA", sha, len(keys), *keys, *args])]
+        try:
+            if self._link is None:
+                await self._ensure_started(deadline)
+            self._submit([call])
+            try:
+                return await fut
+            except NoScriptError:
+                fut = call[0] = loop.create_future()
+                call[2] = command(["EVAL", script, len(keys), *keys, *args])
+                self._submit([call])
+                return await fut
+        except Exception as exc:
+            self._failed(exc)
+            raise StoreError(f"redis call failed: {type(exc).__name__}: {exc}") from exc
+
     # the batching layer -----------------------------------------------------------------------
 
     def _submit(self, calls: list[Call]) -> None:

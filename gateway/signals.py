@@ -55,7 +55,7 @@ _METHOD_LABEL = {m: m for m in METHODS}
 LOCAL_REASONS = ("limit", "budget", "breaker", "no_route", "client_gone", "bad_request")
 """Why the gateway answered a request itself (the `local` of a shipped series)."""
 
-LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 RELOAD_RESULTS = ("success", "failure")
 SHIPPER_RESULTS = ("success", "failure", "spooled", "dropped")

@@ -156,7 +156,7 @@ routes:
         "upstreams[0].breaker.error_rate.threshold: must be <= 1, got 2",
         "upstreams[1].name: duplicate name 'payments' (also upstreams[0])",
         "upstreams[1].endpoints: must list at least one endpoint",
-        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert or "
+        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert, global or "
         "header:<Name>, got 'cookie'",
         "limits[0].rate: unknown period 'fortnight' (second, minute, hour, day or <k>s)",
         "limits[0].burst: must be >= 0, got -1",
@@ -220,7 +220,7 @@ def test_gateway_check_command(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
         "workers: must be >= 1, got -2",
-        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert or "
+        "limits[0].key: must be one of ip_address, user_id, client_id, api_key, client_cert, global or "
         "header:<Name>, got 'nope'",
     ]
     res = run_check(tmp_path / "missing.yaml")

@@ -371,7 +371,7 @@ def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
     s.close()
     monkeypatch.setattr(store_mod, "MIGRATIONS", sorted([*original, v2]))
     s = Store(tmp_path / "m.db")                           # ... then 2 lands
-    assert s.schema_version() == max(m[0] for m in original)
+    assert s.schema_version() == max(v for v, _ in store_mod.MIGRATIONS)
     assert s._db.execute("SELECT COUNT(*) FROM other_feature").fetchone()[0] == 0
     assert s.budgets() == []
     s.close()

@@ -823,3 +823,44 @@ async def test_over_http_with_a_real_peer() -> None:
     assert orjson.loads(body)["violated-policies"] == ["ip"]
     assert (await lim.test("ip", "127.0.0.1"))["remaining"] == 0
     await lim.close()
+
+
+async def test_throttling_reserves_future_tokens_exactly(make: Callable[..., Limiter]) -> None:
+    """delay_max_ms: a bucket may go down to -rate * delay; each held request learns exactly how
+    long until its own token, and one that would wait longer is a 429. `key: global` is one
+    bucket for every client."""
+    clock = FakeClock()
+    lim = make([limit("p", "10/second", burst=0, key="global", delay_max_ms=250)], clock=clock)
+    events: list[tuple[str, str]] = []
+    lim.add_listener(lambda p, d: events.append((p, d)))
+    r = route("p")
+    outs = [await lim.check(r, FakeRequest({"X-User-Id": f"u{i}"})) for i in range(4)]
+    assert [o.decision for o in outs] == ["allowed", "delayed", "delayed", "limited"]
+    assert [round(o.delay_s, 6) for o in outs] == [0.0, 0.1, 0.2, 0.0]
+    assert [o.allowed for o in outs] == [True, True, True, False]
+    assert header(outs[3], "Retry-After") == "1"
+    assert events == [("p", "allowed"), ("p", "delayed"), ("p", "delayed"), ("p", "limited")]
+    clock.advance(0.3)                      # the reserved tokens have arrived: one left
+    o = await lim.check(r, FakeRequest())
+    assert o.allowed and o.decision == "allowed" and o.delay_s == 0.0
+    o = await lim.check(r, FakeRequest())
+    assert o.decision == "delayed" and abs(o.delay_s - 0.1) < 1e-6
+
+
+async def test_a_throttled_local_reservation_is_given_back_when_redis_rejects(
+        redis_server: Any) -> None:
+    redis_server.flush()
+    clock = FakeClock()
+    lim = Limiter(config([limit("provider", "10/second", key="global", delay_max_ms=1000),
+                          limit("per_user", "1/minute", store="redis")],
+                         redis_url=redis_server.url), clock=clock, redis_fake_time=True)
+    try:
+        r = route("provider", "per_user")
+        x, y = FakeRequest({"X-User-Id": "x"}), FakeRequest({"X-User-Id": "y"})
+        assert (await lim.check(r, x)).decision == "allowed"
+        o = await lim.check(r, x)                 # provider would hold it; per_user refuses
+        assert o.status == 429
+        o = await lim.check(r, y)                 # the refused one's reservation came back
+        assert o.decision == "delayed" and abs(o.delay_s - 0.1) < 1e-6
+    finally:
+        await lim.close()

@@ -48,6 +48,7 @@ from gateway.control import (  # costs: budgets, directives
     rollup,
     slometrics,
 )
+from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts, tenant table
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.ingest import IngestError, parse_batch, read_body
@@ -234,7 +235,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | None = None
+def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | None = None,
+                 book: tenant_book.TenantBook | None = None
                  ) -> tuple[bool, str, int, dict[str, Any]]:
     batch = parse_batch(body, now=now)
     # --- Costs and budgets: metered in the batch's transaction (a replay is never
@@ -243,7 +245,11 @@ def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | N
         stored = rollup.apply(store, batch, now)
         if stored and finops is not None:
             finops.attribute(store, batch)
+        if stored and book is not None:
+            book.record(store, batch, now)
     directives = finops.directives(store, now) if finops is not None else {}
+    if book is not None:
+        directives = {**directives, **book.directives(store, now)}
     return stored, batch.batch_id, len(batch.series), directives
 
 
@@ -255,7 +261,8 @@ async def ingest(request: web.Request) -> web.Response:
     try:
         body = await read_body(request)
         stored, batch_id, n_series, directives = await app[DB].call(
-            _ingest_sync, app[DB].store, body, app[CLOCK].time(), app.get(costs.FINOPS))
+            _ingest_sync, app[DB].store, body, app[CLOCK].time(), app.get(costs.FINOPS),
+            app.get(tenant_book.BOOK))
     except IngestError as exc:
         result = {400: "invalid", 413: "too_large", 415: "unsupported"}.get(exc.status, "invalid")
         m.batches.labels(result).inc()
@@ -447,6 +454,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     app.cleanup_ctx.append(database)
     dashboard.setup(app)                       # GET /, /static/..., /v1/me
     costs.setup(app)                           # /v1/costs, /v1/budgets[/{id}]
+    tenant_book.setup(app)                     # /v1/tenants[/{id}[/quotas]]
     # --- SLOs, alerts, incidents: /v1/slos, /v1/error-budgets, /v1/deploy-gate,
     # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
     # this module.)

@@ -39,6 +39,9 @@ ACCESS: dict[str, frozenset[str]] = {
     "alerts:write": frozenset({"admin"}),
     "incidents:read": frozenset({"admin", "monitor"}),
     "incidents:write": frozenset({"admin"}),
+    # --- Tenants: monitor reads plans, overrides and usage; only admin changes them
+    "tenants:read": frozenset({"admin", "monitor"}),
+    "tenants:write": frozenset({"admin"}),
 }
 
 

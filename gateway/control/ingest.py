@@ -43,7 +43,7 @@ LATE_LIMIT_S = 86_400.0                  # batches whose interval started up to 
 FUTURE_SKEW_S = 300.0                    # tolerated clock skew of a gateway
 MAX_INTERVAL_S = 3_600.0
 BREAKER_STATES = ("closed", "half_open", "open")
-DECISIONS = ("allowed", "limited", "shadow_limited", "store_error")
+DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
 
 
 class IngestError(Exception):
@@ -103,6 +103,18 @@ class Saturation:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantUsage:
+    """A tenant's admitted and rejected requests in the interval, and the quota windows (kind,
+    id, limit) they counted in (the gateway computes windows in its configured time zone)."""
+
+    tenant: str
+    plan: str
+    admitted: int
+    rejected: int
+    windows: tuple[tuple[str, str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     batch_id: str
     gateway_id: str
@@ -114,6 +126,7 @@ class Batch:
     limits: tuple[LimitCount, ...]
     breaker_transitions: tuple[BreakerTransition, ...]
     saturation: Saturation
+    tenants: tuple[TenantUsage, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +395,32 @@ def parse_batch(body: bytes, *, now: float) -> Batch:
             if len(v.errors) == n0:
                 sat = Saturation(inflight, lag, cpu, rss)  # type: ignore[arg-type]
 
+    tenants: list[TenantUsage] = []
+    for i, item in enumerate(v.items(doc, "tenants", required=False)):
+        p = f"tenants[{i}]"
+        if v.obj(item, p) is None:
+            continue
+        n0 = len(v.errors)
+        tenant = v.string(v.req(item, "tenant", p + "."), f"{p}.tenant")
+        plan = v.string(v.req(item, "plan", p + "."), f"{p}.plan")
+        admitted = v.count(v.req(item, "admitted", p + "."), f"{p}.admitted")
+        rejected = v.count(v.req(item, "rejected", p + "."), f"{p}.rejected")
+        windows = []
+        for j, w in enumerate(v.items(item, "windows", required=False, limit=3)):
+            wp = f"{p}.windows[{j}]"
+            if v.obj(w, wp) is None:
+                continue
+            kind = v.choice(v.req(w, "window", wp + "."), f"{wp}.window",
+                            ("day", "week", "month"))
+            wid = v.string(v.req(w, "id", wp + "."), f"{wp}.id", max_len=16)
+            lim = v.count(v.req(w, "limit", wp + "."), f"{wp}.limit")
+            windows.append((kind, wid, lim))
+        if len(v.errors) == n0:
+            tenants.append(TenantUsage(tenant, plan, admitted, rejected,  # type: ignore[arg-type]
+                                       tuple(windows)))  # type: ignore[arg-type]
+
     if v.errors:
         raise IngestError(400, v.errors)
     return Batch(batch_id, gateway_id, seq, start, end,  # type: ignore[arg-type]
-                 tuple(series), tuple(upstreams), tuple(limits), tuple(transitions), sat)
+                 tuple(series), tuple(upstreams), tuple(limits), tuple(transitions), sat,
+                 tuple(tenants))

@@ -308,6 +308,48 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE buckets ADD COLUMN local_4xx INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE buckets ADD COLUMN local_5xx INTEGER NOT NULL DEFAULT 0",
     ]),
+    # --- Tenants (migration 6). SQL in tenants_store.py.
+    # tenants           plan set at runtime per tenant (PUT /v1/tenants/{id})
+    # tenant_overrides  quota/rate overrides with effective_date / expires_at (newest wins)
+    # tenant_usage      admitted/rejected per (tenant, window kind, window id) from the gateways
+    # tenant_alerts     one row per (tenant, window kind, window id, threshold): alert once
+    (6, [
+        """CREATE TABLE tenants (
+             tenant_id TEXT PRIMARY KEY,
+             plan TEXT NOT NULL,
+             updated_at REAL NOT NULL,
+             actor TEXT NOT NULL)""",
+        """CREATE TABLE tenant_overrides (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             tenant_id TEXT NOT NULL,
+             qps REAL,
+             burst INTEGER,
+             daily_quota INTEGER,
+             monthly_quota INTEGER,
+             effective_date REAL NOT NULL,
+             expires_at REAL,
+             reason TEXT NOT NULL,
+             actor TEXT NOT NULL,
+             created_at REAL NOT NULL)""",
+        "CREATE INDEX tenant_overrides_by_tenant ON tenant_overrides(tenant_id, effective_date)",
+        """CREATE TABLE tenant_usage (
+             tenant_id TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             window_id TEXT NOT NULL,
+             plan TEXT NOT NULL,
+             quota_limit INTEGER NOT NULL,
+             admitted INTEGER NOT NULL,
+             rejected INTEGER NOT NULL,
+             updated_at REAL NOT NULL,
+             PRIMARY KEY (tenant_id, kind, window_id)) WITHOUT ROWID""",
+        """CREATE TABLE tenant_alerts (
+             tenant_id TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             window_id TEXT NOT NULL,
+             threshold REAL NOT NULL,
+             created_at REAL NOT NULL,
+             PRIMARY KEY (tenant_id, kind, window_id, threshold)) WITHOUT ROWID""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

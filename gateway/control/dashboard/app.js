@@ -1,7 +1,7 @@
 /* Gateway dashboard: a dependency-free single-page app over the control plane's /v1 API.
  *
  * Views (hash routes): #/ services overview · #/service/NAME?range=1h|24h|7d|30d · #/incidents ·
- * #/incidents/ID · #/budgets. The token lives in sessionStorage and goes out as a bearer token.
+ * #/incidents/ID · #/budgets · #/tenants[/ID]. The token lives in sessionStorage and goes out as a bearer token.
  * What is shown follows the role: /v1/me lists the caller's permissions, and a 403 or 404 from an
  * endpoint hides its section with a note instead of failing the page. Everything refreshes every
  * 10 s. DOM is built with createElement/textContent only (no innerHTML): API strings are never
@@ -926,6 +926,67 @@
       el('div', null, statusBadge(status)));
   }
 
+  // ---- tenants: plan, usage bars per quota window, overrides; nearest their quota first
+
+  function tenantsView(route) {
+    const one = route.arg;
+    const root = el('div', { class: 'view tenants' });
+    const head = el('div', { class: 'page-head' },
+      one ? el('a', { href: '#/tenants', text: '← Tenants' }) : null,
+      el('h1', { text: one ? 'Tenant ' + one : 'Tenants' }),
+      el('span', { class: 'muted small', text: 'admitted requests in the current quota window; tick at 80 % (the alert)' }));
+    const list = section(one ? 'Plan and usage' : 'Nearest their quota first', '');
+    const overrides = section('Overrides', 'newest in force wins; pending ones wait for their effective date');
+    root.append(head, list.root);
+    if (one) root.append(overrides.root);
+    fill($('#main'), root);
+    async function refresh() {
+      if (may('tenants', 'read') === false) { list.hide('Tenants are not available to this role.'); return; }
+      const res = await load(one ? '/v1/tenants/' + encodeURIComponent(one) : '/v1/tenants');
+      if (res.hidden) { list.hide(res.hidden); return; }
+      list.show();
+      const items = one ? [res.data] : asList(res.data, 'tenants');
+      list.root.querySelector('.hint').textContent = one ? '' : items.length + ' tenants';
+      fill(list.body, items.length ? items.map(tenantRow) : el('p', { class: 'muted', text: 'No tenant usage reported yet (gateways ship it with their aggregates).' }));
+      if (one) {
+        const os = res.data.overrides || [];
+        fill(overrides.body, os.length ? el('table', { class: 'table' },
+          el('thead', null, el('tr', null, ...['state', 'qps', 'burst', 'daily', 'monthly', 'from', 'until', 'by', 'reason'].map((h) => el('th', { text: h })))),
+          el('tbody', null, ...os.slice().reverse().map((o) => el('tr', null,
+            el('td', null, statusBadge(o.active ? 'active' : o.pending ? 'pending' : 'inactive')),
+            el('td', { text: isNum(o.qps) ? fmtNum(o.qps) : '—' }), el('td', { text: isNum(o.burst) ? fmtInt(o.burst) : '—' }),
+            el('td', { text: isNum(o.daily_quota) ? fmtInt(o.daily_quota) : '—' }), el('td', { text: isNum(o.monthly_quota) ? fmtInt(o.monthly_quota) : '—' }),
+            el('td', { text: fmtTime(o.effective_date) }), el('td', { text: o.expires_at ? fmtTime(o.expires_at) : '—' }),
+            el('td', { text: o.actor || '' }), el('td', { text: o.reason || '' })))))
+          : el('p', { class: 'muted', text: 'No overrides (POST /v1/tenants/' + one + '/quotas).' }));
+      }
+    }
+    return { refresh, destroy() {} };
+  }
+
+  function tenantRow(t) {
+    const bars = (t.usage || []).map((u) => {
+      const frac = isNum(u.limit) && u.limit > 0 ? u.current_usage / u.limit : 0;
+      const level = frac >= 1 ? 'critical' : frac >= 0.8 ? 'warning' : '';
+      const fillEl = el('div', { class: 'fill ' + level });
+      fillEl.style.width = Math.min(100, 100 * frac) + '%';
+      const tick = el('div', { class: 'tick', title: '80 %' });
+      tick.style.left = '80%';
+      return el('div', { class: 'tenant-window', dataset: { window: u.window } },
+        el('div', { class: 'bar', role: 'meter', 'aria-label': u.window + ' quota', 'aria-valuenow': fmtNum(frac * 100, 1) }, fillEl, tick),
+        el('div', { class: 'bar-legend' },
+          el('span', { text: u.window + ' ' + u.window_id }),
+          el('span', { text: fmtInt(u.current_usage) + ' of ' + fmtInt(u.limit) + ' · ' + fmtPct(frac, 1) + (u.rejected ? ' · ' + fmtInt(u.rejected) + ' rejected' : '') })));
+    });
+    const o = t.override;
+    return el('div', { class: 'budget-row tenant-row', dataset: { tenant: t.tenant } },
+      el('div', null, el('div', null, el('a', { href: '#/tenants/' + encodeURIComponent(t.tenant) }, el('strong', { text: t.tenant }))),
+        el('div', { class: 'muted small', text: ['plan ' + (t.plan || '—') + (t.plan_source ? ' (' + t.plan_source + ')' : ''),
+          o ? 'override' + (o.daily_quota ? ' day ' + fmtInt(o.daily_quota) : '') + (o.monthly_quota ? ' month ' + fmtInt(o.monthly_quota) : '') + (o.qps ? ' ' + fmtNum(o.qps) + '/s' : '') : null].filter(Boolean).join(' · ') })),
+      el('div', null, ...(bars.length ? bars : [el('span', { class: 'muted small', text: 'no quota windows reported' })])),
+      el('div', null, statusBadge(isNum(t.nearest_quota_percent) ? (t.nearest_quota_percent >= 100 ? 'exhausted' : t.nearest_quota_percent >= 80 ? 'warning' : 'ok') : 'unknown')));
+  }
+
   // -------------------------------------------------------------------------------------------
   // Routing, sign-in, refresh
 
@@ -938,10 +999,11 @@
     if (parts[0] === 'incidents' && parts[1]) return { name: 'incident', arg: parts[1], params };
     if (parts[0] === 'incidents') return { name: 'incidents', params };
     if (parts[0] === 'budgets') return { name: 'budgets', params };
+    if (parts[0] === 'tenants') return { name: 'tenants', arg: parts[1], params };
     return { name: 'overview', params };
   }
 
-  const VIEWS = { overview: overviewView, service: serviceView, incidents: incidentsView, incident: incidentView, budgets: budgetsView };
+  const VIEWS = { overview: overviewView, service: serviceView, incidents: incidentsView, incident: incidentView, budgets: budgetsView, tenants: tenantsView };
 
   function mount() {
     if (state.view) state.view.destroy();
@@ -1033,6 +1095,7 @@
     $('#session').hidden = false;
     $('[data-nav="incidents"]').hidden = may('incidents', 'read') === false;
     $('[data-nav="budgets"]').hidden = may('budgets', 'read') === false;
+    $('[data-nav="tenants"]').hidden = may('tenants', 'read') === false;
     await mount();
     clearInterval(state.timer);
     state.timer = setInterval(() => tick(false), REFRESH_MS);
