@@ -267,9 +267,22 @@ def ctl_tenants(api: Api, args: argparse.Namespace) -> Result:
             raise CliError("tenants: not available on this control plane (404 on GET "
                            "/v1/tenants: it has no tenant API)", EXIT_NOT_FOUND, 404) from None
         raise
-    rows = doc.get("tenants", []) if isinstance(doc, dict) else doc
-    columns = [_col(k, k) for k in (rows[0] if rows else {})]
-    return doc, table(rows, columns)
+    return doc, table(doc.get("tenants", []), TENANT_COLUMNS)
+
+
+def _usage(windows: Any) -> str:
+    """`day 120/1000 (12%)` per quota window."""
+    if not windows:
+        return "-"
+    return ", ".join(f"{w.get('window')} {w.get('current_usage')}/{w.get('limit')} "
+                     f"({_cell(w.get('percent'))}%)" for w in windows)
+
+
+TENANT_COLUMNS: tuple[Column, ...] = (
+    _col("tenant", "tenant"), _col("plan", "plan"), _col("source", "plan_source"),
+    _col("override", "override", lambda v: "yes" if v else "-"),
+    _col("usage", "usage", _usage),
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -318,6 +318,8 @@ class Tenancy:
             peer = request.peer_ip
             return client_address(peer, request.getall("X-Forwarded-For"), self._trusted) \
                 if peer else ANONYMOUS
+        if self._kind == "client_cert":
+            return _bounded(request.client_cert) if request.client_cert else ANONYMOUS
         values = request.getall(self._header)
         if not values:
             return ANONYMOUS

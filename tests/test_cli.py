@@ -216,8 +216,17 @@ def test_ctl_role_and_token_errors(control: str) -> None:
     assert run.returncode == 3 and "cannot connect" in run.stderr
 
 
-def test_ctl_tenants_not_available(control: str) -> None:
+def test_ctl_tenants_lists_plans_and_usage(control: str) -> None:
+    req = urllib.request.Request(control + "/v1/tenants/acme", method="PUT",
+                                 data=json.dumps({"plan": "starter"}).encode(),
+                                 headers={"Authorization": f"Bearer {CONTROL_ADMIN}",
+                                          "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).close()
     run = gw_cli("ctl", "tenants", env=ctl_env(control))
-    assert run.returncode == 5
-    assert "tenants: not available on this control plane (404" in run.stderr
-    assert run.stdout == ""
+    assert run.returncode == 0, run.stderr
+    header, *rows = run.stdout.splitlines()
+    assert header.split()[:4] == ["TENANT", "PLAN", "SOURCE", "OVERRIDE"]
+    assert any(r.split()[:2] == ["acme", "starter"] for r in rows), run.stdout
+    run = gw_cli("ctl", "tenants", "--json", env=ctl_env(control))
+    assert any(t["tenant"] == "acme" and t["plan"] == "starter"
+               for t in json.loads(run.stdout)["tenants"])

@@ -73,6 +73,14 @@ async def test_prometheus_stores_exactly_the_bytes_the_client_read(tmp_path: Pat
         async with aiohttp.ClientSession() as s:
             wait_port(prom_port, timeout=20)
             base = f"http://127.0.0.1:{prom_port}"
+            # the port opens before the TSDB is ready: queries answer 503 until /-/ready is 200
+            ready_by = time.monotonic() + 20
+            while True:
+                async with s.get(f"{base}/-/ready") as resp:
+                    if resp.status == 200:
+                        break
+                assert time.monotonic() < ready_by, "prometheus never became ready"
+                await asyncio.sleep(0.2)
             expr = "sum by (route) (gateway_response_bytes_total)"
             got: dict[str, float] = {}
             deadline = time.monotonic() + 25

@@ -89,8 +89,8 @@ tenants:
     errors = exc.value.errors
     expect = [
         "tenants.colour: unknown key",
-        ("tenants.key: must be one of ip_address, user_id, client_id, api_key or header:<Name>, "
-        "got 'cookie'"),
+        ("tenants.key: must be one of ip_address, user_id, client_id, api_key, client_cert or "
+         "header:<Name>, got 'cookie'"),
         "tenants.time_zone: unknown time zone 'Mars/Olympus'",
         "tenants.plans.free.rate: unknown period 'fortnight'",
         "tenants.plans.free.burst: must be >= 0, got -1",
