@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from gateway.concurrency import REFUSED, GradientLimit
+from gateway.config import RETRY_METHODS
 from gateway.downstream import ClientGone, Request
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -30,8 +32,9 @@ if TYPE_CHECKING:
     from gateway.config import Config, RouteConfig, UpstreamConfig
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
+    from gateway.shedding import ShedGuard
     from gateway.signals import Signals
-    from gateway.upstream import EndpointPool
+    from gateway.upstream import EndpointPool, UpstreamResponse
 
 # RFC 9110 §7.6.1 connection-specific fields, plus framing the upstream client sets itself.
 HOP_BY_HOP = frozenset({
@@ -50,12 +53,20 @@ _TUNNEL_RESPONSE_DROP = frozenset({"content-length", "transfer-encoding", "keep-
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
 
+# The share of an upstream's adaptive concurrency limit each route priority may fill: when the
+# limit is nearly reached, low-priority requests are refused first, and the last tenth is kept
+# for high and critical ones. While the service's burn-rate alert is open (and shedding is on),
+# low is shed outright and every other priority but critical drops one step (_ALERT_SHARE).
+_SHARE = {"critical": 1.0, "high": 1.0, "normal": 0.9, "low": 0.5}
+_ALERT_SHARE = {"critical": 1.0, "high": 0.9, "normal": 0.5, "low": 0.0}
+_RETRY_BUDGET_MIN = 3           # retries in flight always allowed, whatever the ratio
+
 
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector",
-                 "tls_hosts")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "first_inflight", "limit", "name",
+                 "pools", "retries_inflight", "retry", "selector", "tls_hosts")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -66,6 +77,11 @@ class UpstreamRuntime:
         self.selector = selector
         self.breaker = breaker
         self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
+        self.retry = cfg.retries if cfg.retries is not None and cfg.retries.attempts else None
+        # The retry budget: first attempts and retries in flight now (counted only with retries)
+        self.first_inflight = 0
+        self.retries_inflight = 0
+        self.limit: GradientLimit | None = None         # adaptive concurrency, set by the app
         # Host for https endpoints: the name TLS verified (a server checks that SNI and Host
         # agree, RFC 9110 7.4), not the client's; None for http endpoints.
         self.tls_hosts: list[str | None] = [
@@ -123,7 +139,8 @@ class Proxy:
 
     def __init__(self, runtime: Runtime, signals: Signals,
                  access_log: AccessLog | None = None,
-                 budget_guard: BudgetGuard | None = None) -> None:
+                 budget_guard: BudgetGuard | None = None,
+                 shed_guard: ShedGuard | None = None) -> None:
         self.runtime = runtime
         self.signals = signals
         self.access_log = access_log
@@ -132,6 +149,7 @@ class Proxy:
         self._id_prefix = os.urandom(6).hex()
         self.scheme = "http"
         """X-Forwarded-Proto for clients not behind a trusted proxy: "https" on a TLS listener."""
+        self.shed_guard = shed_guard
 
     async def handle(self, request: Request) -> None:
         rt = self.runtime
@@ -213,24 +231,72 @@ class Proxy:
                              request, limit_decision, breaker.state, local="breaker")
                 return
 
+        # 3b. overload: shedding by priority, the adaptive concurrency limit
+        lim = up.limit
+        ticket = REFUSED
+        shed = self.shed_guard
+        if lim is not None or (shed is not None and shed.services):
+            ticket = self._admit(rt, request, route, up, lim, t0, limit_decision)
+            if ticket == REFUSED:
+                breaker.release()
+                return
+
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
+        rtt: float | None = None
         try:
             if request.upgrade:
                 await self._websocket(rt, request, route, up, t0, target, request_id,
                                       extra_headers, limit_decision, verdict)
                 return
-            await self._forward(rt, request, route, up, t0, method, target,
-                                request_id, extra_headers, limit_decision, verdict)
+            rtt = await self._forward(rt, request, route, up, t0, method, target,
+                                      request_id, extra_headers, limit_decision, verdict)
         except BaseException:
             if not verdict[0]:
                 breaker.release()
             raise
+        finally:
+            if lim is not None and ticket != REFUSED:
+                lim.release(ticket, rtt)
+
+    def _admit(self, rt: Runtime, request: Request, route: RouteConfig, up: UpstreamRuntime,
+               lim: GradientLimit | None, t0: float, limit_decision: str) -> int:
+        """A concurrency ticket (0 without a limit), or REFUSED after answering the 503."""
+        shed = self.shed_guard
+        alert = (shed is not None and rt.cfg.shedding.on_burn_rate_alert
+                 and shed.alerting(route.service))
+        priority = route.priority
+        share = (_ALERT_SHARE if alert else _SHARE)[priority]
+        reason = ""
+        if share <= 0.0:
+            reason = "shedding"
+        elif lim is not None:
+            ticket = lim.acquire(share)
+            if ticket != REFUSED:
+                return ticket
+            # Over what the priority may use: the alert's lower share is shedding, the rest
+            # is the limit itself.
+            reason = "shedding" if alert and lim.admits(_SHARE[priority]) else "concurrency"
+        else:
+            return 0
+        detail = (f"service {route.service!r} is shedding {priority}-priority requests while "
+                  f"its error budget burns" if reason == "shedding" else
+                  f"upstream {up.name!r} is at its concurrency limit")
+        sent = _problem(request, 503, detail, REDUCED_CAPACITY, (("Retry-After", "1"),),
+                        upstream=up.name, reason=reason)
+        counts = self.signals.shed
+        counts[route.name, reason] = counts.get((route.name, reason), 0) + 1
+        self._record(route.name, up.name, route.service, request.method, 503, t0, None, 0,
+                     sent, request, limit_decision, up.breaker.state,
+                     local="shed" if reason == "shedding" else "concurrency")
+        return REFUSED
 
     async def _forward(self, rt: Runtime, request: Request, route: RouteConfig,
                        up: UpstreamRuntime, t0: float, method: str, target: str,
                        request_id: str, extra_headers: tuple[tuple[str, str], ...],
-                       limit_decision: str, verdict: list[bool]) -> None:
+                       limit_decision: str, verdict: list[bool]) -> float | None:
+        """Forward one request; the upstream latency to the answer's head (None when there
+        was no answer) for the concurrency limit."""
         breaker = up.breaker
         index = up.selector.pick()
         pool = up.pools[index]
@@ -256,33 +322,45 @@ class Proxy:
                     self._record(route.name, up.name, route.service, method, 499, t0, None, 0,
                                  0, request, limit_decision, breaker.state, local="client_gone")
                     request.cut()
-                    return
+                    return None
                 body_counter[0] = len(body)
             else:
                 body = _stream_body(request, body_counter)
 
-        t_up = perf_counter()
-        try:
-            uresp = await pool.request(method, target, headers, body,
-                                       content_length=content_length)
-        except UpstreamError as exc:
-            verdict[0] = True
-            breaker.on_result(exc.kind)
-            up.selector.on_result(index, True)
-            t_done = perf_counter()
-            sent = _problem(request, exc.status, exc.detail)
-            self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         t_done - t_up, body_counter[0], sent, request, limit_decision,
-                         breaker.state)
-            return
-        except ClientGone:
-            verdict[0] = True
-            breaker.release()
-            self._record(route.name, up.name, route.service, method, 499, t0,
-                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
-                         breaker.state)
-            request.cut()
-            return
+        # Only a request whose body is held whole (or has none) can be sent twice.
+        if up.retry is None or not (body is None or isinstance(body, bytes)) \
+                or method not in RETRY_METHODS:
+            t_up = perf_counter()
+            try:
+                uresp = await pool.request(method, target, headers, body,
+                                           content_length=content_length)
+            except UpstreamError as exc:
+                verdict[0] = True
+                breaker.on_result(exc.kind)
+                up.selector.on_result(index, True)
+                t_done = perf_counter()
+                sent = _problem(request, exc.status, exc.detail)
+                self._record(route.name, up.name, route.service, method, exc.status, t0,
+                             t_done - t_up, body_counter[0], sent, request, limit_decision,
+                             breaker.state)
+                return None
+            except ClientGone:
+                verdict[0] = True
+                breaker.release()
+                self._record(route.name, up.name, route.service, method, 499, t0,
+                             perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                             breaker.state)
+                request.cut()
+                return None
+            judged = False
+        else:
+            a = await self._attempts(rt, request, route, up, t0, method, target, request_id,
+                                     headers, index, body, body_counter[0], limit_decision,
+                                     verdict)
+            if a is None:
+                return None
+            uresp, index, t_up, judged = a
+        rtt = perf_counter() - t_up
 
         status = uresp.status
         resp_headers: list[tuple[str, str]] = []
@@ -339,8 +417,9 @@ class Proxy:
         except UpstreamError as exc:
             verdict[0] = True
             uresp.abort()
-            breaker.on_result(exc.kind)
-            up.selector.on_result(index, True)
+            if not judged:
+                breaker.on_result(exc.kind)
+                up.selector.on_result(index, True)
             t_done = perf_counter()
             if request.headers_sent:
                 # The status line is gone already: cut the connection so the client sees a
@@ -351,23 +430,137 @@ class Proxy:
             self._record(route.name, up.name, route.service, method, exc.status, t0,
                          t_done - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
-            return
+            return rtt
         except ClientGone:
             verdict[0] = True
             uresp.abort()
-            breaker.release()
+            if not judged:
+                breaker.release()
             self._record(route.name, up.name, route.service, method, 499, t0,
                          perf_counter() - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
             request.cut()
-            return
+            return rtt
 
         verdict[0] = True
-        breaker.on_result(status)
-        up.selector.on_result(index, breaker.is_failure(status))
+        if not judged:
+            breaker.on_result(status)
+            up.selector.on_result(index, breaker.is_failure(status))
         self._record(route.name, up.name, route.service, method, status, t0,
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
+        return rtt
+
+    async def _attempts(self, rt: Runtime, request: Request, route: RouteConfig,
+                        up: UpstreamRuntime, t0: float, method: str, target: str,
+                        request_id: str, headers: list[tuple[str, str]], index: int,
+                        body: bytes | None, bytes_in: int, limit_decision: str,
+                        verdict: list[bool],
+                        ) -> tuple[UpstreamResponse, int, float, bool] | None:
+        """The exchange of a retryable request, up to the answer's head: an attempt that fails
+        with an outcome in `retries.on` is given its breaker and endpoint verdict and sent
+        again, on the next endpoint in rotation (another one where there are several), while
+        attempts, the retry budget and the breaker allow. Nothing has reached the client yet.
+
+        Returns (answer, endpoint index, its attempt's start, whether the breaker has judged
+        it already), or None once this method has answered the client itself."""
+        retry = up.retry
+        assert retry is not None
+        breaker = up.breaker
+        pool = up.pools[index]
+        retries = 0
+        up.first_inflight += 1
+        try:
+            while True:
+                t_up = perf_counter()
+                try:
+                    uresp = await pool.request(method, target, headers, body,
+                                               content_length=len(body) if body is not None
+                                               else request.content_length)
+                except UpstreamError as exc:
+                    verdict[0] = True
+                    breaker.on_result(exc.kind)
+                    up.selector.on_result(index, True)
+                    if exc.kind in retry.on and self._may_retry(up, retries):
+                        if not retries:
+                            up.first_inflight -= 1
+                            up.retries_inflight += 1
+                        retries += 1
+                        verdict[0] = False
+                        index, pool, headers = self._next_endpoint(rt, request, up, index,
+                                                                   request_id)
+                        continue
+                    if retries:
+                        self._count_retry(up.name, "failed")
+                    t_done = perf_counter()
+                    sent = _problem(request, exc.status, exc.detail)
+                    self._record(route.name, up.name, route.service, method, exc.status, t0,
+                                 t_done - t_up, bytes_in, sent, request, limit_decision,
+                                 breaker.state)
+                    return None
+                except ClientGone:
+                    verdict[0] = True
+                    breaker.release()
+                    self._record(route.name, up.name, route.service, method, 499, t0,
+                                 perf_counter() - t_up, bytes_in, 0, request, limit_decision,
+                                 breaker.state)
+                    request.cut()
+                    return None
+                status = uresp.status
+                if status not in retry.on:
+                    if retries:
+                        self._count_retry(up.name, "succeeded")
+                    return uresp, index, t_up, False
+                # A failing answer: judged now, before deciding whether to send again.
+                verdict[0] = True
+                breaker.on_result(status)
+                up.selector.on_result(index, breaker.is_failure(status))
+                if not self._may_retry(up, retries):
+                    if retries:
+                        self._count_retry(up.name, "failed")
+                    return uresp, index, t_up, True
+                await _discard(uresp)
+                if not retries:
+                    up.first_inflight -= 1
+                    up.retries_inflight += 1
+                retries += 1
+                verdict[0] = False
+                index, pool, headers = self._next_endpoint(rt, request, up, index, request_id)
+        finally:
+            if retries:
+                up.retries_inflight -= 1
+            else:
+                up.first_inflight -= 1
+
+    def _may_retry(self, up: UpstreamRuntime, retries: int) -> bool:
+        """One more attempt, if attempts are left, the retry budget holds (retries in flight
+        at most `budget_ratio` of the first attempts in flight, or _RETRY_BUDGET_MIN) and the
+        breaker lets it through (it then holds the attempt's slot)."""
+        retry = up.retry
+        assert retry is not None
+        if retries >= retry.attempts:
+            return False
+        # This request moves from first attempts to retries if it is its first retry.
+        first = up.first_inflight - (0 if retries else 1)
+        if up.retries_inflight + 1 > max(_RETRY_BUDGET_MIN, retry.budget_ratio * first):
+            self._count_retry(up.name, "budget_exhausted")
+            return False
+        if not up.breaker.acquire():
+            return False
+        self._count_retry(up.name, "retried")
+        return True
+
+    def _next_endpoint(self, rt: Runtime, request: Request, up: UpstreamRuntime, index: int,
+                       request_id: str) -> tuple[int, EndpointPool, list[tuple[str, str]]]:
+        nxt = up.selector.pick()
+        if nxt == index and len(up.pools) > 1:
+            nxt = up.selector.pick()
+        return nxt, up.pools[nxt], self._upstream_headers(
+            request, up.authorities[nxt], rt.limiter.trusts, request_id, up.tls_hosts[nxt])
+
+    def _count_retry(self, upstream: str, result: str) -> None:
+        counts = self.signals.retries
+        counts[upstream, result] = counts.get((upstream, result), 0) + 1
 
     async def _websocket(self, rt: Runtime, request: Request, route: RouteConfig,
                          up: UpstreamRuntime, t0: float, target: str, request_id: str,
@@ -516,6 +709,21 @@ class Proxy:
                     path=path, route=route, upstream=upstream, status=status,
                     duration_ms=round(duration * 1000, 3), bytes_in=bytes_in,
                     bytes_out=bytes_out, limit=limit, breaker=breaker)
+
+
+async def _discard(uresp: UpstreamResponse) -> None:
+    """Drop a failed attempt's answer: a small one is read so its connection is reused."""
+    try:
+        if uresp.has_body and uresp.content_length is not None \
+                and uresp.content_length <= SMALL_RESPONSE:
+            await uresp.read_all(SMALL_RESPONSE)
+            uresp.release()
+        elif not uresp.has_body:
+            uresp.release()
+        else:
+            uresp.abort()
+    except UpstreamError:
+        uresp.abort()
 
 
 async def _stream_body(request: Request, counter: list[int]) -> AsyncIterator[bytes]:
