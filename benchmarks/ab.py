@@ -7,6 +7,9 @@
 `signals`: the shipped gateway vs one whose Signals.record is a no-op (target: <= 5 %).
 `limit`: a route with a local limit that admits everything (RateLimit headers on) vs the same
 route without it (target: <= 5 %).
+`overload`: the plain route whose upstream has retries and adaptive concurrency configured (not
+triggered: a fast upstream that never fails) vs the same route without them (target: <= 5 %);
+afterwards the "with" gateway's shed and retry counters are printed (they must be 0).
 `redis`: that limit in Redis (a private redis-server, the gateway's own RESP client) vs in memory
 (issue 3's target: Redis keeps >= 70 % of the local throughput).
 
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -32,6 +36,8 @@ ROOMY_LOCAL = ('  - {name: roomy_headers, key: ip_address, rate: "100000000/seco
 ROOMY_HEADERS = (ROOMY_LOCAL +
                  '  - {name: roomy_redis, key: ip_address, rate: "100000000/second", '
                  'burst: 1000000, headers: true, store: redis, on_store_error: local}\n')
+OVERLOAD = ("    retries: {attempts: 2, on: [connect_error, 502, 503, 504], budget_ratio: 0.2}\n"
+            "    concurrency: {adaptive: true, min: 4, max: 512}\n")
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -39,7 +45,7 @@ STUBBED = ("import sys; import gateway.signals as s; "
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=("signals", "limit", "redis"))
+    ap.add_argument("variant", choices=("signals", "limit", "redis", "overload"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -64,13 +70,19 @@ def main() -> int:
             "limit": (("with", shipped, "limits: [roomy_headers]"), ("without", shipped, "")),
             "redis": (("with", shipped, "limits: [roomy_redis]"),
                       ("without", shipped, "limits: [roomy_headers]")),
+            "overload": (("with", shipped, ""), ("without", shipped, "")),
         }[args.variant]
+        admins = {}
         gateways = []
         for name, prefix, limits in variants:
             port = free_port()
             cfg = tmp / f"{port}.yaml"
-            text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
+            admins[name] = free_port()
+            text = GATEWAY_YAML.format(port=port, admin=admins[name], upstream=up, workers=1,
                                        limits=limits)
+            if args.variant == "overload" and name == "with":
+                text = text.replace("    max_connections: 512\n", "    max_connections: 512\n"
+                                    + OVERLOAD, 1)
             # (the Redis policy only where a redis: section exists: check refuses it otherwise)
             roomy = ROOMY_HEADERS if redis_line else ROOMY_LOCAL
             cfg.write_text(redis_line + text.replace("limits:\n", "limits:\n" + roomy, 1))
@@ -95,6 +107,13 @@ def main() -> int:
                 cpu_us[name].append(used / (r * args.duration) * 1e6)
             print(f"round {i + 1}: " + ", ".join(
                 f"{n} {rps[n][-1]:,.0f} req/s ({cpu_us[n][-1]:.1f} us CPU/request)" for n in url))
+        if args.variant == "overload":
+            with urllib.request.urlopen(f"http://127.0.0.1:{admins['with']}/metrics") as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith(("gateway_shed_requests_total{",
+                                        "gateway_upstream_retries_total{",
+                                        "gateway_upstream_concurrency_limit{")):
+                        print("with:", line)
     finally:
         for p in procs:
             p.terminate()

@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.routing import strip
 from gateway.tunnel import Tunnel
+from gateway.upstream import UpstreamResponse
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from gateway.routing import Router
     from gateway.shedding import ShedGuard
     from gateway.signals import Signals
-    from gateway.upstream import EndpointPool, UpstreamResponse
+    from gateway.upstream import EndpointPool
 
 # RFC 9110 §7.6.1 connection-specific fields, plus framing the upstream client sets itself.
 HOP_BY_HOP = frozenset({
@@ -65,8 +66,8 @@ _RETRY_BUDGET_MIN = 3           # retries in flight always allowed, whatever the
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "fallback", "first_inflight", "limit", "name",
-                 "pools", "retries_inflight", "retry", "selector", "tls_hosts")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "limit", "name", "pools",
+                 "retries_inflight", "retry", "selector", "tls_hosts")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -78,9 +79,7 @@ class UpstreamRuntime:
         self.breaker = breaker
         self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
         self.retry = cfg.retries if cfg.retries is not None and cfg.retries.attempts else None
-        # The retry budget: first attempts and retries in flight now (counted only with retries)
-        self.first_inflight = 0
-        self.retries_inflight = 0
+        self.retries_inflight = 0                       # the retry budget's numerator
         self.limit: GradientLimit | None = None         # adaptive concurrency, set by the app
         # Host for https endpoints: the name TLS verified (a server checks that SNI and Host
         # agree, RFC 9110 7.4), not the client's; None for http endpoints.
@@ -235,7 +234,8 @@ class Proxy:
         lim = up.limit
         ticket = REFUSED
         shed = self.shed_guard
-        if lim is not None or (shed is not None and shed.services):
+        if (shed is not None and shed.services) or \
+                (lim is not None and (ticket := lim.acquire(_SHARE[route.priority])) == REFUSED):
             ticket = self._admit(rt, request, route, up, lim, t0, limit_decision)
             if ticket == REFUSED:
                 breaker.release()
@@ -261,7 +261,8 @@ class Proxy:
 
     def _admit(self, rt: Runtime, request: Request, route: RouteConfig, up: UpstreamRuntime,
                lim: GradientLimit | None, t0: float, limit_decision: str) -> int:
-        """A concurrency ticket (0 without a limit), or REFUSED after answering the 503."""
+        """A concurrency ticket (0 without a limit), or REFUSED after answering the 503: the
+        slow path of step 3b, when a shedding directive is in force or the limit refused."""
         shed = self.shed_guard
         alert = (shed is not None and rt.cfg.shedding.on_burn_rate_alert
                  and shed.alerting(route.service))
@@ -328,13 +329,17 @@ class Proxy:
                 body = _stream_body(request, body_counter)
 
         # Only a request whose body is held whole (or has none) can be sent twice.
-        if up.retry is None or not (body is None or isinstance(body, bytes)) \
-                or method not in RETRY_METHODS:
-            t_up = perf_counter()
-            try:
-                uresp = await pool.request(method, target, headers, body,
-                                           content_length=content_length)
-            except UpstreamError as exc:
+        retry = up.retry
+        if retry is not None and (method not in RETRY_METHODS
+                                  or not (body is None or isinstance(body, bytes))):
+            retry = None
+        judged = False
+        t_up = perf_counter()
+        try:
+            uresp = await pool.request(method, target, headers, body,
+                                       content_length=content_length)
+        except UpstreamError as exc:
+            if retry is None or exc.kind not in retry.on:
                 verdict[0] = True
                 breaker.on_result(exc.kind)
                 up.selector.on_result(index, True)
@@ -344,22 +349,28 @@ class Proxy:
                              t_done - t_up, body_counter[0], sent, request, limit_decision,
                              breaker.state)
                 return None
-            except ClientGone:
-                verdict[0] = True
-                breaker.release()
-                self._record(route.name, up.name, route.service, method, 499, t0,
-                             perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
-                             breaker.state)
-                request.cut()
-                return None
-            judged = False
-        else:
-            a = await self._attempts(rt, request, route, up, t0, method, target, request_id,
-                                     headers, index, body, body_counter[0], limit_decision,
-                                     verdict)
+            a = await self._retry(rt, request, route, up, t0, method, target, request_id,
+                                  index, body if isinstance(body, bytes) else None,
+                                  body_counter[0], limit_decision, verdict, exc, t_up)
             if a is None:
                 return None
             uresp, index, t_up, judged = a
+        except ClientGone:
+            verdict[0] = True
+            breaker.release()
+            self._record(route.name, up.name, route.service, method, 499, t0,
+                         perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
+                         breaker.state)
+            request.cut()
+            return None
+        else:
+            if retry is not None and uresp.status in retry.on:
+                a = await self._retry(rt, request, route, up, t0, method, target, request_id,
+                                      index, body if isinstance(body, bytes) else None,
+                                      body_counter[0], limit_decision, verdict, uresp, t_up)
+                if a is None:
+                    return None
+                uresp, index, t_up, judged = a
         rtt = perf_counter() - t_up
 
         status = uresp.status
@@ -451,53 +462,60 @@ class Proxy:
                      limit_decision, breaker.state)
         return rtt
 
-    async def _attempts(self, rt: Runtime, request: Request, route: RouteConfig,
-                        up: UpstreamRuntime, t0: float, method: str, target: str,
-                        request_id: str, headers: list[tuple[str, str]], index: int,
-                        body: bytes | None, bytes_in: int, limit_decision: str,
-                        verdict: list[bool],
-                        ) -> tuple[UpstreamResponse, int, float, bool] | None:
-        """The exchange of a retryable request, up to the answer's head: an attempt that fails
-        with an outcome in `retries.on` is given its breaker and endpoint verdict and sent
-        again, on the next endpoint in rotation (another one where there are several), while
-        attempts, the retry budget and the breaker allow. Nothing has reached the client yet.
+    async def _retry(self, rt: Runtime, request: Request, route: RouteConfig,
+                     up: UpstreamRuntime, t0: float, method: str, target: str,
+                     request_id: str, index: int, body: bytes | None, bytes_in: int,
+                     limit_decision: str, verdict: list[bool],
+                     failure: UpstreamError | UpstreamResponse, t_up: float,
+                     ) -> tuple[UpstreamResponse, int, float, bool] | None:
+        """After an attempt failed with an outcome in `retries.on` (nothing has reached the
+        client yet): each failed attempt is given its breaker and endpoint verdict, and the
+        request sent again, on the next endpoint in rotation (another one where there are
+        several), while attempts, the retry budget and the breaker allow.
 
         Returns (answer, endpoint index, its attempt's start, whether the breaker has judged
         it already), or None once this method has answered the client itself."""
         retry = up.retry
         assert retry is not None
         breaker = up.breaker
-        pool = up.pools[index]
         retries = 0
-        up.first_inflight += 1
+        final = False           # the failure is not one to retry
         try:
             while True:
-                t_up = perf_counter()
-                try:
-                    uresp = await pool.request(method, target, headers, body,
-                                               content_length=len(body) if body is not None
-                                               else request.content_length)
-                except UpstreamError as exc:
-                    verdict[0] = True
-                    breaker.on_result(exc.kind)
+                verdict[0] = True
+                if isinstance(failure, UpstreamError):
+                    breaker.on_result(failure.kind)
                     up.selector.on_result(index, True)
-                    if exc.kind in retry.on and self._may_retry(up, retries):
-                        if not retries:
-                            up.first_inflight -= 1
-                            up.retries_inflight += 1
-                        retries += 1
-                        verdict[0] = False
-                        index, pool, headers = self._next_endpoint(rt, request, up, index,
-                                                                   request_id)
-                        continue
+                else:
+                    breaker.on_result(failure.status)
+                    up.selector.on_result(index, breaker.is_failure(failure.status))
+                if final or not self._may_retry(up, retries):
                     if retries:
                         self._count_retry(up.name, "failed")
-                    t_done = perf_counter()
-                    sent = _problem(request, exc.status, exc.detail)
-                    self._record(route.name, up.name, route.service, method, exc.status, t0,
-                                 t_done - t_up, bytes_in, sent, request, limit_decision,
-                                 breaker.state)
+                    if isinstance(failure, UpstreamResponse):
+                        return failure, index, t_up, True
+                    sent = _problem(request, failure.status, failure.detail)
+                    self._record(route.name, up.name, route.service, method, failure.status,
+                                 t0, perf_counter() - t_up, bytes_in, sent, request,
+                                 limit_decision, breaker.state)
                     return None
+                if isinstance(failure, UpstreamResponse):
+                    await _discard(failure)
+                if not retries:
+                    up.retries_inflight += 1
+                retries += 1
+                verdict[0] = False      # _may_retry acquired the breaker for this attempt
+                index = self._next_endpoint(up, index)
+                headers = self._upstream_headers(request, up.authorities[index],
+                                                 rt.limiter.trusts, request_id,
+                                                 up.tls_hosts[index])
+                t_up = perf_counter()
+                try:
+                    uresp = await up.pools[index].request(method, target, headers, body,
+                                                          content_length=request.content_length)
+                except UpstreamError as exc:
+                    failure, final = exc, exc.kind not in retry.on
+                    continue
                 except ClientGone:
                     verdict[0] = True
                     breaker.release()
@@ -506,31 +524,14 @@ class Proxy:
                                  breaker.state)
                     request.cut()
                     return None
-                status = uresp.status
-                if status not in retry.on:
-                    if retries:
-                        self._count_retry(up.name, "succeeded")
-                    return uresp, index, t_up, False
-                # A failing answer: judged now, before deciding whether to send again.
-                verdict[0] = True
-                breaker.on_result(status)
-                up.selector.on_result(index, breaker.is_failure(status))
-                if not self._may_retry(up, retries):
-                    if retries:
-                        self._count_retry(up.name, "failed")
-                    return uresp, index, t_up, True
-                await _discard(uresp)
-                if not retries:
-                    up.first_inflight -= 1
-                    up.retries_inflight += 1
-                retries += 1
-                verdict[0] = False
-                index, pool, headers = self._next_endpoint(rt, request, up, index, request_id)
+                if uresp.status in retry.on:
+                    failure = uresp
+                    continue
+                self._count_retry(up.name, "succeeded")
+                return uresp, index, t_up, False
         finally:
             if retries:
                 up.retries_inflight -= 1
-            else:
-                up.first_inflight -= 1
 
     def _may_retry(self, up: UpstreamRuntime, retries: int) -> bool:
         """One more attempt, if attempts are left, the retry budget holds (retries in flight
@@ -540,8 +541,9 @@ class Proxy:
         assert retry is not None
         if retries >= retry.attempts:
             return False
-        # This request moves from first attempts to retries if it is its first retry.
-        first = up.first_inflight - (0 if retries else 1)
+        # Requests in flight to the upstream that are not retries: its pools' busy
+        # connections, read only here so that the plain path counts nothing.
+        first = sum(p.in_use for p in up.pools) - up.retries_inflight
         if up.retries_inflight + 1 > max(_RETRY_BUDGET_MIN, retry.budget_ratio * first):
             self._count_retry(up.name, "budget_exhausted")
             return False
@@ -550,13 +552,12 @@ class Proxy:
         self._count_retry(up.name, "retried")
         return True
 
-    def _next_endpoint(self, rt: Runtime, request: Request, up: UpstreamRuntime, index: int,
-                       request_id: str) -> tuple[int, EndpointPool, list[tuple[str, str]]]:
+    @staticmethod
+    def _next_endpoint(up: UpstreamRuntime, index: int) -> int:
         nxt = up.selector.pick()
         if nxt == index and len(up.pools) > 1:
             nxt = up.selector.pick()
-        return nxt, up.pools[nxt], self._upstream_headers(
-            request, up.authorities[nxt], rt.limiter.trusts, request_id, up.tls_hosts[nxt])
+        return nxt
 
     def _count_retry(self, upstream: str, result: str) -> None:
         counts = self.signals.retries

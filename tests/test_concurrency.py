@@ -19,7 +19,7 @@ def window(lim: GradientLimit, clock: FakeClock, rtt_s: float, n: int = 20,
         assert REFUSED not in tickets
         for i, t in enumerate(tickets):
             if done == n - 1:
-                clock.advance(0.1)          # the last completion closes the window
+                clock.advance(0.25)         # the last completion closes the window
             lim.release(t, rtt_s)
             done += 1
             if done >= n:
@@ -82,7 +82,7 @@ def test_sub_floor_latencies_are_never_overload() -> None:
     clock = FakeClock()
     lim = GradientLimit(4, 100, clock)
     window(lim, clock, 0.0002)
-    window(lim, clock, 0.004)                   # 20x the minimum but under 2 x 5 ms
+    window(lim, clock, 0.009)                   # 45x the minimum but under 2 x 10 ms
     assert lim.limit == 100
 
 
