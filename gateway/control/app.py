@@ -43,6 +43,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
 from gateway.control import dashboard, health, rollup
 from gateway.control import costs  # issue 8: cost attribution, budgets, directives
+from gateway.control import shedding  # page alerts -> the gateways shed low priorities
 from gateway.control import slometrics  # SLO gauges on /metrics
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
@@ -240,6 +241,7 @@ def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | N
         if stored and finops is not None:
             finops.attribute(store, batch)
     directives = finops.directives(store, now) if finops is not None else {}
+    directives = {**directives, **shedding.directives(store, now)}  # open page alerts
     return stored, batch.batch_id, len(batch.series), directives
 
 
