@@ -118,9 +118,8 @@ async def test_a_retry_goes_to_another_endpoint(tmp_path: Path,
     await up.start(listeners=2)
     try:
         async with running_gateway(tmp_path, gateway_yaml(up.urls(), upstream_extra=RETRIES)) \
-                as gw:
-            async with session.get(url_of(gw, "/")) as resp:
-                assert resp.status == 200
+                as gw, session.get(url_of(gw, "/")) as resp:
+            assert resp.status == 200
     finally:
         await up.stop()
     assert [s.port for s in up.seen] == [first[0], next(p for p in up.ports if p != first[0])]

@@ -65,8 +65,8 @@ async def test_a_burning_budget_sheds_the_low_route_and_spares_the_critical_one(
         "slos:\n"
         "  - {name: svc-availability, service: svc, objective: 99.9, window: 30d,"
         " min_events: 20}\n")
-    control = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                str(control_cfg)], stderr=subprocess.DEVNULL)
+    control = subprocess.Popen([sys.executable, "-m", "gateway", "control",  # noqa: ASYNC220
+                                "--config", str(control_cfg)], stderr=subprocess.DEVNULL)
     port, admin = free_port(), free_port()
     gw = GatewayProcess(write_config(tmp_path, gateway_config(up.urls()[0], port, admin, cport,
                                                               tmp_path / "spool")), port, admin)
