@@ -251,6 +251,8 @@ class Config:
         for u in doc["upstreams"]:
             u["endpoints"] = [e["url"] for e in u["endpoints"]]
             u["breaker"]["failure_on"] = sorted(u["breaker"]["failure_on"], key=str)
+            if u.get("retries"):
+                u["retries"]["on"] = sorted(u["retries"]["on"], key=str)
         for r in doc["routes"]:
             r["methods"] = sorted(r["methods"]) if r["methods"] else None
         return doc

@@ -246,6 +246,11 @@ class Proxy:
         rtt: float | None = None
         try:
             if request.upgrade:
+                if lim is not None:
+                    # The limit admits the handshake; a tunnel living for hours must not hold
+                    # a slot of it.
+                    lim.release(ticket, None)
+                    lim = None
                 await self._websocket(rt, request, route, up, t0, target, request_id,
                                       extra_headers, limit_decision, verdict)
                 return
@@ -576,8 +581,8 @@ class Proxy:
         pool = up.pools[index]
         if route.strip_prefix:
             target = strip(route.path_prefix, target)
-        headers = self._upstream_headers(request, up.authorities[index], rt.cfg, request_id,
-                                         up.tls_hosts[index])
+        headers = self._upstream_headers(request, up.authorities[index], rt.limiter.trusts,
+                                         request_id, up.tls_hosts[index])
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", request.get("Upgrade") or "websocket"))
         t_up = perf_counter()

@@ -51,3 +51,10 @@ def test_bad_values_name_the_key(up: str, route: str, top: str, error: str) -> N
     with pytest.raises(ConfigError) as exc:
         load(up, route, top)
     assert any(line.startswith(error) for line in exc.value.errors), exc.value.errors
+
+
+def test_redacted_config_lists_retry_outcomes() -> None:
+    doc = load(", retries: {on: [503, connect_error]}").redacted()
+    assert doc["upstreams"][0]["retries"]["on"] == [503, "connect_error"]
+    assert doc["routes"][0]["priority"] == "normal"
+    assert doc["shedding"] == {"on_burn_rate_alert": False}
