@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import free_port  # noqa: E402
-from tests.harness import GatewayProcess, gateway_yaml, write_config  # noqa: E402
-from tests.scripted import KneeProcess, closed_loop, histogram, share_within  # noqa: E402
+from tests.conftest import free_port
+from tests.harness import GatewayProcess, gateway_yaml, write_config
+from tests.scripted import KneeProcess, closed_loop, histogram, share_within
 
 H = "gateway_upstream_duration_seconds"
 
