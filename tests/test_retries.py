@@ -202,3 +202,36 @@ async def test_no_retry_once_the_response_has_started(
             assert metric(text, "gateway_upstream_retries_total") == 0
     finally:
         await up.stop()
+
+
+async def test_an_open_circuit_stops_retries(tmp_path: Path,
+                                             session: aiohttp.ClientSession) -> None:
+    # The first failure opens the circuit: the retry is not let through, and the client gets
+    # the upstream's own answer.
+    up = ScriptedUpstream(lambda seen, n: Answer(503, body=b"upstream says no\n"))
+    await up.start(listeners=2)
+    try:
+        async with running_gateway(tmp_path, gateway_yaml(
+                up.urls(), upstream_extra=f"{RETRIES}\nbreaker: {{failure_threshold: 1}}")) \
+                as gw:
+            async with session.get(url_of(gw, "/")) as resp:
+                assert resp.status == 503 and await resp.read() == b"upstream says no\n"
+            assert len(up.seen) == 1
+            assert gw.runtime.upstreams["up"].breaker.state == "open"
+    finally:
+        await up.stop()
+
+
+async def test_a_timeout_not_listed_is_not_retried(tmp_path: Path,
+                                                   session: aiohttp.ClientSession) -> None:
+    up = ScriptedUpstream(lambda seen, n: Answer(200, delay_s=2.0))
+    await up.start(listeners=2)
+    try:
+        text = gateway_yaml(up.urls(), upstream_extra=f"{RETRIES}\n{BREAKER}").replace(
+            "timeout_s: 2", "timeout_s: 0.3")
+        async with running_gateway(tmp_path, text) as gw:
+            async with session.get(url_of(gw, "/")) as resp:
+                assert resp.status == 504
+            assert len(up.seen) == 1
+    finally:
+        await up.stop()

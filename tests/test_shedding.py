@@ -114,3 +114,28 @@ async def test_priorities_share_the_concurrency_limit(tmp_path: Path,
         assert got["search"][1]["reason"] == "shedding"     # type: ignore[index]
         assert got["other"][1]["reason"] == "concurrency"   # type: ignore[index]
         lim.inflight = 0
+
+
+async def test_websocket_tunnels_hold_no_concurrency_slot(tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    from tests.test_websocket import EchoUpstream
+    echo = EchoUpstream()
+    await echo.start()
+    text = (f'listen: "127.0.0.1:0"\nadmin: {{listen: "127.0.0.1:0"}}\n'
+            f'upstreams: [{{name: up, endpoints: ["{echo.url}"],'
+            " concurrency: {adaptive: true, min: 2, max: 2}}]\n"
+            "routes: [{name: chat, upstream: up, websocket: true}]\n")
+    try:
+        async with running_gateway(tmp_path, text) as gw:
+            assert gw.proxy_address is not None
+            url = f"ws://127.0.0.1:{gw.proxy_address[1]}/chat"
+            lim = gw.runtime.upstreams["up"].limit
+            assert lim is not None
+            async with connect(url) as a, connect(url) as b, connect(url) as c:
+                for ws in (a, b, c):            # three tunnels through a limit of two
+                    await ws.send("hi")
+                    assert await ws.recv() == "hi"
+                assert lim.inflight == 0
+    finally:
+        await echo.stop()
