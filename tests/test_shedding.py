@@ -12,7 +12,7 @@ import pytest
 
 from gateway.shedding import ShedGuard
 from tests.fakes import FakeClock
-from tests.harness import Upstream, running_gateway, url_of
+from tests.harness import Upstream, admin_url, running_gateway, url_of
 
 ROUTES = """
   - {name: pay, match: {path_prefix: "/pay"}, upstream: up, service: svc, priority: critical}
@@ -139,3 +139,25 @@ async def test_websocket_tunnels_hold_no_concurrency_slot(tmp_path: Path) -> Non
                 assert lim.inflight == 0
     finally:
         await echo.stop()
+
+
+async def test_reload_keeps_a_learnt_limit_and_applies_new_settings(
+        tmp_path: Path, upstream: Upstream) -> None:
+    text = config(upstream.url, True).replace(
+        'endpoints: ["', 'concurrency: {adaptive: true, min: 4, max: 100}, endpoints: ["')
+    async with running_gateway(tmp_path, text) as gw:
+        lim = gw.runtime.upstreams["up"].limit
+        assert lim is not None
+        path = Path(gw.config_path)
+        path.write_text(text.replace("priority: low", "priority: high"))    # routes only
+        await gw.reload()
+        assert gw.runtime.upstreams["up"].limit is lim       # what it learnt is kept
+        path.write_text(text.replace("max: 100", "max: 50"))
+        await gw.reload()
+        new = gw.runtime.upstreams["up"].limit
+        assert new is not None and new is not lim and new.limit == 50
+        path.write_text(config(upstream.url, True))
+        await gw.reload()
+        assert gw.runtime.upstreams["up"].limit is None
+        async with aiohttp.ClientSession() as s, s.get(admin_url(gw, "/metrics")) as resp:
+            assert "gateway_upstream_concurrency_limit{" not in await resp.text()
