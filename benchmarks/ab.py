@@ -21,6 +21,9 @@ generating `traceparent` costs on every forwarded request).
 `tenant`: a route whose requests pass a tenant plan in Redis (token bucket + day quota: one Lua
 script per request, the calendar window from the gateway's clock) vs the same route with a plain
 Redis limit instead (target: the plan costs <= 10 % more). Both admit everything.
+`overload`: the plain route whose upstream has retries and adaptive concurrency configured (not
+triggered: a fast upstream that never fails) vs the same route without them (target: <= 5 %);
+afterwards the "with" gateway's shed and retry counters are printed (they must be 0).
 
 Starts benchmarks/upstream.py and the two `gateway run` processes; wrk alternates between them
 `--rounds` times so drift on a shared machine hits both alike; prints each round and the median
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -52,6 +56,8 @@ TENANT_PLAN = ('tenants:\n'
                '  plans:\n'
                '    roomy: {rate: "100000000/second", burst: 1000000, '
                'quotas: {day: 1000000000000}}\n')
+OVERLOAD = ("    retries: {attempts: 2, on: [connect_error, 502, 503, 504], budget_ratio: 0.2}\n"
+            "    concurrency: {adaptive: true, min: 4, max: 512}\n")
 STUBBED = ("import sys; import gateway.signals as s; "
            "s.Signals.record = lambda self, *a, **k: None; "
            "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
@@ -79,7 +85,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", choices=("signals", "limit", "redis", "tracing", "propagation",
-                                        "tenant"))
+                                        "tenant", "overload"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
@@ -117,18 +123,24 @@ def main() -> int:
             "tracing": (("with", shipped, ""), ("without", shipped, "")),
             "propagation": (("with", shipped, ""), ("without", ["-c", CONSTANT_TRACE], "")),
             "tenant": (("with", shipped, ""), ("without", shipped, "limits: [roomy_redis]")),
+            "overload": (("with", shipped, ""), ("without", shipped, "")),
         }[args.variant]
         extra = {"with": TENANT_PLAN} if args.variant == "tenant" else {}
         envs = {name: None for name, _, _ in variants}
         if args.variant == "redis" and args.baseline_src is not None:
             variants = (*variants, ("baseline", shipped, "limits: [roomy_redis]"))
             envs["baseline"] = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+        admins = {}
         gateways = []
         for name, prefix, limits in variants:
             port = free_port()
             cfg = tmp / f"{port}.yaml"
-            text = GATEWAY_YAML.format(port=port, admin=free_port(), upstream=up, workers=1,
+            admins[name] = free_port()
+            text = GATEWAY_YAML.format(port=port, admin=admins[name], upstream=up, workers=1,
                                        limits=limits)
+            if args.variant == "overload" and name == "with":
+                text = text.replace("    max_connections: 512\n", "    max_connections: 512\n"
+                                    + OVERLOAD, 1)
             cfg.write_text(redis_line + (tracing_line if name == "with" else "") +
                            extra.get(name, "") +
                            text.replace("limits:\n", "limits:\n" + ROOMY_HEADERS +
@@ -155,6 +167,13 @@ def main() -> int:
                 cpu_us[name].append(used / (r * args.duration) * 1e6)
             print(f"round {i + 1}: " + ", ".join(
                 f"{n} {rps[n][-1]:,.0f} req/s ({cpu_us[n][-1]:.1f} us CPU/request)" for n in url))
+        if args.variant == "overload":
+            with urllib.request.urlopen(f"http://127.0.0.1:{admins['with']}/metrics") as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith(("gateway_shed_requests_total{",
+                                        "gateway_upstream_retries_total{",
+                                        "gateway_upstream_concurrency_limit{")):
+                        print("with:", line)
     finally:
         for p in procs:
             p.terminate()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ from gateway import logs, metrics
 from gateway.breaker import BreakerSet
 from gateway.budgetguard import BudgetGuard
 from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.concurrency import GradientLimit
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.downstream import DownstreamServer
 from gateway.eventloop import background, new_loop
 from gateway.proxy import Proxy, Runtime, UpstreamRuntime
 from gateway.ratelimit import Limiter
 from gateway.routing import Router
+from gateway.shedding import ShedGuard
 from gateway.signals import LoopLagMonitor, Signals
 from gateway.tenants import Tenancy, TenantTable
 from gateway.tls import ListenerTls, TlsFileError, client_context
@@ -52,6 +55,10 @@ def bind_socket(listen: str, *, reuse_port: bool = False) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _limit_reader(lim: GradientLimit) -> Callable[[], int]:
+    return lambda: lim.limit
 
 
 def _pool_key(upstream: Any, url: str) -> tuple[Any, ...]:
@@ -81,11 +88,14 @@ class GatewayServer:
         self.lag = LoopLagMonitor(self.signals)
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
         self.tenant_table = TenantTable(clock)  # fed by the shipper's ingest responses
+        # Adaptive concurrency limits, kept across reloads while an upstream's settings hold
+        self._limits: dict[str, tuple[Any, GradientLimit]] = {}
         self.runtime = self._build_runtime(cfg, None)
         self.access_log = self._make_access_log(cfg)
         self.budget_guard = BudgetGuard(clock)  # fed by the shipper's ingest responses
+        self.shed_guard = ShedGuard(clock)      # likewise
         self.proxy = Proxy(self.runtime, self.signals, self.access_log, self.budget_guard,
-                           tracer=make_tracer(cfg.tracing))
+                           self.shed_guard, tracer=make_tracer(cfg.tracing))
         self.tls = ListenerTls(cfg.tls) if cfg.tls is not None else None
         if self.tls is not None:
             self.proxy.scheme = "https"
@@ -140,6 +150,19 @@ class GatewayServer:
         for u in cfg.upstreams:
             if u.fallback is not None:
                 upstreams[u.name].fallback = upstreams[u.fallback]
+        limits: dict[str, tuple[Any, GradientLimit]] = {}
+        self.signals.concurrency_sources.clear()
+        for u in cfg.upstreams:
+            c = u.concurrency
+            if c is None or not c.adaptive:
+                continue
+            kept = self._limits.get(u.name)
+            lim = kept[1] if kept is not None and kept[0] == c else \
+                GradientLimit(c.min, c.max, self.clock)
+            limits[u.name] = (c, lim)
+            upstreams[u.name].limit = lim
+            self.signals.concurrency_sources[u.name] = _limit_reader(lim)
+        self._limits = limits
         self.signals.clear_pool_sources()
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)
@@ -212,6 +235,11 @@ class GatewayServer:
                                 on_directives=self._on_directives)
         background(self._shipper.start(), name="shipper-start")
 
+    def _on_directives(self, directives: dict[str, Any]) -> None:
+        self.budget_guard.update(directives)
+        self.shed_guard.update(directives)
+        self.tenant_table.update(directives)
+
     async def _close_intervals(self) -> None:
         """Without a control plane: end an interval every QUANTILE_INTERVAL_S (the aggregates
         are dropped; /metrics' counters are cumulative and unaffected), so that the quantile
@@ -219,10 +247,6 @@ class GatewayServer:
         while True:
             await asyncio.sleep(QUANTILE_INTERVAL_S)
             self.signals.swap()
-
-    def _on_directives(self, directives: dict[str, Any]) -> None:
-        self.budget_guard.update(directives)
-        self.tenant_table.update(directives)
 
     async def _snapshot(self) -> dict[str, Any] | None:
         """The interval's aggregates for the shipper; None when nothing happened. The swap is

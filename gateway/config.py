@@ -71,6 +71,24 @@ class UpstreamTlsConfig:
     verify: bool = True
 
 
+RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+"""Idempotent methods (RFC 9110 9.2.2): the only ones a retry may repeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = 2                 # extra attempts after the first
+    on: frozenset[str | int] = frozenset({"connect_error", 502, 503, 504})
+    budget_ratio: float = 0.2         # retries in flight <= ratio * requests in flight (min 3)
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyConfig:
+    adaptive: bool = True
+    min: int = 4
+    max: int = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
@@ -81,6 +99,8 @@ class UpstreamConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     tls: UpstreamTlsConfig | None = None
     fallback: str | None = None      # another upstream, used while this one's circuit is open
+    retries: RetryConfig | None = None
+    concurrency: ConcurrencyConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +147,7 @@ class RouteConfig:
     websocket: bool = False               # tunnel `Upgrade: websocket` requests
     websocket_idle_timeout_s: float = WEBSOCKET_IDLE_S
     tenants: bool = True          # enforce the tenant plans (when `tenants:` is configured)
+    priority: str = "normal"              # critical | high | normal | low (shedding order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +249,14 @@ class ListenerTlsConfig:
     client_ca: str | None = None          # require and verify client certificates
 
 
+PRIORITIES = ("critical", "high", "normal", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class SheddingConfig:
+    on_burn_rate_alert: bool = False   # shed a service's low routes while its page alert is open
+
+
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
     otlp_endpoint: str = ""       # OTLP/HTTP collector base URL; empty: no span export
@@ -253,6 +282,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: ListenerTlsConfig | None = None
     tracing: TracingConfig | None = None
+    shedding: SheddingConfig = field(default_factory=lambda: SheddingConfig())
     version: str = ""
     source: str = ""
 
@@ -283,6 +313,8 @@ class Config:
         for u in doc["upstreams"]:
             u["endpoints"] = [e["url"] for e in u["endpoints"]]
             u["breaker"]["failure_on"] = sorted(u["breaker"]["failure_on"], key=str)
+            if u.get("retries"):
+                u["retries"]["on"] = sorted(u["retries"]["on"], key=str)
         for r in doc["routes"]:
             r["methods"] = sorted(r["methods"]) if r["methods"] else None
         return doc
@@ -657,7 +689,7 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
 
 def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | None:
     allowed = {"name", "endpoints", "connect_timeout_s", "timeout_s", "max_connections", "breaker",
-               "tls", "fallback"}
+               "tls", "fallback", "retries", "concurrency"}
     m = _mapping(value, path, errs, allowed, {"name", "endpoints"})
     if m is None:
         return None
@@ -693,10 +725,72 @@ def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | Non
         if fb is not None and fb == name:
             errs.add(f"{path}.fallback", f"names the upstream itself ({fb!r})")
         kw["fallback"] = fb
+    if m.get("retries") is not None:
+        kw["retries"] = parse_retries(m["retries"], f"{path}.retries", errs)
+    if m.get("concurrency") is not None:
+        kw["concurrency"] = parse_concurrency(m["concurrency"], f"{path}.concurrency", errs)
     if len(errs.lines) > n0 or name is None:
         return None
     return UpstreamConfig(name=name, endpoints=tuple(endpoints), breaker=breaker or BreakerConfig(),
                           **kw)
+
+
+def parse_retries(value: Any, path: str, errs: _Errors) -> RetryConfig | None:
+    if isinstance(value, dict) and True in value and "on" not in value:
+        # YAML 1.1 reads a bare `on:` key as the boolean true
+        value = {("on" if k is True else k): v for k, v in value.items()}
+    m = _mapping(value, path, errs, {"attempts", "on", "budget_ratio"})
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    if "attempts" in m:
+        kw["attempts"] = _int(m["attempts"], f"{path}.attempts", errs, minimum=0, maximum=10)
+    if "budget_ratio" in m:
+        kw["budget_ratio"] = _num(m["budget_ratio"], f"{path}.budget_ratio", errs, minimum=0,
+                                  maximum=1)
+    if "on" in m:
+        items = _list(m["on"], f"{path}.on", errs)
+        out: set[str | int] = set()
+        for i, item in enumerate(items or []):
+            if item in ("connect_error", "timeout") or (
+                    isinstance(item, int) and not isinstance(item, bool) and 500 <= item <= 599):
+                out.add(item)
+            else:
+                errs.add(f"{path}.on[{i}]", f"must be connect_error, timeout or a 5xx status, "
+                                            f"got {item!r}")
+        if items is not None:
+            kw["on"] = frozenset(out)
+    if any(v is None for v in kw.values()):
+        return None
+    return RetryConfig(**kw)
+
+
+def parse_concurrency(value: Any, path: str, errs: _Errors) -> ConcurrencyConfig | None:
+    m = _mapping(value, path, errs, {"adaptive", "min", "max"})
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    if "adaptive" in m:
+        kw["adaptive"] = _bool(m["adaptive"], f"{path}.adaptive", errs)
+    if "min" in m:
+        kw["min"] = _int(m["min"], f"{path}.min", errs, minimum=1)
+    if "max" in m:
+        kw["max"] = _int(m["max"], f"{path}.max", errs, minimum=1)
+    if any(v is None for v in kw.values()):
+        return None
+    c = ConcurrencyConfig(**kw)
+    if c.min > c.max:
+        errs.add(f"{path}.min", f"must not exceed max ({c.max}), got {c.min}")
+        return None
+    return c
+
+
+def parse_shedding(value: Any, path: str, errs: _Errors) -> SheddingConfig | None:
+    m = _mapping(value, path, errs, {"on_burn_rate_alert"})
+    if m is None:
+        return None
+    on = _bool(m.get("on_burn_rate_alert", False), f"{path}.on_burn_rate_alert", errs)
+    return None if on is None else SheddingConfig(on_burn_rate_alert=on)
 
 
 def _readable(value: Any, path: str, errs: _Errors) -> str | None:
@@ -845,7 +939,7 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
 
 def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
     allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits", "websocket",
-               "tenants"}
+               "tenants", "priority"}
     m = _mapping(value, path, errs, allowed, {"name", "upstream"})
     if m is None:
         return None
@@ -899,6 +993,8 @@ def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
         ws = parse_websocket(m["websocket"], f"{path}.websocket", errs)
         if ws is not None:
             kw["websocket"], kw["websocket_idle_timeout_s"] = ws
+    if m.get("priority") is not None:
+        kw["priority"] = _choice(m["priority"], f"{path}.priority", errs, PRIORITIES)
     if len(errs.lines) > n0 or name is None or upstream is None or service is None:
         return None
     return RouteConfig(name=name, upstream=upstream, service=service, **kw)
@@ -967,7 +1063,7 @@ def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
 
 TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis", "upstreams",
             "limits", "routes", "control_plane", "access_log", "demo_upstream", "tls",
-            "metrics", "tracing", "tenants"}
+            "metrics", "tracing", "tenants", "shedding"}
 
 
 def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
@@ -1187,6 +1283,8 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     if isinstance(m.get("tenants"), dict) and m["tenants"].get("store") == "redis" \
             and "redis" not in m:
         errs.add("tenants.store", "is redis but no redis: section is configured")
+    if m.get("shedding") is not None:
+        kw["shedding"] = parse_shedding(m["shedding"], "shedding", errs)
 
     upstreams = _parse_named(m, "upstreams", parse_upstream, errs)
     limits = _parse_named(m, "limits", parse_limit, errs)

@@ -121,11 +121,27 @@ RATELIMIT_UTILIZATION = MetricDef(
     "Per policy, the largest share of its burst capacity one client key had used in the last "
     "15 s or more (1 = some key was limited).", ("policy",), merge="max")
 
+UPSTREAM_RETRIES = MetricDef(
+    "gateway_upstream_retries_total", "counter",
+    "Upstream retries by result: retried (an extra attempt was sent), budget_exhausted (one was "
+    "wanted but the retry budget was spent), succeeded / failed (how a request that was retried "
+    "ended).", ("upstream", "result"))
+CONCURRENCY_LIMIT = MetricDef(
+    "gateway_upstream_concurrency_limit", "gauge",
+    "The adaptive concurrency limit on requests in flight to the upstream (per process; summed "
+    "over workers).", ("upstream",))
+SHED_REQUESTS = MetricDef(
+    "gateway_shed_requests_total", "counter",
+    "Requests answered 503 to protect an upstream, by reason: concurrency (over the adaptive "
+    "limit or the priority's share of it), shedding (a burn-rate alert is open for the service).",
+    ("route", "reason"))
+
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, INFLIGHT, RATELIMIT_DECISIONS, BREAKER_STATE,
     BREAKER_TRANSITIONS, LOOP_LAG, SHIPPER_BATCHES, SHIPPER_SPOOLED, CONFIG_RELOADS,
     REQUEST_BYTES, RESPONSE_BYTES, POOL_IN_USE, POOL_MAX, CPU_PERCENT, CPU_SECONDS,
     RSS, WORKERS, RATELIMIT_EVICTIONS, DURATION_QUANTILES, RATELIMIT_UTILIZATION)
+METRICS += (UPSTREAM_RETRIES, CONCURRENCY_LIMIT, SHED_REQUESTS)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -242,6 +258,19 @@ class SignalsCollector(Collector):
             for q, v in zip(QUANTILES, at, strict=True):
                 quantiles.add_metric([route, upstream, _go_float(q), *worker], v)
         yield quantiles
+
+        retries = _counter(UPSTREAM_RETRIES)
+        for (upstream, result), n in sorted(self._signals.retries.items()):
+            retries.add_metric([upstream, result], n)
+        yield retries
+        limits_now = _gauge(CONCURRENCY_LIMIT)
+        for upstream, fn in sorted(self._signals.concurrency_sources.items()):
+            limits_now.add_metric([upstream], fn())
+        yield limits_now
+        shed = _counter(SHED_REQUESTS)
+        for (route, reason), n in sorted(self._signals.shed.items()):
+            shed.add_metric([route, reason], n)
+        yield shed
 
         if self._utilization is not None:
             util = _gauge(RATELIMIT_UTILIZATION)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from gateway.concurrency import REFUSED, GradientLimit
+from gateway.config import RETRY_METHODS
 from gateway.downstream import ClientGone, Request
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -23,6 +25,7 @@ from gateway.errors import (
 from gateway.routing import strip
 from gateway.tracing import context_for, find_traceparent
 from gateway.tunnel import Tunnel
+from gateway.upstream import UpstreamResponse
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.config import Config, RouteConfig, UpstreamConfig
     from gateway.ratelimit import Limiter
     from gateway.routing import Router
+    from gateway.shedding import ShedGuard
     from gateway.signals import Signals
     from gateway.tenants import Tenancy
     from gateway.tracing import Tracer
@@ -53,12 +57,20 @@ _TUNNEL_RESPONSE_DROP = frozenset({"content-length", "transfer-encoding", "keep-
 SMALL_BODY = 64 * 1024          # request bodies up to this are read whole (replayable on retry)
 SMALL_RESPONSE = 256 * 1024     # responses up to this (known length) are sent in one write
 
+# The share of an upstream's adaptive concurrency limit each route priority may fill: when the
+# limit is nearly reached, low-priority requests are refused first, and the last tenth is kept
+# for high and critical ones. While the service's burn-rate alert is open (and shedding is on),
+# low is shed outright and every other priority but critical drops one step (_ALERT_SHARE).
+_SHARE = {"critical": 1.0, "high": 1.0, "normal": 0.9, "low": 0.5}
+_ALERT_SHARE = {"critical": 1.0, "high": 0.9, "normal": 0.5, "low": 0.0}
+_RETRY_BUDGET_MIN = 3           # retries in flight always allowed, whatever the ratio
+
 
 class UpstreamRuntime:
     """One upstream of one config version: pools per endpoint, selector, breaker."""
 
-    __slots__ = ("authorities", "breaker", "cfg", "fallback", "name", "pools", "selector",
-                 "tls_hosts")
+    __slots__ = ("authorities", "breaker", "cfg", "fallback", "limit", "name", "pools",
+                 "retries_inflight", "retry", "selector", "tls_hosts")
 
     def __init__(self, cfg: UpstreamConfig, pools: list[EndpointPool],
                  selector: EndpointSelector, breaker: CircuitBreaker) -> None:
@@ -69,6 +81,9 @@ class UpstreamRuntime:
         self.selector = selector
         self.breaker = breaker
         self.fallback: UpstreamRuntime | None = None    # set once every upstream is built
+        self.retry = cfg.retries if cfg.retries is not None and cfg.retries.attempts else None
+        self.retries_inflight = 0                       # the retry budget's numerator
+        self.limit: GradientLimit | None = None         # adaptive concurrency, set by the app
         # Host for https endpoints: the name TLS verified (a server checks that SNI and Host
         # agree, RFC 9110 7.4), not the client's; None for http endpoints.
         self.tls_hosts: list[str | None] = [
@@ -129,6 +144,7 @@ class Proxy:
     def __init__(self, runtime: Runtime, signals: Signals,
                  access_log: AccessLog | None = None,
                  budget_guard: BudgetGuard | None = None,
+                 shed_guard: ShedGuard | None = None,
                  tracer: Tracer | None = None) -> None:
         self.runtime = runtime
         self.tracer = tracer          # None: traceparent propagation only, no spans
@@ -139,6 +155,7 @@ class Proxy:
         self._id_prefix = os.urandom(6).hex()
         self.scheme = "http"
         """X-Forwarded-Proto for clients not behind a trusted proxy: "https" on a TLS listener."""
+        self.shed_guard = shed_guard
 
     async def handle(self, request: Request) -> None:
         rt = self.runtime
@@ -242,24 +259,79 @@ class Proxy:
                              request, limit_decision, breaker.state, local="breaker")
                 return
 
+        # 3b. overload: shedding by priority, the adaptive concurrency limit
+        lim = up.limit
+        ticket = REFUSED
+        shed = self.shed_guard
+        if (shed is not None and shed.services) or \
+                (lim is not None and (ticket := lim.acquire(_SHARE[route.priority])) == REFUSED):
+            ticket = self._admit(rt, request, route, up, lim, t0, limit_decision)
+            if ticket == REFUSED:
+                breaker.release()
+                return
+
         # 4. forward: every exit from here gives the breaker a verdict or releases its slot
         verdict = [False]
+        rtt: float | None = None
         try:
             if request.upgrade:
+                if lim is not None:
+                    # The limit admits the handshake; a tunnel living for hours must not hold
+                    # a slot of it.
+                    lim.release(ticket, None)
+                    lim = None
                 await self._websocket(rt, request, route, up, t0, target, request_id,
                                       extra_headers, limit_decision, verdict)
                 return
-            await self._forward(rt, request, route, up, t0, method, target,
-                                request_id, extra_headers, limit_decision, verdict)
+            rtt = await self._forward(rt, request, route, up, t0, method, target,
+                                      request_id, extra_headers, limit_decision, verdict)
         except BaseException:
             if not verdict[0]:
                 breaker.release()
             raise
+        finally:
+            if lim is not None and ticket != REFUSED:
+                lim.release(ticket, rtt)
+
+    def _admit(self, rt: Runtime, request: Request, route: RouteConfig, up: UpstreamRuntime,
+               lim: GradientLimit | None, t0: float, limit_decision: str) -> int:
+        """A concurrency ticket (0 without a limit), or REFUSED after answering the 503: the
+        slow path of step 3b, when a shedding directive is in force or the limit refused."""
+        shed = self.shed_guard
+        alert = (shed is not None and rt.cfg.shedding.on_burn_rate_alert
+                 and shed.alerting(route.service))
+        priority = route.priority
+        share = (_ALERT_SHARE if alert else _SHARE)[priority]
+        reason = ""
+        if share <= 0.0:
+            reason = "shedding"
+        elif lim is not None:
+            ticket = lim.acquire(share)
+            if ticket != REFUSED:
+                return ticket
+            # Over what the priority may use: the alert's lower share is shedding, the rest
+            # is the limit itself.
+            reason = "shedding" if alert and lim.admits(_SHARE[priority]) else "concurrency"
+        else:
+            return 0
+        detail = (f"service {route.service!r} is shedding {priority}-priority requests while "
+                  f"its error budget burns" if reason == "shedding" else
+                  f"upstream {up.name!r} is at its concurrency limit")
+        sent = _problem(request, 503, detail, REDUCED_CAPACITY, (("Retry-After", "1"),),
+                        upstream=up.name, reason=reason)
+        counts = self.signals.shed
+        counts[route.name, reason] = counts.get((route.name, reason), 0) + 1
+        self._record(route.name, up.name, route.service, request.method, 503, t0, None, 0,
+                     sent, request, limit_decision, up.breaker.state,
+                     local="shed" if reason == "shedding" else "concurrency")
+        return REFUSED
 
     async def _forward(self, rt: Runtime, request: Request, route: RouteConfig,
                        up: UpstreamRuntime, t0: float, method: str, target: str,
                        request_id: str, extra_headers: tuple[tuple[str, str], ...],
-                       limit_decision: str, verdict: list[bool]) -> None:
+                       limit_decision: str, verdict: list[bool]) -> float | None:
+        """Forward one request; the upstream latency to the answer's head (None when there
+        was no answer) for the concurrency limit."""
         breaker = up.breaker
         index = up.selector.pick()
         pool = up.pools[index]
@@ -285,25 +357,38 @@ class Proxy:
                     self._record(route.name, up.name, route.service, method, 499, t0, None, 0,
                                  0, request, limit_decision, breaker.state, local="client_gone")
                     request.cut()
-                    return
+                    return None
                 body_counter[0] = len(body)
             else:
                 body = _stream_body(request, body_counter)
 
+        # Only a request whose body is held whole (or has none) can be sent twice.
+        retry = up.retry
+        if retry is not None and (method not in RETRY_METHODS
+                                  or not (body is None or isinstance(body, bytes))):
+            retry = None
+        judged = False
         t_up = perf_counter()
         try:
             uresp = await pool.request(method, target, headers, body,
                                        content_length=content_length)
         except UpstreamError as exc:
-            verdict[0] = True
-            breaker.on_result(exc.kind)
-            up.selector.on_result(index, True)
-            t_done = perf_counter()
-            sent = _problem(request, exc.status, exc.detail)
-            self._record(route.name, up.name, route.service, method, exc.status, t0,
-                         t_done - t_up, body_counter[0], sent, request, limit_decision,
-                         breaker.state)
-            return
+            if retry is None or exc.kind not in retry.on:
+                verdict[0] = True
+                breaker.on_result(exc.kind)
+                up.selector.on_result(index, True)
+                t_done = perf_counter()
+                sent = _problem(request, exc.status, exc.detail)
+                self._record(route.name, up.name, route.service, method, exc.status, t0,
+                             t_done - t_up, body_counter[0], sent, request, limit_decision,
+                             breaker.state)
+                return None
+            a = await self._retry(rt, request, route, up, t0, method, target, request_id,
+                                  index, body if isinstance(body, bytes) else None,
+                                  body_counter[0], limit_decision, verdict, exc, t_up)
+            if a is None:
+                return None
+            uresp, index, t_up, judged = a
         except ClientGone:
             verdict[0] = True
             breaker.release()
@@ -311,7 +396,16 @@ class Proxy:
                          perf_counter() - t_up, body_counter[0], 0, request, limit_decision,
                          breaker.state)
             request.cut()
-            return
+            return None
+        else:
+            if retry is not None and uresp.status in retry.on:
+                a = await self._retry(rt, request, route, up, t0, method, target, request_id,
+                                      index, body if isinstance(body, bytes) else None,
+                                      body_counter[0], limit_decision, verdict, uresp, t_up)
+                if a is None:
+                    return None
+                uresp, index, t_up, judged = a
+        rtt = perf_counter() - t_up
 
         status = uresp.status
         resp_headers: list[tuple[str, str]] = []
@@ -368,8 +462,9 @@ class Proxy:
         except UpstreamError as exc:
             verdict[0] = True
             uresp.abort()
-            breaker.on_result(exc.kind)
-            up.selector.on_result(index, True)
+            if not judged:
+                breaker.on_result(exc.kind)
+                up.selector.on_result(index, True)
             t_done = perf_counter()
             if request.headers_sent:
                 # The status line is gone already: cut the connection so the client sees a
@@ -380,23 +475,127 @@ class Proxy:
             self._record(route.name, up.name, route.service, method, exc.status, t0,
                          t_done - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
-            return
+            return rtt
         except ClientGone:
             verdict[0] = True
             uresp.abort()
-            breaker.release()
+            if not judged:
+                breaker.release()
             self._record(route.name, up.name, route.service, method, 499, t0,
                          perf_counter() - t_up, body_counter[0], bytes_out, request,
                          limit_decision, breaker.state)
             request.cut()
-            return
+            return rtt
 
         verdict[0] = True
-        breaker.on_result(status)
-        up.selector.on_result(index, breaker.is_failure(status))
+        if not judged:
+            breaker.on_result(status)
+            up.selector.on_result(index, breaker.is_failure(status))
         self._record(route.name, up.name, route.service, method, status, t0,
                      perf_counter() - t_up, body_counter[0], bytes_out, request,
                      limit_decision, breaker.state)
+        return rtt
+
+    async def _retry(self, rt: Runtime, request: Request, route: RouteConfig,
+                     up: UpstreamRuntime, t0: float, method: str, target: str,
+                     request_id: str, index: int, body: bytes | None, bytes_in: int,
+                     limit_decision: str, verdict: list[bool],
+                     failure: UpstreamError | UpstreamResponse, t_up: float,
+                     ) -> tuple[UpstreamResponse, int, float, bool] | None:
+        """After an attempt failed with an outcome in `retries.on` (nothing has reached the
+        client yet): each failed attempt is given its breaker and endpoint verdict, and the
+        request sent again, on the next endpoint in rotation (another one where there are
+        several), while attempts, the retry budget and the breaker allow.
+
+        Returns (answer, endpoint index, its attempt's start, whether the breaker has judged
+        it already), or None once this method has answered the client itself."""
+        retry = up.retry
+        assert retry is not None
+        breaker = up.breaker
+        retries = 0
+        final = False           # the failure is not one to retry
+        try:
+            while True:
+                verdict[0] = True
+                if isinstance(failure, UpstreamError):
+                    breaker.on_result(failure.kind)
+                    up.selector.on_result(index, True)
+                else:
+                    breaker.on_result(failure.status)
+                    up.selector.on_result(index, breaker.is_failure(failure.status))
+                if final or not self._may_retry(up, retries):
+                    if retries:
+                        self._count_retry(up.name, "failed")
+                    if isinstance(failure, UpstreamResponse):
+                        return failure, index, t_up, True
+                    sent = _problem(request, failure.status, failure.detail)
+                    self._record(route.name, up.name, route.service, method, failure.status,
+                                 t0, perf_counter() - t_up, bytes_in, sent, request,
+                                 limit_decision, breaker.state)
+                    return None
+                if isinstance(failure, UpstreamResponse):
+                    await _discard(failure)
+                if not retries:
+                    up.retries_inflight += 1
+                retries += 1
+                verdict[0] = False      # _may_retry acquired the breaker for this attempt
+                index = self._next_endpoint(up, index)
+                headers = self._upstream_headers(request, up.authorities[index],
+                                                 rt.limiter.trusts, request_id,
+                                                 up.tls_hosts[index])
+                t_up = perf_counter()
+                try:
+                    uresp = await up.pools[index].request(method, target, headers, body,
+                                                          content_length=request.content_length)
+                except UpstreamError as exc:
+                    failure, final = exc, exc.kind not in retry.on
+                    continue
+                except ClientGone:
+                    verdict[0] = True
+                    breaker.release()
+                    self._record(route.name, up.name, route.service, method, 499, t0,
+                                 perf_counter() - t_up, bytes_in, 0, request, limit_decision,
+                                 breaker.state)
+                    request.cut()
+                    return None
+                if uresp.status in retry.on:
+                    failure = uresp
+                    continue
+                self._count_retry(up.name, "succeeded")
+                return uresp, index, t_up, False
+        finally:
+            if retries:
+                up.retries_inflight -= 1
+
+    def _may_retry(self, up: UpstreamRuntime, retries: int) -> bool:
+        """One more attempt, if attempts are left, the retry budget holds (retries in flight
+        at most `budget_ratio` of the first attempts in flight, or _RETRY_BUDGET_MIN) and the
+        breaker lets it through (it then holds the attempt's slot)."""
+        retry = up.retry
+        assert retry is not None
+        if retries >= retry.attempts:
+            return False
+        # Requests in flight to the upstream that are not retries: its pools' busy
+        # connections, read only here so that the plain path counts nothing.
+        first = sum(p.in_use for p in up.pools) - up.retries_inflight
+        if up.retries_inflight + 1 > max(_RETRY_BUDGET_MIN, retry.budget_ratio * first):
+            self._count_retry(up.name, "budget_exhausted")
+            return False
+        if not up.breaker.acquire():
+            return False
+        self._count_retry(up.name, "retried")
+        return True
+
+    @staticmethod
+    def _next_endpoint(up: UpstreamRuntime, index: int) -> int:
+        nxt = up.selector.pick()
+        if nxt == index and len(up.pools) > 1:
+            nxt = up.selector.pick()
+        return nxt
+
+    def _count_retry(self, upstream: str, result: str) -> None:
+        counts = self.signals.retries
+        counts[upstream, result] = counts.get((upstream, result), 0) + 1
 
     async def _websocket(self, rt: Runtime, request: Request, route: RouteConfig,
                          up: UpstreamRuntime, t0: float, target: str, request_id: str,
@@ -532,7 +731,9 @@ class Proxy:
         if claims and trusted:
             out.extend(claims)
         out.append(("X-Request-Id", request_id))  # exactly one: the id we log and answer with
-        trace = request.trace = context_for(traceparent, self.tracer)
+        trace = request.trace      # a retry keeps the trace of the first attempt
+        if trace is None:
+            trace = request.trace = context_for(traceparent, self.tracer)
         out.append(("traceparent", trace.header))  # exactly one
         if tracestate and trace.parent_id:  # the client's trace continues: so does its state
             out.extend(tracestate)
@@ -564,6 +765,21 @@ class Proxy:
         if tracer is not None and trace.sampled:
             tracer.export(trace, duration, method, route, path, status, upstream, service,
                           limit, breaker, request.peer_ip)
+
+
+async def _discard(uresp: UpstreamResponse) -> None:
+    """Drop a failed attempt's answer: a small one is read so its connection is reused."""
+    try:
+        if uresp.has_body and uresp.content_length is not None \
+                and uresp.content_length <= SMALL_RESPONSE:
+            await uresp.read_all(SMALL_RESPONSE)
+            uresp.release()
+        elif not uresp.has_body:
+            uresp.release()
+        else:
+            uresp.abort()
+    except UpstreamError:
+        uresp.abort()
 
 
 async def _stream_body(request: Request, counter: list[int]) -> AsyncIterator[bytes]:

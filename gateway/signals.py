@@ -52,7 +52,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE"
 OTHER_METHOD = "OTHER"
 _METHOD_LABEL = {m: m for m in METHODS}
 
-LOCAL_REASONS = ("limit", "budget", "breaker", "no_route", "client_gone", "bad_request")
+LOCAL_REASONS = ("limit", "budget", "breaker", "no_route", "client_gone", "bad_request",
+                 "shed", "concurrency")
 """Why the gateway answered a request itself (the `local` of a shipped series)."""
 
 LIMIT_DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
@@ -403,9 +404,12 @@ class Signals:
         "_upstreams",
         "buckets_s",
         "clock",
+        "concurrency_sources",
         "loop_lag_max_s",
         "loop_lag_s",
         "quantile_interval",
+        "retries",
+        "shed",
     )
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK, *,
@@ -446,6 +450,11 @@ class Signals:
         # so the shipper's interval and the scraper's interval must not steal from each other.
         self._proc_interval = psutil.Process()
         self._proc_scrape = psutil.Process()
+        # Overload protection, cumulative, read at scrape: (upstream, result) -> n,
+        # (route, reason) -> n, upstream -> fn() giving its adaptive concurrency limit now.
+        self.retries: dict[tuple[str, str], int] = {}
+        self.shed: dict[tuple[str, str], int] = {}
+        self.concurrency_sources: dict[str, Callable[[], int]] = {}
         self._proc_interval.cpu_percent(None)
         self._proc_scrape.cpu_percent(None)
 

@@ -41,11 +41,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
-from gateway.control import (  # costs: budgets, directives
+from gateway.control import (  # costs: budgets, directives; shedding: page alerts
     costs,
     dashboard,
     health,
     rollup,
+    shedding,
     slometrics,
 )
 from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts, tenant table
@@ -250,6 +251,7 @@ def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | N
     directives = finops.directives(store, now) if finops is not None else {}
     if book is not None:
         directives = {**directives, **book.directives(store, now)}
+    directives = {**directives, **shedding.directives(store, now)}  # open page alerts
     return stored, batch.batch_id, len(batch.series), directives
 
 
