@@ -315,6 +315,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _IDENTITY = database.identity_tables(sql for _v, stmts in MIGRATIONS for sql in stmts)
 # Replicas starting together: one migrates, the others wait for it (pg_advisory_xact_lock)
 _MIGRATION_LOCK = 0x6761_7465_0001
+_COMPACTION_LOCK = 0x6761_7465_0002
 
 _SIGNAL_COLUMNS = ("bucket_start", "service", "route", "request_count", "error_count_4xx",
                    "error_count_5xx", "rate_limited", "bytes_in", "bytes_out", "p50_us",
@@ -519,8 +520,16 @@ class Store:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM pending_hist").fetchone()[0])
 
-    def delete_pending_through(self, last_id: int) -> None:
-        self._db.execute("DELETE FROM pending_hist WHERE id <= ?", (last_id,))
+    def delete_pending(self, ids: list[int]) -> None:
+        """Delete exactly the folded rows: on PostgreSQL a replica's ingest may commit a row
+        with a smaller id after the chunk was read (ids are taken at insert, not at commit)."""
+        self._db.executemany("DELETE FROM pending_hist WHERE id = ?", [(i,) for i in ids])
+
+    def lock_compaction(self) -> None:
+        """Inside a transaction: wait until no other replica compacts (PostgreSQL; SQLite's
+        BEGIN IMMEDIATE holds the one writer lock already). Released at COMMIT/ROLLBACK."""
+        if self.postgresql:
+            self._db.execute("SELECT pg_advisory_xact_lock(?)", (_COMPACTION_LOCK,))
 
     def bucket_hist(self, key: HistKey) -> bytes | None:
         row = self._db.execute(
