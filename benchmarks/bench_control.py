@@ -81,9 +81,11 @@ async def bench_http(n: int, concurrency: int, workdir: Path, database: str | No
         cfg.write_text(f'listen: "127.0.0.1:{port}"\ndatabase: "{database}"\n'
                        f"tokens: [{{name: gw, role: gateway, token: {TOKEN}}},"
                        f" {{name: r, role: reader, token: reader-{TOKEN}}}]\n")
-        procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from gateway.control"
-                                       ".app import run; sys.exit(run(sys.argv[1]))", str(cfg)],
-                                      cwd=ROOT, stderr=subprocess.DEVNULL))
+        with open(workdir / f"control-{port}.log", "wb") as log:   # the child keeps its copy
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", ("import sys; from gateway.control.app import run; "
+                                        "sys.exit(run(sys.argv[1]))"), str(cfg)],
+                cwd=ROOT, stderr=log))
         urls.append(f"http://127.0.0.1:{port}")
         wait_port(port, timeout=30)     # one after the other: the first migrates
     try:
@@ -103,7 +105,10 @@ async def bench_http(n: int, concurrency: int, workdir: Path, database: str | No
                     t0 = time.perf_counter()
                     async with s.post(f"{url}/v1/ingest", data=body, headers=headers) as r:
                         await r.read()
-                        assert r.status == 200, r.status
+                        if r.status != 200:
+                            logs = "".join(p.read_text()[-3000:] for p in
+                                           workdir.glob("control-*.log"))
+                            raise AssertionError(f"ingest answered {r.status}; logs:\n{logs}")
                     latencies.append(time.perf_counter() - t0)
 
             t0 = time.perf_counter()

@@ -542,7 +542,8 @@ class Store:
         """(hist, p50_us, p95_us, p99_us, win_s, bucket_start, service, route) rows."""
         self._db.executemany(
             "UPDATE buckets SET hist = ?, p50_us = ?, p95_us = ?, p99_us = ? "
-            "WHERE win_s = ? AND bucket_start = ? AND service = ? AND route = ?", rows)
+            "WHERE win_s = ? AND bucket_start = ? AND service = ? AND route = ?",
+            _sorted(rows, 4, 6, 7, 5))     # the order add_buckets locks them in
 
     # -----------------------------------------------------------------------------------------
     # Queries
