@@ -147,3 +147,53 @@ def test_restore_refuses_what_is_not_a_backup(tmp_path: Path) -> None:
     done = control_db("restore", cp.path, tmp_path / "missing.db")
     assert done.returncode == 2 and "missing.db: no such file" in done.stderr
     assert not (tmp_path / "cp" / "control.db").exists()
+
+
+@pytest.mark.timeout(120)
+async def test_postgresql_backup_and_restore(tmp_path: Path, postgres_cluster: Any) -> None:
+    """pg_dump -Fc of a database a running control plane ingests into; pg_restore into a new,
+    empty database; a control plane on it answers /v1/signals the same; a non-empty target is
+    refused."""
+    source = postgres_cluster.create_database()
+    live = control_in(tmp_path, "live")
+    live.path.write_text(live.path.read_text().replace(
+        f'database: "{live.path.parent / "control.db"}"', f'database: "{source}"'))
+    live.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            start = time.time() - 600
+            for k in range(1, 21):
+                doc = batch(f"gw1-{k}", start + k * 10, [series("r1", "svc", 200,
+                                                                latencies_us=[1000 + k] * k)],
+                            gateway_id="gw1", seq=k)
+                async with session.post(f"{live.url}/v1/ingest", data=orjson.dumps(doc),
+                                        headers=INGEST) as resp:
+                    assert resp.status == 200
+            dump = tmp_path / "control.dump"
+            done = await asyncio.to_thread(control_db, "backup", live.path, dump)
+            assert done.returncode == 0, done.stderr
+            assert "pg_dump" in done.stdout and "postgres@" in done.stdout
+
+            target = postgres_cluster.create_database(template="template0")     # empty
+            restored = control_in(tmp_path, "restored")
+            restored.path.write_text(restored.path.read_text().replace(
+                f'database: "{restored.path.parent / "control.db"}"', f'database: "{target}"'))
+            done = await asyncio.to_thread(control_db, "restore", restored.path, dump)
+            assert done.returncode == 0, done.stderr
+            restored.start()
+            try:
+                for window in ("1m", "1h"):
+                    deadline = time.monotonic() + 15
+                    while True:
+                        a = await signals(session, live, window)
+                        b = await signals(session, restored, window)
+                        if a == b or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.2)
+                    assert a == b and total(a) == sum(range(1, 21)), window
+            finally:
+                restored.stop()
+            done = await asyncio.to_thread(control_db, "restore", restored.path, dump)
+            assert done.returncode == 2 and "is not empty" in done.stderr
+    finally:
+        live.stop()
