@@ -33,6 +33,7 @@ from gateway.control.app import (
     _json,
     _limit,
     parse_time,
+    path_id,
     problem,
     requires,
 )
@@ -56,10 +57,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _item_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isdigit():
-        raise web.HTTPNotFound(reason=f"no action item {raw!r}")
-    return int(raw)
+    return path_id(request, "action item")     # beyond 64 bits: a 404, not a driver error
 
 
 async def _run(request: web.Request, fn: Any, *args: Any) -> Any:
