@@ -46,7 +46,7 @@ from gateway.control import costs  # issue 8: cost attribution, budgets, directi
 from gateway.control import slometrics  # SLO gauges on /metrics
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
-from gateway.control.database import JobLock
+from gateway.control.database import JobLock, UnstorableText
 from gateway.control.ingest import IngestError, parse_batch, read_body
 from gateway.control.store import Store
 from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
@@ -149,7 +149,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         request[PRINCIPAL] = principal
     try:
         return await handler(request)
-    except BadParam as exc:
+    except (BadParam, UnstorableText) as exc:
         return problem(400, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -11,7 +11,8 @@ once, and this module holds what differs between the engines:
 * `lastrowid`: an INSERT into a table with an identity `id` gets `RETURNING id`;
 * DDL (`ddl()`): `id INTEGER PRIMARY KEY [AUTOINCREMENT]` -> an identity column, INTEGER ->
   BIGINT, REAL -> DOUBLE PRECISION, BLOB -> BYTEA, no `WITHOUT ROWID`;
-* unique violations raise `IntegrityError`, a subclass of sqlite3's, so callers catch one type.
+* unique violations raise `IntegrityError`, a subclass of sqlite3's, so callers catch one type;
+  text with a NUL character (which PostgreSQL cannot store) raises `UnstorableText` (a 400).
 
 Upserts are written `INSERT ... ON CONFLICT (...) DO UPDATE/NOTHING` with the existing row's
 columns qualified by the table name: the same text is valid in both engines.
@@ -51,6 +52,10 @@ def is_postgresql(database: str) -> bool:
 
 class IntegrityError(sqlite3.IntegrityError):
     """A constraint violation from PostgreSQL, catchable as sqlite3.IntegrityError."""
+
+
+class UnstorableText(ValueError):
+    """Text PostgreSQL cannot hold (a NUL character): bad input, answered with a 400."""
 
 
 class Cursor(Protocol):
@@ -318,6 +323,9 @@ class PostgresConnection:
     def _wrap(self, exc: BaseException) -> BaseException:
         if isinstance(exc, self._psycopg.IntegrityError):
             return IntegrityError(str(exc))
+        if isinstance(exc, self._psycopg.DataError) and "NUL" in str(exc):
+            # SQLite stores and compares such text; PostgreSQL refuses it before sending
+            return UnstorableText("text with a NUL character (\\u0000) is not accepted")
         return exc
 
     def _release(self) -> None:
