@@ -170,3 +170,23 @@ async def _equals(awaitable: Any, expected: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_replicas_starting_together_migrate_once(postgres_cluster: Any) -> None:
+    """Four stores open one empty database at once: one applies the migrations, the others
+    wait for it (advisory lock) and find them applied; each version recorded once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.control.store import SCHEMA_VERSION, Store
+
+    database = postgres_cluster.create_database(template="template0")
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: Store(database), range(4)))
+    try:
+        assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
+        rows = stores[0]._db.execute("SELECT version, COUNT(*) FROM schema_version "
+                                     "GROUP BY version").fetchall()
+        assert all(n == 1 for _v, n in rows) and len(rows) == SCHEMA_VERSION
+    finally:
+        for s in stores:
+            s.close()
