@@ -181,17 +181,18 @@ class _MultiRow:
         self.per_statement = max(1, min(1000, 60_000 // max(1, width)))
 
     @classmethod
-    def of(cls, text: str) -> _MultiRow | bool:
+    def of(cls, text: str) -> _MultiRow | None:
+        """None when the statement is not a one-row INSERT ... VALUES."""
         m = _VALUES.match(text)
         if m is None:
-            return False
+            return None
         cols = [c.strip() for c in m[2].split(",")]
         key: tuple[int, ...] | None = None
         conflict = _CONFLICT.search(m[4])
         if conflict is not None:
             names = [c.strip() for c in conflict[1].split(",")]
             if not set(names) <= set(cols):
-                return False
+                return None
             key = tuple(cols.index(c) for c in names)
         return cls(m[1], m[3], m[4], key, len(cols))
 
@@ -223,7 +224,7 @@ class PostgresConnection:
         self._psycopg = psycopg
         self._identity = identity
         self._sql: dict[str, tuple[str, bool]] = {}
-        self._multi: dict[str, _MultiRow | bool] = {}
+        self._multi: dict[str, _MultiRow | None] = {}
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s,
                                     kwargs={"autocommit": True}, open=False,
                                     name="gateway-control")
@@ -300,10 +301,10 @@ class PostgresConnection:
         rows = [tuple(p) for p in seq_of_parameters]
         if not rows:
             return _Result([], 0, None)
-        multi = self._multi.get(sql)
-        if multi is None:
-            multi = self._multi[sql] = _MultiRow.of(text)
-        if multi is not False and multi.fits(rows):
+        if sql not in self._multi:
+            self._multi[sql] = _MultiRow.of(text)
+        multi = self._multi[sql]
+        if multi is not None and multi.fits(rows):
             n = 0
             for i in range(0, len(rows), multi.per_statement):
                 part = rows[i:i + multi.per_statement]
