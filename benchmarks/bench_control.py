@@ -68,17 +68,27 @@ def make_batch(gw: int, seq: int, t: float, hists: list[str], rng: random.Random
                            "rss_bytes": 80_000_000}}
 
 
-async def bench_http(n: int, concurrency: int, workdir: Path) -> None:
-    port = free_port()
-    cfg = workdir / "control.yaml"
-    cfg.write_text(f'listen: "127.0.0.1:{port}"\ndatabase: "{workdir}/http.db"\n'
-                   f"tokens: [{{name: gw, role: gateway, token: {TOKEN}}},"
-                   f" {{name: r, role: reader, token: reader-{TOKEN}}}]\n")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gateway.control.app "
-                             "import run; sys.exit(run(sys.argv[1]))", str(cfg)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+async def bench_http(n: int, concurrency: int, workdir: Path, database: str | None = None,
+                     replicas: int = 1, label: str = "SQLite") -> float:
+    """POST n batches to `replicas` control-plane processes on one database (each client worker
+    sticks to one replica, as a gateway does); returns batches/s."""
+    database = database or f"{workdir}/http-{time.monotonic_ns()}.db"
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: list[str] = []
+    for _ in range(replicas):
+        port = free_port()
+        cfg = workdir / f"control-{port}.yaml"
+        cfg.write_text(f'listen: "127.0.0.1:{port}"\ndatabase: "{database}"\n'
+                       f"tokens: [{{name: gw, role: gateway, token: {TOKEN}}},"
+                       f" {{name: r, role: reader, token: reader-{TOKEN}}}]\n")
+        with open(workdir / f"control-{port}.log", "wb") as log:   # the child keeps its copy
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", ("import sys; from gateway.control.app import run; "
+                                        "sys.exit(run(sys.argv[1]))"), str(cfg)],
+                cwd=ROOT, stderr=log))
+        urls.append(f"http://127.0.0.1:{port}")
+        wait_port(port, timeout=30)     # one after the other: the first migrates
     try:
-        wait_port(port, timeout=20)
         rng = random.Random(1)
         hists = make_hists(40, rng)
         now = time.time()
@@ -86,37 +96,44 @@ async def bench_http(n: int, concurrency: int, workdir: Path) -> None:
                   for i in range(n)]
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Encoding": "gzip",
                    "Content-Type": "application/json"}
-        url = f"http://127.0.0.1:{port}"
         latencies: list[float] = []
         queue = list(reversed(bodies))
         async with aiohttp.ClientSession() as s:
-            async def worker() -> None:
+            async def worker(url: str) -> None:
                 while queue:
                     body = queue.pop()
                     t0 = time.perf_counter()
                     async with s.post(f"{url}/v1/ingest", data=body, headers=headers) as r:
                         await r.read()
-                        assert r.status == 200, r.status
+                        if r.status != 200:
+                            logs = "".join(p.read_text()[-3000:] for p in
+                                           workdir.glob("control-*.log"))
+                            raise AssertionError(f"ingest answered {r.status}; logs:\n{logs}")
                     latencies.append(time.perf_counter() - t0)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(urls[i % replicas]) for i in range(concurrency)))
             elapsed = time.perf_counter() - t0
             t1 = time.perf_counter()
-            async with s.get(f"{url}/v1/signals", params={"window": "1m"},
+            async with s.get(f"{urls[0]}/v1/signals", params={"window": "1m"},
                              headers={"Authorization": f"Bearer reader-{TOKEN}"}) as r:
                 rows = (await r.json())["rows"]
             catch_up = time.perf_counter() - t1
         latencies.sort()
-        print(f"HTTP ingest: {n} batches x 50 series, concurrency {concurrency}: "
-              f"{n / elapsed:.0f} batches/s ({elapsed:.1f} s); request p50 "
-              f"{statistics.median(latencies) * 1000:.1f} ms, p99 "
+        counted = sum(r["request_count"] for r in rows)
+        print(f"HTTP ingest, {label}, {replicas} replica(s): {n} batches x 50 series, "
+              f"concurrency {concurrency}: {n / elapsed:.0f} batches/s ({elapsed:.1f} s); "
+              f"request p50 {statistics.median(latencies) * 1000:.1f} ms, p99 "
               f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms; compaction backlog "
               f"folded by the next /v1/signals in {catch_up * 1000:.0f} ms "
-              f"({len(rows)} service rows, {sum(r['request_count'] for r in rows)} requests)")
+              f"({len(rows)} service rows, {counted} requests"
+              f"{'' if counted == n * 10_000 else f' != {n * 10_000} expected!'})")
+        return n / elapsed
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
 
 
 def bench_inprocess(n: int, workdir: Path) -> None:
@@ -141,7 +158,7 @@ def bench_inprocess(n: int, workdir: Path) -> None:
         store.close()
 
 
-def populate(path: Path, now: float) -> None:
+def populate(path: Path | str, now: float) -> None:
     store = Store(path)
     rng = random.Random(3)
     enc = histogram.encode(histogram.decode(make_hists(1, rng)[0]))
@@ -165,18 +182,20 @@ def populate(path: Path, now: float) -> None:
     store.close()
 
 
-async def bench_signals(workdir: Path) -> None:
+async def bench_signals(workdir: Path, database: str | None = None,
+                        label: str = "SQLite") -> None:
     from aiohttp import web
 
     from gateway.control.app import create_app
     from gateway.control.config import ControlConfig, TokenConfig
 
     now = time.time()
-    db = workdir / "signals.db"
+    db = database or str(workdir / "signals.db")
     t0 = time.perf_counter()
     populate(db, now)
-    print(f"populated 30 d of 1h + 1 d of 1m rows for 20 services x (total + 5 routes) in "
-          f"{time.perf_counter() - t0:.1f} s ({os.path.getsize(db) / 1e6:.0f} MB)")
+    size = "" if database else f" ({os.path.getsize(db) / 1e6:.0f} MB)"
+    print(f"{label}: populated 30 d of 1h + 1 d of 1m rows for 20 services x (total + 5 routes)"
+          f" in {time.perf_counter() - t0:.1f} s{size}")
     cfg = ControlConfig(listen="127.0.0.1:0", database=str(db),
                         tokens=(TokenConfig("r", "reader", "rt"),))
     runner = web.AppRunner(create_app(cfg), access_log=None)
@@ -208,13 +227,13 @@ async def bench_signals(workdir: Path) -> None:
                     times.append(time.perf_counter() - t0)
                     n_rows = len(doc["rows"])
                 times.sort()
-                print(f"/v1/signals {name}: {n_rows} rows, p50 {times[10] * 1000:.1f} ms, "
+                print(f"{label} /v1/signals {name}: {n_rows} rows, p50 {times[10] * 1000:.1f} ms, "
                       f"max {times[-1] * 1000:.1f} ms")
             for _ in range(1):
                 t0 = time.perf_counter()
                 async with s.get(f"http://{host}:{port}/v1/health/overview") as r:
                     await r.read()
-                print(f"/v1/health/overview (20 services): {(time.perf_counter() - t0) * 1000:.1f}"
+                print(f"{label} /v1/health/overview (20 services): {(time.perf_counter() - t0) * 1000:.1f}"
                       f" ms")
     finally:
         await runner.cleanup()
@@ -224,13 +243,40 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--postgresql", action="store_true",
+                    help="also PostgreSQL (a private cluster, as the tests start it): ingest "
+                         "with 1 and 2 replicas in rounds alternating with SQLite (the anchor)")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-        bench_inprocess(min(args.batches, 500), work)
-        asyncio.run(bench_http(args.batches, args.concurrency, work))
-        asyncio.run(bench_signals(work))
+        if not args.postgresql:
+            bench_inprocess(min(args.batches, 500), work)
+            asyncio.run(bench_http(args.batches, args.concurrency, work))
+            asyncio.run(bench_signals(work))
+            return
+        from tests.postgres import PostgresCluster
+        cluster = PostgresCluster()
+        cluster.start()
+        try:
+            ratios = []
+            for r in range(args.rounds):    # alternating A/B rounds: load drifts on a shared box
+                print(f"-- round {r + 1}")
+                lite = asyncio.run(bench_http(args.batches, args.concurrency, work))
+                pg2 = asyncio.run(bench_http(args.batches, args.concurrency, work,
+                                             cluster.create_database(), 2, "PostgreSQL"))
+                pg1 = asyncio.run(bench_http(args.batches, args.concurrency, work,
+                                             cluster.create_database(), 1, "PostgreSQL"))
+                ratios.append((pg2 / lite, pg1 / lite))
+                print(f"   PostgreSQL 2 replicas / SQLite = {pg2 / lite:.2f}x, "
+                      f"1 replica / SQLite = {pg1 / lite:.2f}x")
+            print("ratios per round (2 replicas, 1 replica vs SQLite): " +
+                  ", ".join(f"{a:.2f}x/{b:.2f}x" for a, b in ratios))
+            asyncio.run(bench_signals(work))
+            asyncio.run(bench_signals(work, cluster.create_database(), "PostgreSQL"))
+        finally:
+            cluster.stop()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p_rules.add_argument("--config", default="config/control.yaml")
     p_rules.add_argument("--gateway-config", help="map each SLO's service to its routes")
 
+    p_cdb = sub.add_parser("control-db", help="back up or restore the control plane's database")
+    p_cdb.add_argument("action", choices=("backup", "restore"))
+    p_cdb.add_argument("path", help="the backup file (written by backup, read by restore)")
+    p_cdb.add_argument("--config", default="config/control.yaml")
+
     p_demo = sub.add_parser("demo-upstream", help="run the bundled demo upstream")
     p_demo.add_argument("--listen", default="127.0.0.1:9001")
 
@@ -96,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "slo-rules":
         from gateway.control import slorules
         return slorules.run(args.config, args.gateway_config)
+    if args.command == "control-db":
+        from gateway.control import backup
+        return backup.run(args.action, args.config, args.path)
     if args.command == "demo-upstream":
         from gateway import demo
         from gateway.config import split_hostport

@@ -217,6 +217,9 @@ class ControlPlaneConfig:
     config: str = "config/control.yaml"
     url: str = "http://127.0.0.1:9000"
     token: str = ""
+    # Every control-plane replica the shipper may use, in order (url is the first); a single
+    # `url:` string gives a one-element tuple.
+    urls: tuple[str, ...] = ()
     ship_interval_s: float = 10.0
     spool_dir: str = "var/spool"
     spool_max_bytes: int = 64 * 1024 * 1024
@@ -1015,10 +1018,21 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
     if "config" in m:
         kw["config"] = _str(m["config"], f"{path}.config", errs)
     if "url" in m:
-        u = _str(m["url"], f"{path}.url", errs)
-        if u is not None and urlsplit(u).scheme not in ("http", "https"):
-            errs.add(f"{path}.url", f"must be an http(s) URL, got {u!r}")
-        kw["url"] = u
+        # One URL or a list of them (control-plane replicas, tried in order).
+        many = isinstance(m["url"], list)
+        if many and not m["url"]:
+            errs.add(f"{path}.url", "must list at least one URL")
+        urls: list[str] = []
+        for i, item in enumerate(m["url"] if many else [m["url"]]):
+            where = f"{path}.url[{i}]" if many else f"{path}.url"
+            u = _str(item, where, errs)
+            if u is not None and urlsplit(u).scheme not in ("http", "https"):
+                errs.add(where, f"must be an http(s) URL, got {u!r}")
+            elif u is not None:
+                urls.append(u)
+        if urls:
+            kw["url"] = urls[0]
+            kw["urls"] = tuple(urls)
     if "token" in m:
         kw["token"] = _str(m["token"], f"{path}.token", errs, nonempty=False)
     if "ship_interval_s" in m:

@@ -1,7 +1,11 @@
 """Ships the gateway's aggregates to the control plane, off the hot path, with a disk spool.
 
 Every `ship_interval_s` the shipper takes `snapshot()` (the signals wire document), adds
-`batch_id`, `gateway_id` and `seq`, gzips it and POSTs it to `{url}/v1/ingest`. A batch that
+`batch_id`, `gateway_id` and `seq`, gzips it and POSTs it to `{url}/v1/ingest`. With several
+URLs (control-plane replicas) a delivery tries the one that last worked, then the others in
+order, moving on after a network error, a timeout or a retryable status (5xx, 401/403/408/429);
+the first that accepts becomes the one used from then on. Only when all of them fail is the
+batch spooled and retried with backoff, as with one URL. A batch that
 cannot be delivered is written to `spool_dir` (one file per batch, tmp + fsync + rename) and
 retried with exponential backoff and jitter, oldest first; new batches queue behind the spool so
 the control plane always receives them in order. The control plane is idempotent by batch_id, so
@@ -80,7 +84,9 @@ class Shipper:
                  on_directives: Callable[[dict[str, Any]], None] | None = None,
                  timeout_s: float | None = None, backoff_base_s: float | None = None,
                  backoff_max_s: float | None = None, stop_timeout_s: float = 2.0) -> None:
-        self._url = cfg.url.rstrip("/") + "/v1/ingest"
+        # Control-plane replicas in order; `_current` is the one that last worked (sticky).
+        self._urls = tuple(u.rstrip("/") + "/v1/ingest" for u in (cfg.urls or (cfg.url,)))
+        self._current = 0
         self._token = cfg.token
         self._interval = float(cfg.ship_interval_s)
         self._timeout = timeout_s if timeout_s is not None else min(5.0, self._interval)
@@ -156,11 +162,11 @@ class Shipper:
                     if self._files:
                         await self._spool_write(batch)
                     else:
-                        outcome = await self._post(batch, deadline - loop.time())
+                        outcome = await self._post(batch, deadline - loop.time(), total=True)
                         if outcome == "retry":
                             await self._spool_write(batch)
                 while self._files and loop.time() < deadline:
-                    if not await self._deliver_oldest(deadline - loop.time()):
+                    if not await self._deliver_oldest(deadline - loop.time(), total=True):
                         break
         finally:
             if self._session is not None:
@@ -260,8 +266,30 @@ class Shipper:
         body = await asyncio.to_thread(_encode, full)
         return _Batch(seq, batch_id, body)
 
-    async def _post(self, batch: _Batch, timeout: float) -> str:
-        """POST one batch: "ok", "bad" (dropped: will never be accepted) or "retry"."""
+    async def _post(self, batch: _Batch, timeout: float, *, total: bool = False) -> str:
+        """POST one batch to the replicas in turn, starting with the one that last worked:
+        "ok", "bad" (dropped: will never be accepted) or "retry" (all of them failed). Each
+        replica gets up to min(timeout, timeout_s); with `total` (the way out, bounded by stop's
+        deadline) `timeout` is the budget of all of them together."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if total else timeout * len(self._urls))
+        outcome = "retry"
+        for step in range(len(self._urls)):
+            i = (self._current + step) % len(self._urls)
+            left = deadline - loop.time()
+            if step and left <= 0.05:
+                break
+            outcome = await self._post_one(self._urls[i], batch, min(timeout, left))
+            if outcome != "retry":
+                if i != self._current:
+                    log.info("control plane replica switched", extra={
+                        "event": "shipper_replica_switched", "url": self._urls[i],
+                        "previous": self._urls[self._current]})
+                    self._current = i
+                return outcome
+        return outcome
+
+    async def _post_one(self, url: str, batch: _Batch, timeout: float) -> str:
         assert self._session is not None, "start() first"
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
         if self._token:
@@ -269,7 +297,7 @@ class Shipper:
         retry_after: float | None = None
         try:
             async with self._session.post(
-                    self._url, data=batch.body, headers=headers,
+                    url, data=batch.body, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=max(0.05, min(timeout, self._timeout)))
             ) as resp:
                 text = await resp.text(errors="replace")
@@ -281,7 +309,7 @@ class Shipper:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._result("failure")
             self._backoff(None)
-            self._log_failure(batch, f"{type(exc).__name__}: {exc}".rstrip(": "))
+            self._log_failure(url, batch, f"{type(exc).__name__}: {exc}".rstrip(": "))
             return "retry"
         if 200 <= status < 300:
             self._result("success")
@@ -300,10 +328,10 @@ class Shipper:
             return "bad"
         self._result("failure")
         self._backoff(retry_after)
-        self._log_failure(batch, f"HTTP {status}: {text[:200]}")
+        self._log_failure(url, batch, f"HTTP {status}: {text[:200]}")
         return "retry"
 
-    async def _deliver_oldest(self, timeout: float) -> bool:
+    async def _deliver_oldest(self, timeout: float, *, total: bool = False) -> bool:
         """Try the oldest spooled batch. True when it is gone (delivered, dropped, corrupt)."""
         entry = self._files[0]
         body = await asyncio.to_thread(_read_spooled, entry.path)
@@ -317,7 +345,7 @@ class Shipper:
             return True
         seq = int(_NAME.match(entry.path.name).group(1))  # type: ignore[union-attr]
         batch = _Batch(seq, body[1], body[0])
-        outcome = await self._post(batch, timeout)
+        outcome = await self._post(batch, timeout, total=total)
         if outcome == "retry":
             return False
         await asyncio.to_thread(_unlink, entry.path)
@@ -332,12 +360,12 @@ class Shipper:
             delay = max(delay, min(retry_after, self._max))
         self._retry_at = self._clock.monotonic() + delay
 
-    def _log_failure(self, batch: _Batch, why: str) -> None:
+    def _log_failure(self, url: str, batch: _Batch, why: str) -> None:
         # One warning per outage, not per attempt.
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
         log.log(level, "control plane unreachable; spooling",
                 extra={"event": "shipper_delivery_failed", "batch_id": batch.batch_id,
-                       "error": why, "url": self._url})
+                       "error": why, "url": url})
 
     # -----------------------------------------------------------------------------------------
     # Spool

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,42 @@ def demo_upstream() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- Control-plane database backends ---------------------------------------------------------
+# One list parametrises the control-plane tests: a test module opts in with
+# `pytestmark = pytest.mark.usefixtures("control_backend")`, and every test in it runs once on
+# SQLite and once on PostgreSQL (a fresh database per test on one private cluster per session).
+CONTROL_BACKENDS = [pytest.param("sqlite", id="sqlite"),
+                    pytest.param("postgresql", id="postgresql")]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "control_backend" in metafunc.fixturenames:
+        metafunc.parametrize("control_backend", CONTROL_BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    from tests.postgres import PostgresCluster
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def control_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """"sqlite" or "postgresql"; `control_config()` (tests/test_control_support.py) then points
+    at a SQLite file in tmp_path or at a fresh PostgreSQL database."""
+    from tests import test_control_support as support
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("postgres_cluster")
+        support.NEW_DATABASE = cluster.create_database
+    try:
+        yield request.param
+    finally:
+        support.NEW_DATABASE = None
+        support._DATABASES.clear()

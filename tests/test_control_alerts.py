@@ -3,10 +3,14 @@ resolve, roles and audit."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.control.reliability import run_evaluation
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 
 async def test_burn_rate_alert_through_the_api_ack_and_auto_resolve(tmp_path):

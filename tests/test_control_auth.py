@@ -21,6 +21,8 @@ from tests.test_control_support import (
     store_of,
 )
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 T = DAY0 + 3_600
 ROLES = ("admin", "monitor", "reader", "gateway")
 

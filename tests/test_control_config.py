@@ -74,6 +74,10 @@ def test_defaults():
     ("tokens: [{name: a, role: admin, token: '${NOPE}'}]",
      ["${NOPE}: environment variable is not set (use ${NOPE:-default})",
       "tokens[0].token: must not be empty"]),
+    ("tokens: [{name: a, role: admin, token: t}]\ndatabase: 'postgresql:///gw'",
+     ["database: a postgresql:// URL needs a host (postgresql://user:pass@host:port/db)"]),
+    ("tokens: [{name: a, role: admin, token: t}]\ndatabase: 'postgresql://db.internal:5432'",
+     ["database: a postgresql:// URL needs a database name (postgresql://user:pass@host:port/db)"]),
     ("tokens: [", None),
 ])
 def test_errors_name_the_key(text, errors):

@@ -17,11 +17,14 @@ from tests.test_control_support import (
     auth,
     batch,
     control_plane,
+    database_of,
     get,
     ingest,
     series,
     store_of,
 )
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 MONTH0 = 1_698_796_800          # 2023-11-01 00:00 UTC; DAY0 is 2023-11-15 (a Wednesday)
 NOV_S = 30 * 86_400
@@ -321,7 +324,7 @@ def _usage(store: Store, t: int, service: str, micros: int) -> None:
 
 
 def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
-    path = tmp_path / "c.db"
+    path = database_of(tmp_path, "c.db")
     models, _ = costs.parse_cost_models({"svc": {"per_request": 0.000001}})
     clock = FakeClock(wall=DAY0 + 12 * 3_600)
     store = Store(path, clock=clock)

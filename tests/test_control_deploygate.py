@@ -10,6 +10,8 @@ from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 
 @pytest.mark.parametrize("remaining,decision", [
     (1.0, "allow"), (0.5001, "allow"), (0.5, "low_traffic_only"), (0.2, "low_traffic_only"),

@@ -14,7 +14,9 @@ from gateway.control.reliability import run_evaluation
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, MIN, add_slo, call, feed, make_slo, slo_plane
-from tests.test_control_support import batch, ingest, series, store_of
+from tests.test_control_support import batch, database_of, ingest, series, store_of
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 NOV1 = datetime(2023, 11, 1, tzinfo=UTC).timestamp()
 DEC1 = datetime(2023, 12, 1, tzinfo=UTC).timestamp()
@@ -25,7 +27,7 @@ def budget_alerts(store: Store) -> list[dict]:
 
 
 def test_consumption_alerts_at_50_and_90_percent_once_per_period(tmp_path):
-    store = Store(tmp_path / "c.db")
+    store = Store(database_of(tmp_path, "c.db"))
     try:
         s = make_slo(window="month", budget_alerts=[50, 90])
         add_slo(store, s)
@@ -85,7 +87,7 @@ def test_consumption_alerts_at_50_and_90_percent_once_per_period(tmp_path):
 
 
 def test_no_consumption_alert_below_min_events_or_when_disabled(tmp_path):
-    store = Store(tmp_path / "c.db")
+    store = Store(database_of(tmp_path, "c.db"))
     try:
         add_slo(store, make_slo(window="month", budget_alerts=[50, 90], min_events=10_000))
         add_slo(store, make_slo(name="quiet", window="month", budget_alerts=[]))

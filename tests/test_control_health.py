@@ -8,6 +8,8 @@ from gateway.control import health
 from tests.fakes import FakeClock
 from tests.test_control_support import DAY0, batch, control_plane, get, ingest, series
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 NOW = DAY0 + 7_200 + 150          # 02:02:30
 MINUTE = DAY0 + 7_200 + 120       # the current 1m bucket
 AT = MINUTE - 120                 # 02:00:00: inside the 5-minute window and the traffic window

@@ -13,6 +13,8 @@ from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, HOUR, MIN, call, slo_plane
 from tests.test_control_support import batch, ingest, series
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 DECL = {"title": "Database Performance Degradation", "description": "Queries 300 % slower",
         "severity": "SEV-2", "affected_service": "database",
         "context": {"avg_response_ms": 450, "normal_ms": 150}, "reason": "on-call saw it"}

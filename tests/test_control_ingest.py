@@ -25,6 +25,8 @@ from tests.test_control_support import (
     store_of,
 )
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 T = DAY0 + 3_600          # batches start at 01:00:00 UTC
 
 

@@ -19,6 +19,8 @@ from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import running, store_of
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 
 class Receiver:
     """An aiohttp webhook receiver on 127.0.0.1:0; `fail` answers 503 that many times first."""

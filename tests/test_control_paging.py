@@ -30,6 +30,8 @@ from tests.test_control_notify import Receiver, outage
 from tests.test_control_slo_support import DAY, DAY0, MIN, call, slo_plane
 from tests.test_control_support import running, store_of
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 
 async def idle(app: web.Application) -> None:
     await asyncio.wait_for(app[NOTIFIER].idle(), 20)

@@ -15,12 +15,15 @@ from tests.test_control_support import (
     DAY0,
     batch,
     control_plane,
+    database_of,
     get,
     ingest,
     series,
     signals,
     store_of,
 )
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 
 def _true_percentile(sorted_values: list[int], p: float) -> int:
@@ -142,7 +145,7 @@ def _ingest_direct(store: Store, batch_id: str, start: float, now: float) -> Non
 
 def test_retention_job_with_fake_clock(tmp_path):
     clock = FakeClock(wall=DAY0 + 3600)
-    store = Store(tmp_path / "c.db", clock=clock)
+    store = Store(database_of(tmp_path, "c.db"), clock=clock)
     try:
         _ingest_direct(store, "b1", DAY0 + 3600 - 10, clock.time())
         rollup.compact(store)
@@ -169,7 +172,7 @@ def test_retention_job_with_fake_clock(tmp_path):
 
 def test_retention_keeps_what_is_inside_the_window(tmp_path):
     clock = FakeClock(wall=DAY0 + 86_400)
-    store = Store(tmp_path / "c.db", clock=clock)
+    store = Store(database_of(tmp_path, "c.db"), clock=clock)
     try:
         _ingest_direct(store, "old", DAY0 + 30, clock.time())        # 23h59m ago
         deleted = rollup.run_retention(store, clock.time())

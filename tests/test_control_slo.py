@@ -25,7 +25,9 @@ from tests.test_control_slo_support import (
     make_slo,
     slo_plane,
 )
-from tests.test_control_support import batch, ingest, series, store_of
+from tests.test_control_support import batch, database_of, ingest, series, store_of
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 # ---------------------------------------------------------------------------------------------
 # Pure maths, by hand
@@ -115,7 +117,7 @@ def test_period_rolling_and_calendar_in_a_time_zone():
 def test_plan_counts_like_the_minute_buckets(tmp_path, span):
     """Coarse buckets in the middle, minutes at the edges: the same counts as summing every
     1-minute bucket (for ranges whose minutes are still retained)."""
-    store = Store(tmp_path / "c.db")
+    store = Store(database_of(tmp_path, "c.db"))
     start = DAY0 - 4 * DAY
     # a different error count every minute: any misplaced bucket changes the sum
     for day in range(5):

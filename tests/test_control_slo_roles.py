@@ -9,6 +9,8 @@ from gateway.control.auth import ACCESS
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY0, call, make_slo, slo_plane
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 READ = {"admin", "monitor"}
 WRITE = {"admin"}
 MATRIX = [

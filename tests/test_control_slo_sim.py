@@ -12,13 +12,14 @@ from gateway.control.evaluator import Evaluator, budget_report
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, HOUR, MIN, add_slo, feed, make_slo
+from tests.test_control_support import database_of
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("control_backend")]
 
 
 class Sim:
     def __init__(self, tmp_path, start: float, **slo_kw) -> None:
-        self.store = Store(tmp_path / "c.db")
+        self.store = Store(database_of(tmp_path, "c.db"))
         self.clock = FakeClock(wall=start)
         self.slo = make_slo(**slo_kw)
         add_slo(self.store, self.slo)
@@ -168,7 +169,7 @@ def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
 
 
 def test_calendar_month_budget_resets_at_midnight_in_its_time_zone(tmp_path):
-    store = Store(tmp_path / "c.db")
+    store = Store(database_of(tmp_path, "c.db"))
     berlin = make_slo(name="berlin", window="month", timezone="Europe/Berlin")
     utc = make_slo(name="utc", window="month")
     for s in (berlin, utc):
@@ -195,6 +196,7 @@ def test_calendar_month_budget_resets_at_midnight_in_its_time_zone(tmp_path):
     store.close()
 
 
+@pytest.mark.timeout(180)      # ~10 s on SQLite, ~30 s on PostgreSQL (a round trip a statement)
 def test_a_simulated_month(tmp_path):
     """30 days, evaluated every 10 minutes: a quiet week, a 15-minute outage (page, incident,
     auto-resolve), a slow 0.2 % leak for three days (ticket), recovery; the 30-day budget at

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +24,25 @@ TOKENS = {"admin": "admin-token-0123456789", "monitor": "monitor-token-012345678
           "reader": "reader-token-0123456789", "gateway": "gateway-token-0123456789"}
 
 
+# Set by the `control_backend` fixture (tests/conftest.py) on PostgreSQL: makes a new database
+# and returns its URL. None: SQLite files in tmp_path.
+NEW_DATABASE: Callable[[], str] | None = None
+_DATABASES: dict[str, str] = {}     # this test's PostgreSQL databases by the file they stand for
+
+
+def database_of(tmp_path: Path, name: str = "control.db") -> str:
+    """This test's control-plane database `tmp_path / name`: that SQLite file, or on PostgreSQL
+    a database of its own (the same one each time the same path is asked for)."""
+    path = str(tmp_path / name)
+    if NEW_DATABASE is None:
+        return path
+    if path not in _DATABASES:
+        _DATABASES[path] = NEW_DATABASE()
+    return _DATABASES[path]
+
+
 def control_config(tmp_path: Path, **kw: Any) -> ControlConfig:
-    cfg = ControlConfig(listen="127.0.0.1:0", database=str(tmp_path / "control.db"),
+    cfg = ControlConfig(listen="127.0.0.1:0", database=database_of(tmp_path),
                         tokens=tuple(TokenConfig(name=f"{role}-user", role=role, token=tok)
                                      for role, tok in TOKENS.items()))
     return replace(cfg, **kw)

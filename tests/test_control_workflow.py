@@ -13,6 +13,8 @@ from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, HOUR, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 NOV1 = datetime(2023, 11, 1, tzinfo=UTC).timestamp()
 DEC1 = datetime(2023, 12, 1, tzinfo=UTC).timestamp()
 

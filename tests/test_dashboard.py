@@ -13,6 +13,8 @@ from gateway.control.auth import ACCESS
 from tests.fakes import FakeClock
 from tests.test_control_support import DAY0, TOKENS, auth, control_plane
 
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
+
 SELF_ONLY = {"default-src 'none'", "script-src 'self'", "style-src 'self'",
              "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"}
 

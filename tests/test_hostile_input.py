@@ -25,6 +25,7 @@ from gateway.control.app import create_app
 from gateway.control.config import load as load_control
 from tests.conftest import free_port, wait_port
 from tests.harness import GatewayProcess, write_config
+from tests.test_control_support import database_of
 
 TIMEOUT_S = 10.0
 
@@ -576,6 +577,7 @@ tokens:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("control_backend")           # sqlite and postgresql
 def test_every_id_route_of_the_control_plane_answers_hostile_ids_with_a_4xx_problem(
         tmp_path: Path) -> None:
     """Before: ids beyond 64 bits (and non-ASCII digits such as `²`) in /v1/budgets/{id} and
@@ -586,7 +588,8 @@ def test_every_id_route_of_the_control_plane_answers_hostile_ids_with_a_4xx_prob
     import urllib.request
 
     port = free_port()
-    path = write_config(tmp_path, CONTROL_YAML.format(port=port, db=tmp_path / "c.db"),
+    path = write_config(tmp_path, CONTROL_YAML.format(port=port,
+                                                      db=database_of(tmp_path, "c.db")),
                         "control.yaml")
     # every route with a path parameter, from the application itself: new ones are covered
     app = create_app(load_control(path))

@@ -52,6 +52,7 @@ from gateway.control import (  # costs: budgets, directives; shedding: page aler
 from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts, tenant table
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
+from gateway.control.database import JobLock, UnstorableText
 from gateway.control.ingest import IngestError, parse_batch, read_body
 from gateway.control.store import Store
 from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
@@ -72,13 +73,19 @@ class Database:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-db")
+        self.jobs = JobLock(store.path)   # replicas on PostgreSQL: one runs each job
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
 
+    async def leads(self, job: str) -> bool:
+        """Whether this replica runs background `job` now (always, on SQLite)."""
+        return await self.call(self.jobs.holds, job)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.jobs.close()
         self.store.close()
 
 
@@ -148,7 +155,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         request[PRINCIPAL] = principal
     try:
         return await handler(request)
-    except BadParam as exc:
+    except (BadParam, UnstorableText) as exc:
         return problem(400, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -434,14 +441,18 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
         app[DB] = db
         app[METRICS] = Metrics()
         async def compact_in_steps() -> None:
+            if not await db.leads("compaction"):
+                return
             # one chunk per executor call: ingest requests queue in between, not behind it all
             while await db.call(rollup.compact, db.store, max_chunks=1) >= rollup.CHUNK:
                 pass
 
+        async def retention() -> None:
+            if await db.leads("retention"):
+                await db.call(rollup.run_retention, db.store, clock.time())
+
         jobs = [asyncio.create_task(_every(compact_interval_s, "compact", compact_in_steps)),
-                asyncio.create_task(_every(retention_interval_s, "retention",
-                                           lambda: db.call(rollup.run_retention, db.store,
-                                                           clock.time())))]
+                asyncio.create_task(_every(retention_interval_s, "retention", retention))]
         try:
             yield
         finally:

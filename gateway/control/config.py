@@ -1,10 +1,10 @@
 """Control plane configuration (`config/control.yaml`): frozen dataclasses and a strict loader.
 
 Keys: `listen` (default 127.0.0.1:9000), `database` (SQLite file, default var/control.db, relative
-to the working directory), `tokens: [{name, role, token}]`, and `slos`, `cost_models`, `budgets`,
-`notifications`. `slos` and `notifications` are validated fully by slo.parse_slos and
-notify.parse_notifications, into slo.SLO and notify.Target values; `cost_models` and `budgets`
-by costs.check_config.
+to the working directory; or a `postgresql://user:pass@host:port/db` URL), `tokens: [{name, role,
+token}]`, and `slos`, `cost_models`, `budgets`, `notifications`. `slos` and `notifications` are
+validated fully by slo.parse_slos and notify.parse_notifications, into slo.SLO and notify.Target
+values; `cost_models` and `budgets` by costs.check_config.
 `${VAR}` / `${VAR:-default}` are replaced from the environment. Unknown keys are errors; every error
 is a `path.to.key: message` line, all raised together in one `ConfigError`.
 """
@@ -15,6 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.config import (
     _Errors,
@@ -26,6 +27,7 @@ from gateway.config import (
     parse_listen,
     read_text,
 )
+from gateway.control.database import is_postgresql
 from gateway.errors import ConfigError
 
 ROLES = ("admin", "monitor", "reader", "gateway")
@@ -144,6 +146,14 @@ def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Con
         kw["listen"] = parse_listen(m["listen"], "listen", errs)
     if "database" in m:
         kw["database"] = _str(m["database"], "database", errs)
+        if kw["database"] is not None and is_postgresql(kw["database"]):
+            url = urlsplit(kw["database"])
+            if not url.hostname and "host=" not in url.query:
+                errs.add("database", "a postgresql:// URL needs a host "
+                                     "(postgresql://user:pass@host:port/db)")
+            elif not url.path.strip("/"):
+                errs.add("database", "a postgresql:// URL needs a database name "
+                                     "(postgresql://user:pass@host:port/db)")
     if "tokens" in m:
         kw["tokens"] = parse_tokens(m["tokens"], "tokens", errs)
     for key in ("slos", "budgets"):

@@ -965,7 +965,8 @@ def setup(app: web.Application, *, evaluate_interval_s: float = 15.0,
                 try:
                     if clock.monotonic() - last >= evaluate_interval_s:
                         last = clock.monotonic()
-                        await db.call(finops.evaluate, db.store, clock.time())
+                        if await db.leads("finops"):     # one replica evaluates budgets
+                            await db.call(finops.evaluate, db.store, clock.time())
                     publish_events(app)
                 except asyncio.CancelledError:
                     raise

@@ -601,7 +601,8 @@ def slo_routes(app: web.Application, cfg: ControlConfig, *, clock: Clock,
             while True:
                 await asyncio.sleep(evaluation_interval_s)
                 try:
-                    await run_evaluation(app)
+                    if await db.leads("evaluation"):      # one replica evaluates (and pages)
+                        await run_evaluation(app)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

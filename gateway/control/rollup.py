@@ -134,6 +134,7 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
     while max_chunks is None or chunks < max_chunks:
         chunks += 1
         with store.transaction():
+            store.lock_compaction()     # replicas: one folds a chunk at a time, never twice
             pending = store.pending_hists(chunk)
             if not pending:
                 return done
@@ -159,7 +160,7 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
                 p50, p95, p99 = histogram.percentiles(acc)
                 updates.append((histogram.encode(acc), p50, p95, p99) + key)
             store.set_bucket_hists(updates)
-            store.delete_pending_through(pending[-1][0])
+            store.delete_pending([row[0] for row in pending])
         done += len(pending)
         if len(pending) < chunk:
             break

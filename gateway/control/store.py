@@ -19,7 +19,6 @@ Tables (migration 1):
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from typing import Any
 import orjson
 
 from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.control import database
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
@@ -353,6 +353,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+# Tables whose integer `id` the database assigns (PostgreSQL: identity columns)
+_IDENTITY = database.identity_tables(sql for _v, stmts in MIGRATIONS for sql in stmts)
+# Replicas starting together: one migrates, the others wait for it (pg_advisory_xact_lock)
+_MIGRATION_LOCK = 0x6761_7465_0001
+_COMPACTION_LOCK = 0x6761_7465_0002
 
 _SIGNAL_COLUMNS = ("bucket_start", "service", "route", "request_count", "error_count_4xx",
                    "error_count_5xx", "rate_limited", "bytes_in", "bytes_out", "p50_us",
@@ -366,6 +371,12 @@ BucketRow = tuple[int, int, str, str, int, int, int, int, int, int, float, float
 HistKey = tuple[int, int, str, str]   # win_s, bucket_start, service, route
 
 
+def _sorted(rows: Iterable[tuple[Any, ...]], *key: int) -> list[tuple[Any, ...]]:
+    """Upsert rows in primary-key order: two replicas writing the same rows in one transaction
+    each then lock them in the same order and wait for each other instead of deadlocking."""
+    return sorted(rows, key=lambda r: tuple(r[i] for i in key))
+
+
 def _and(sql: str, args: list[Any], *conditions: tuple[str, Any]) -> str:
     """`sql` with ` AND <condition>` for each (condition, value) whose value is not None; the
     value joins `args`."""
@@ -377,20 +388,23 @@ def _and(sql: str, args: list[Any], *conditions: tuple[str, Any]) -> str:
 
 
 class Store:
-    """The control plane database. Open with `Store(path)`; `close()` when done."""
+    """The control plane database. Open with `Store(path)` (a SQLite file) or
+    `Store("postgresql://...")`; `close()` when done. The SQL is SQLite's dialect with qmark
+    placeholders, written to be portable; gateway/control/database.py adapts it to PostgreSQL."""
 
     def __init__(self, path: str | Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.path = str(path)
         self.clock = clock
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.postgresql = database.is_postgresql(self.path)
         self._lock = threading.RLock()
         self._depth = 0
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db: database.Connection
+        if self.postgresql:
+            self._db = database.PostgresConnection(self.path, _IDENTITY)
+        else:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = database.connect_sqlite(self.path)
         self.migrate()
 
     def close(self) -> None:
@@ -425,14 +439,17 @@ class Store:
 
     def schema_version(self) -> int:
         with self._lock:
-            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                             "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            self._db.execute(database.ddl("CREATE TABLE IF NOT EXISTS schema_version ("
+                                          "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)",
+                                          self.postgresql))
             row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             return int(row[0] or 0)
 
     def migrate(self) -> int:
         """Apply every migration newer than the database's schema_version; return the version."""
-        with self._lock:
+        with self._lock, self.transaction():
+            if self.postgresql:
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             current = self.schema_version()
             # Every version not yet applied, in order -- not only those above the highest: two
             # features may land their migrations in either order (e.g. 3 before 2).
@@ -442,7 +459,7 @@ class Store:
                     continue
                 with self.transaction():
                     for sql in statements:
-                        self._db.execute(sql)
+                        self._db.execute(database.ddl(sql, self.postgresql))
                     self._db.execute("INSERT INTO schema_version(version, applied_at) "
                                      "VALUES (?, ?)", (version, self.clock.time()))
                 current = max(current, version)
@@ -466,16 +483,16 @@ class Store:
             "error_count_4xx, error_count_5xx, rate_limited, bytes_in, bytes_out, cpu_percent, "
             "loop_lag_ms, inflight_max, rss_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET "
-            "request_count = request_count + excluded.request_count, "
-            "error_count_4xx = error_count_4xx + excluded.error_count_4xx, "
-            "error_count_5xx = error_count_5xx + excluded.error_count_5xx, "
-            "rate_limited = rate_limited + excluded.rate_limited, "
-            "bytes_in = bytes_in + excluded.bytes_in, "
-            "bytes_out = bytes_out + excluded.bytes_out, "
-            "cpu_percent = max(cpu_percent, excluded.cpu_percent), "
-            "loop_lag_ms = max(loop_lag_ms, excluded.loop_lag_ms), "
-            "inflight_max = max(inflight_max, excluded.inflight_max), "
-            "rss_bytes = max(rss_bytes, excluded.rss_bytes)", rows)
+            "request_count = buckets.request_count + excluded.request_count, "
+            "error_count_4xx = buckets.error_count_4xx + excluded.error_count_4xx, "
+            "error_count_5xx = buckets.error_count_5xx + excluded.error_count_5xx, "
+            "rate_limited = buckets.rate_limited + excluded.rate_limited, "
+            "bytes_in = buckets.bytes_in + excluded.bytes_in, "
+            "bytes_out = buckets.bytes_out + excluded.bytes_out, "
+            "cpu_percent = max(buckets.cpu_percent, excluded.cpu_percent), "
+            "loop_lag_ms = max(buckets.loop_lag_ms, excluded.loop_lag_ms), "
+            "inflight_max = max(buckets.inflight_max, excluded.inflight_max), "
+            "rss_bytes = max(buckets.rss_bytes, excluded.rss_bytes)", _sorted(rows, 0, 2, 3, 1))
 
     def add_local_counts(self, rows: Iterable[tuple[int, int, str, str, int, int, int]]) -> None:
         """(win_s, bucket_start, service, route, local_count, local_4xx, local_5xx): the part of
@@ -484,9 +501,9 @@ class Store:
             "INSERT INTO buckets(win_s, bucket_start, service, route, local_count, local_4xx, "
             "local_5xx) VALUES (?,?,?,?,?,?,?) "
             "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET "
-            "local_count = local_count + excluded.local_count, "
-            "local_4xx = local_4xx + excluded.local_4xx, "
-            "local_5xx = local_5xx + excluded.local_5xx", rows)
+            "local_count = buckets.local_count + excluded.local_count, "
+            "local_4xx = buckets.local_4xx + excluded.local_4xx, "
+            "local_5xx = buckets.local_5xx + excluded.local_5xx", _sorted(rows, 0, 2, 3, 1))
 
     def add_pending_hists(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
         """(bucket_start of the 1m bucket, service, route, encoded histogram) rows."""
@@ -497,7 +514,7 @@ class Store:
         self._db.executemany(
             "INSERT INTO limit_counts(win_s, bucket_start, policy, decision, count) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(win_s, policy, decision, bucket_start) "
-            "DO UPDATE SET count = count + excluded.count", rows)
+            "DO UPDATE SET count = limit_counts.count + excluded.count", _sorted(rows, 0, 2, 3, 1))
 
     def report_upstreams(self, rows: Iterable[tuple[str, str, str, int, int, float]]) -> None:
         """(gateway_id, upstream, breaker_state, pool_in_use_max, pool_max, reported_at);
@@ -508,13 +525,13 @@ class Store:
             "ON CONFLICT(gateway_id, upstream) DO UPDATE SET "
             "breaker_state = excluded.breaker_state, pool_in_use_max = excluded.pool_in_use_max, "
             "pool_max = excluded.pool_max, reported_at = excluded.reported_at "
-            "WHERE excluded.reported_at >= upstream_state.reported_at", rows)
+            "WHERE excluded.reported_at >= upstream_state.reported_at", _sorted(rows, 0, 1))
 
     def link_service_upstreams(self, rows: Iterable[tuple[str, str, float]]) -> None:
         self._db.executemany(
             "INSERT INTO service_upstreams(service, upstream, last_seen) VALUES (?, ?, ?) "
             "ON CONFLICT(service, upstream) DO UPDATE SET "
-            "last_seen = max(last_seen, excluded.last_seen)", rows)
+            "last_seen = max(service_upstreams.last_seen, excluded.last_seen)", _sorted(rows, 0, 1))
 
     def add_transitions(self, rows: Iterable[tuple[str, str, str, str, float, str]]) -> None:
         self._db.executemany(
@@ -545,8 +562,16 @@ class Store:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM pending_hist").fetchone()[0])
 
-    def delete_pending_through(self, last_id: int) -> None:
-        self._db.execute("DELETE FROM pending_hist WHERE id <= ?", (last_id,))
+    def delete_pending(self, ids: list[int]) -> None:
+        """Delete exactly the folded rows: on PostgreSQL a replica's ingest may commit a row
+        with a smaller id after the chunk was read (ids are taken at insert, not at commit)."""
+        self._db.executemany("DELETE FROM pending_hist WHERE id = ?", [(i,) for i in ids])
+
+    def lock_compaction(self) -> None:
+        """Inside a transaction: wait until no other replica compacts (PostgreSQL; SQLite's
+        BEGIN IMMEDIATE holds the one writer lock already). Released at COMMIT/ROLLBACK."""
+        if self.postgresql:
+            self._db.execute("SELECT pg_advisory_xact_lock(?)", (_COMPACTION_LOCK,))
 
     def bucket_hist(self, key: HistKey) -> bytes | None:
         row = self._db.execute(
@@ -559,7 +584,8 @@ class Store:
         """(hist, p50_us, p95_us, p99_us, win_s, bucket_start, service, route) rows."""
         self._db.executemany(
             "UPDATE buckets SET hist = ?, p50_us = ?, p95_us = ?, p99_us = ? "
-            "WHERE win_s = ? AND bucket_start = ? AND service = ? AND route = ?", rows)
+            "WHERE win_s = ? AND bucket_start = ? AND service = ? AND route = ?",
+            _sorted(rows, 4, 6, 7, 5))     # the order add_buckets locks them in
 
     # -----------------------------------------------------------------------------------------
     # Queries
@@ -702,14 +728,15 @@ class Store:
             "INSERT INTO cost_usage(service, bucket_start, route, cost_type, unit, price, "
             "quantity) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(service, bucket_start, route, cost_type, unit, price) "
-            "DO UPDATE SET quantity = quantity + excluded.quantity", rows)
+            "DO UPDATE SET quantity = cost_usage.quantity + excluded.quantity",
+            _sorted(rows, 0, 1, 2, 3, 4, 5))
 
     def note_cost_services(self, rows: Iterable[tuple[str, int]]) -> None:
         """(service, seen_at): remember the earliest time each service was metered."""
         self._db.executemany(
             "INSERT INTO cost_services(service, first_seen) VALUES (?, ?) "
-            "ON CONFLICT(service) DO UPDATE SET first_seen = min(first_seen, excluded.first_seen)",
-            rows)
+            "ON CONFLICT(service) DO UPDATE SET "
+            "first_seen = min(cost_services.first_seen, excluded.first_seen)", _sorted(rows, 0))
 
     def cost_services(self) -> dict[str, int]:
         with self._lock:
@@ -1013,7 +1040,8 @@ class Store:
         """Allocate INC-YYYY-NNN (per-year sequence) and insert; return the id."""
         with self.transaction():
             self._db.execute("INSERT INTO incident_counters(year, last) VALUES (?, 1) "
-                             "ON CONFLICT(year) DO UPDATE SET last = last + 1", (year,))
+                             "ON CONFLICT(year) DO UPDATE SET last = incident_counters.last + 1",
+                             (year,))
             n = int(self._db.execute("SELECT last FROM incident_counters WHERE year = ?",
                                      (year,)).fetchone()[0])
             incident_id = f"INC-{year:04d}-{n:03d}"
@@ -1199,8 +1227,8 @@ class Store:
         """Record a closed period once (a second write of the same period is ignored)."""
         with self.transaction():
             return self._db.execute(
-                f"INSERT OR IGNORE INTO slo_history({', '.join(self._HISTORY_COLS)}) "
-                f"VALUES ({', '.join('?' * len(self._HISTORY_COLS))})",
+                f"INSERT INTO slo_history({', '.join(self._HISTORY_COLS)}) "
+                f"VALUES ({', '.join('?' * len(self._HISTORY_COLS))}) ON CONFLICT DO NOTHING",
                 [row[c] for c in self._HISTORY_COLS]).rowcount == 1
 
     def last_slo_history(self, slo_id: str, kind: str) -> float | None:

@@ -57,7 +57,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _item_id(request: web.Request) -> int:
-    return path_id(request, "action item")
+    return path_id(request, "action item")     # beyond 64 bits: a 404, not a driver error
 
 
 async def _run(request: web.Request, fn: Any, *args: Any) -> Any:
