@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.control.notify import Target
 from gateway.control.reliability import NOTIFIER
 from tests.fakes import FakeClock
 from tests.test_control_notify import Receiver
 from tests.test_control_slo_support import call, slo_plane
 from tests.test_control_support import DAY0, batch, ingest, running, series
+
+pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
 T0 = float(DAY0) + 3600
 

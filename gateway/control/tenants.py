@@ -110,8 +110,8 @@ class TenantRepo:
                 "INSERT INTO tenant_usage(tenant_id, kind, window_id, plan, quota_limit, "
                 "admitted, rejected, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(tenant_id, kind, window_id) DO UPDATE SET "
-                "admitted = admitted + excluded.admitted, "
-                "rejected = rejected + excluded.rejected, plan = excluded.plan, "
+                "admitted = tenant_usage.admitted + excluded.admitted, "
+                "rejected = tenant_usage.rejected + excluded.rejected, plan = excluded.plan, "
                 "quota_limit = excluded.quota_limit, updated_at = excluded.updated_at", rows)
 
     def usage(self, tenant: str | None = None) -> list[dict[str, Any]]:
