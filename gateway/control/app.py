@@ -143,6 +143,23 @@ class BadParam(Exception):
         super().__init__(f"{name}: {message}")
 
 
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """A write request's JSON object body ({} without one), with its optional `reason` (a
+    string of at most 2000 characters, kept in the audit log) checked."""
+    if not request.can_read_body:
+        return {}
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadParam("body", "must be JSON") from None
+    if not isinstance(doc, dict):
+        raise BadParam("body", "must be a JSON object")
+    reason = doc.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise BadParam("reason", "must be a string of at most 2000 characters")
+    return doc
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     permission = getattr(handler, "permission", None)

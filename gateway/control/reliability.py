@@ -33,7 +33,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gateway.clock import Clock
@@ -48,6 +47,7 @@ from gateway.control.app import (
     BadParam,
     _json,
     _limit,
+    json_body,
     path_id,
     problem,
     requires,
@@ -67,21 +67,6 @@ _EVAL_LOCK = web.AppKey("slo_eval_lock", asyncio.Lock)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    if not isinstance(doc, dict):
-        raise BadParam("body", "must be a JSON object")
-    reason = doc.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return doc
 
 
 def _actor(request: web.Request) -> str:
@@ -161,7 +146,7 @@ def _create_slo_sync(store: Store, s: slo_mod.SLO, actor: str, reason: str, now:
 
 @requires("slos:write")
 async def create_slo(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     parsed, errors = _parse_body_slo(body)
     if parsed is None:
         return _invalid(errors)
@@ -189,7 +174,7 @@ def _update_slo_sync(store: Store, slo_id: str, s: slo_mod.SLO, actor: str, reas
 @requires("slos:write")
 async def update_slo(request: web.Request) -> web.Response:
     slo_id = request.match_info["id"]
-    body = await _body(request)
+    body = await json_body(request)
     body.setdefault("name", slo_id)
     if body["name"] != slo_id:
         return problem(400, f"name: is the SLO's id and cannot change ({slo_id!r}, got "
@@ -225,7 +210,7 @@ def _delete_slo_sync(store: Store, slo_id: str, actor: str, reason: str, now: fl
 @requires("slos:write")
 async def delete_slo(request: web.Request) -> web.Response:
     slo_id = request.match_info["id"]
-    body = await _body(request)
+    body = await json_body(request)
     status, out = await _db(request, _delete_slo_sync, _store(request), slo_id,
                             _actor(request), body.get("reason", ""), _now(request))
     if status != 200:
@@ -327,7 +312,7 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
 
 @requires("alerts:write")
 async def create_alert(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     errs = _Errors()
     allowed = {"title", "description", "service", "severity", "labels", "dedup_key", "cause",
                "incident_severity", "slo_id", "reason", "alertname"}
@@ -380,7 +365,7 @@ def _alert_id(request: web.Request) -> int:
 @requires("alerts:write")
 async def ack_alert(request: web.Request) -> web.Response:
     alert_id = _alert_id(request)
-    body = await _body(request)
+    body = await json_body(request)
     try:
         alert = await _db(request, alerts.acknowledge, _store(request), alert_id,
                           _actor(request), body.get("reason", ""), _now(request))
@@ -403,7 +388,7 @@ def _resolve_alert_sync(store: Store, alert_id: int, actor: str, reason: str, no
 @requires("alerts:write")
 async def resolve_alert(request: web.Request) -> web.Response:
     alert_id = _alert_id(request)
-    body = await _body(request)
+    body = await json_body(request)
     try:
         event = await _db(request, _resolve_alert_sync, _store(request), alert_id,
                           _actor(request), body.get("reason", ""), _now(request))
@@ -456,7 +441,7 @@ async def get_incident(request: web.Request) -> web.Response:
 
 @requires("incidents:write")
 async def declare_incident(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     errs = _Errors()
     allowed = {"title", "description", "severity", "affected_service", "context", "reason",
                "cause"}
@@ -508,7 +493,7 @@ async def _incident_action(request: web.Request) -> web.Response:
     if action not in _ACTIONS:
         return problem(404, f"no incident action {action!r} ({', '.join(_ACTIONS)})")
     incident_id = request.match_info["id"]
-    body = await _body(request)
+    body = await json_body(request)
     store, now, actor = _store(request), _now(request), _actor(request)
     reason = body.get("reason", "")
 

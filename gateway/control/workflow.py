@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gateway.control import actionitems, incidents, reports
@@ -32,6 +31,7 @@ from gateway.control.app import (
     BadParam,
     _json,
     _limit,
+    json_body,
     parse_time,
     path_id,
     problem,
@@ -39,21 +39,6 @@ from gateway.control.app import (
 )
 from gateway.control.incidents import IncidentError
 from gateway.control.store import Store
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    if not isinstance(doc, dict):
-        raise BadParam("body", "must be a JSON object")
-    reason = doc.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return doc
 
 
 def _item_id(request: web.Request) -> int:
@@ -75,7 +60,7 @@ def _publish(request: web.Request, events: list[Event]) -> None:
 
 @requires("incidents:write")
 async def assign(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     if "assigned_to" not in body:
         return problem(400, "assigned_to: is required (a name, or null to unassign)")
     store: Store = request.app[DB].store
@@ -111,7 +96,7 @@ async def list_items_of_incident(request: web.Request) -> web.Response:
 
 @requires("incidents:write")
 async def create_item(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     store: Store = request.app[DB].store
     now = request.app[CLOCK].time()
     try:
@@ -144,7 +129,7 @@ async def list_items(request: web.Request) -> web.Response:
 @requires("incidents:write")
 async def update_item(request: web.Request) -> web.Response:
     item_id = _item_id(request)
-    body = await _body(request)
+    body = await json_body(request)
     now = request.app[CLOCK].time()
     try:
         item, events = await _run(request, actionitems.update, request.app[DB].store, item_id,
@@ -158,7 +143,7 @@ async def update_item(request: web.Request) -> web.Response:
 @requires("incidents:write")
 async def complete_item(request: web.Request) -> web.Response:
     item_id = _item_id(request)
-    body = await _body(request)
+    body = await json_body(request)
     now = request.app[CLOCK].time()
     try:
         item, events = await _run(request, actionitems.complete, request.app[DB].store,
