@@ -21,7 +21,8 @@ K8S_VERSION = "1.30"          # native preStop `sleep` is GA from 1.30
 FILES = sorted(DEPLOY.glob("*.yaml"))
 # The Secret the README tells operators to create; `gateway check` needs every ${VAR} set.
 SECRET_ENV = {"GATEWAY_ADMIN_TOKEN": "a", "GATEWAY_INGEST_TOKEN": "i", "SERVICE_NAME": "orders",
-              "CONTROL_ADMIN_TOKEN": "c", "CONTROL_MONITOR_TOKEN": "m"}
+              "CONTROL_ADMIN_TOKEN": "c", "CONTROL_MONITOR_TOKEN": "m",
+              "CONTROL_DATABASE_URL": "postgresql://control:secret@db.example:5432/control"}
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
@@ -123,7 +124,8 @@ def _gateway_config(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return gw, cm, text
 
 
-@pytest.mark.parametrize("name", ["gateway-edge", "orders", "gateway-control"])
+@pytest.mark.parametrize("name", ["gateway-edge", "orders", "gateway-control",
+                                  "gateway-control-pg"])
 def test_embedded_configs_pass_gateway_check(name: str, tmp_path: Path) -> None:
     pod = dict(pod_specs())[name]
     gw, _cm, text = _gateway_config(pod)
