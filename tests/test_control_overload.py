@@ -58,6 +58,12 @@ async def test_retries_limits_and_shedding_read_back_per_service(tmp_path):
             status, body = await ingest(s, url, doc)
             assert status == 200, body
 
+        status, body = await ingest(s, url, docs[0])       # a replay counts nothing twice
+        assert status == 200, body
+        late = batch("late", AT - 30, [series("search", "shop", 200, count=1, upstream="api")],
+                     gateway_id="gw1", seq=5, upstreams=[_up("api", concurrency_limit=99)])
+        status, body = await ingest(s, url, late)          # an older report keeps no limit
+        assert status == 200, body
         shop = await _overload(s, url, "shop", AT - 60, AT + 120)
         assert shop == {
             "upstreams": [{"upstream": "api", "concurrency_limit": 32,

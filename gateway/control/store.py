@@ -742,7 +742,8 @@ class Store:
     def table_counts(self) -> dict[str, int]:
         """Row counts of every data table (tests and diagnostics)."""
         names = ("batches", "buckets", "pending_hist", "limit_counts", "upstream_state",
-                 "service_upstreams", "breaker_transitions", "gateways", "audit")
+                 "service_upstreams", "breaker_transitions", "gateways", "audit",
+                 "retry_counts", "shed_counts")
         with self._lock:
             # Table names come from the constant tuple above, never from input.
             return {n: int(self._db.execute(f"SELECT COUNT(*) FROM {n}").fetchone()[0])
