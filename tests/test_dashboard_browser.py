@@ -2,7 +2,7 @@
 (shipping every 0.5 s) and `gateway demo-upstream`, with real traffic through the gateway.
 
 Screenshots go to tests/artifacts/ (gitignored): overview.png, overview-phone.png, service.png,
-service-phone.png, incident.png, budgets.png.
+service-phone.png, service-overload.png, incident.png, budgets.png.
 """
 
 from __future__ import annotations
@@ -442,6 +442,8 @@ def test_service_page_shows_overload_protection(stack: Stack, session_factory: A
     assert route_row.get_attribute("data-concurrency") == "1234"
     assert "1,234" in route_row.inner_text()
     assert page.locator("section.overload").is_visible()
+    page.locator("section.overload").scroll_into_view_if_needed()
+    screenshot(page, "service-overload.png")
     assert s.real_errors() == [], s.log.errors
 
 
