@@ -245,6 +245,9 @@ class UpstreamAggregate:
     breaker_state: str
     pool_in_use_max: int
     pool_max: int
+    retries: tuple[tuple[str, int], ...] = ()   # (result, count) in the interval, counts > 0
+    concurrency_limit: int | None = None        # the adaptive limit at the swap; None: none
+    concurrency_saturated: bool = False         # the limit refused requests in the interval
 
     def histogram(self) -> HdrHistogram | None:
         return None if self.counts is None else hdr_from_counts(self.counts)
@@ -313,7 +316,11 @@ class Aggregates:
                 {"upstream": u.upstream,
                  "latency_us_hdr": None if u.counts is None else encode_counts(u.counts),
                  "breaker_state": u.breaker_state,
-                 "pool_in_use_max": u.pool_in_use_max, "pool_max": u.pool_max}
+                 "pool_in_use_max": u.pool_in_use_max, "pool_max": u.pool_max,
+                 **({"retries": dict(u.retries)} if u.retries else {}),
+                 **({"concurrency_limit": u.concurrency_limit,
+                     "concurrency_saturated": u.concurrency_saturated}
+                    if u.concurrency_limit is not None else {})}
                 for u in self.upstreams],
             "limits": [{"policy": lim.policy, "decision": lim.decision, "count": lim.count}
                        for lim in self.limits],
@@ -397,6 +404,7 @@ class Signals:
         "_proc_scrape",
         "_quantiles",
         "_reloads",
+        "_retries_swapped",
         "_series",
         "_shipper",
         "_spooled",
@@ -453,6 +461,7 @@ class Signals:
         # Overload protection, cumulative, read at scrape: (upstream, result) -> n,
         # (route, reason) -> n, upstream -> fn() giving its adaptive concurrency limit now.
         self.retries: dict[tuple[str, str], int] = {}
+        self._retries_swapped: dict[tuple[str, str], int] = {}     # self.retries at the last swap
         self.shed: dict[tuple[str, str], int] = {}
         self.concurrency_sources: dict[str, Callable[[], int]] = {}
         self._proc_interval.cpu_percent(None)
@@ -632,6 +641,21 @@ class Signals:
 
         names = {k[1] for k in series if k[1] != NO_UPSTREAM}
         names.update(upstreams.keys() - {NO_UPSTREAM}, self._breaker_states, pool_in_use_max)
+        # Overload protection, read off what the data plane keeps anyway: the interval's share
+        # of the cumulative retry counters, the limits now, and the upstreams whose limit
+        # refused a request (local series with reason "concurrency").
+        retries: dict[str, list[tuple[str, int]]] = {}
+        for key, n in self.retries.items():
+            delta = n - self._retries_swapped.get(key, 0)
+            if delta > 0:
+                retries.setdefault(key[0], []).append((key[1], delta))
+        self._retries_swapped = dict(self.retries)
+        refused = {k[1] for k in local if k[5] == "concurrency"}
+        conc_limits: dict[str, int] = {}
+        for name, fn in list(self.concurrency_sources.items()):
+            with contextlib.suppress(Exception):    # a broken source must not lose the batch
+                conc_limits[name] = int(fn())
+        names.update(retries, conc_limits)
         ups = []
         for name in sorted(names):
             d = upstreams.get(name)
@@ -642,7 +666,10 @@ class Signals:
                 sum_s=0.0 if d is None else d.sum_s, counts=None if d is None else d.counts,
                 breaker_state=self._breaker_states.get(name, "closed"),
                 pool_in_use_max=max(pool_in_use_max.get(name, 0), 0),
-                pool_max=self._pool_max.get(name, 0)))
+                pool_max=self._pool_max.get(name, 0),
+                retries=tuple(sorted(retries.get(name, ()))),
+                concurrency_limit=conc_limits.get(name),
+                concurrency_saturated=name in refused))
         return Aggregates(
             interval_start=start, interval_end=end,
             series=tuple(SeriesAggregate(k[0], k[1], k[2], k[3], k[4], s.count, s.bytes_in,

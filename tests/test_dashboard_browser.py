@@ -2,12 +2,13 @@
 (shipping every 0.5 s) and `gateway demo-upstream`, with real traffic through the gateway.
 
 Screenshots go to tests/artifacts/ (gitignored): overview.png, overview-phone.png, service.png,
-service-phone.png, incident.png, budgets.png.
+service-phone.png, service-overload.png, incident.png, budgets.png.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -400,6 +401,50 @@ def test_service_page_draws_the_golden_signals(stack: Stack, session_factory: An
     width = phone.page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= PHONE["width"] + 1, f"the service page scrolls sideways on a phone ({width}px)"
     screenshot(phone.page, "service-phone.png")
+
+
+OVERLOAD = {"upstreams": [{"upstream": "shop", "concurrency_limit": 12,
+                           "concurrency_limit_max": 40, "saturated": True, "gateways": 2,
+                           "retries": {"retried": 31, "succeeded": 25, "failed": 6,
+                                       "budget_exhausted": 3}}],
+            "routes": [{"route": "checkout-api", "shed": 17, "concurrency": 1234}]}
+
+
+@pytest.mark.timeout(120)
+def test_service_page_shows_overload_protection(stack: Stack, session_factory: Any) -> None:
+    s = session_factory()
+    s.sign_in("admin")
+    page = s.page
+    # nothing configured or observed (this stack's gateway has no retries or limits): hidden
+    s.goto("#/service/checkout?range=1h")
+    page.wait_for_selector('[data-chart="latency"] canvas')
+    s.settle()
+    assert page.locator("section.overload").is_hidden()
+
+    # The same page given the API's block for a service that has them (the real data path,
+    # gateway to control plane, is tests/test_overload_control_e2e.py).
+    def with_overload(route: Any) -> None:
+        resp = route.fetch()
+        doc = resp.json()
+        if doc.get("service") == "checkout":
+            doc["overload"] = OVERLOAD
+        route.fulfill(response=resp, json=doc)
+    page.route(re.compile(r"/v1/signals\?"), with_overload)
+    s.settle()
+    page.wait_for_selector('table.overload-upstreams tr[data-upstream="shop"]')
+    row = page.locator('table.overload-upstreams tr[data-upstream="shop"]')
+    assert row.get_attribute("data-limit") == "12"
+    text = row.inner_text()
+    for part in ("12\u201340", "saturated", "31", "25", "6", "3"):
+        assert part in text, (part, text)
+    route_row = page.locator('table.overload-routes tr[data-route="checkout-api"]')
+    assert route_row.get_attribute("data-shed") == "17"
+    assert route_row.get_attribute("data-concurrency") == "1234"
+    assert "1,234" in route_row.inner_text()
+    assert page.locator("section.overload").is_visible()
+    page.locator("section.overload").scroll_into_view_if_needed()
+    screenshot(page, "service-overload.png")
+    assert s.real_errors() == [], s.log.errors
 
 
 @pytest.mark.timeout(120)

@@ -4,7 +4,9 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
 
   POST /v1/ingest                 ingest     a gateway's batch (gzip optional); idempotent by batch_id
   GET  /v1/signals                signals    rolled-up rows (window=1m|5m|1h|1d, since, until,
-                                             service, route; no route = the service totals)
+                                             service, route; no route = the service totals;
+                                             with service: `overload`, its retries, concurrency
+                                             limits and shed requests in the range)
   GET  /v1/health/overview        health     per-service golden signals + health_status
   GET  /v1/limits                 limits     limit decisions per policy and bucket
   GET  /v1/breakers               breakers   breaker states as last reported + recent transitions
@@ -354,8 +356,14 @@ async def signals(request: web.Request) -> web.Response:
     rows = await request.app[DB].call(_signals_sync, request.app[DB].store, win, since, until,
                                       service, route)
     truncated = len(rows) > MAX_SIGNAL_ROWS
-    return _json({"window": name, "since": since, "until": until, "service": service,
-                  "route": route, "truncated": truncated, "rows": rows[:MAX_SIGNAL_ROWS]})
+    doc = {"window": name, "since": since, "until": until, "service": service,
+           "route": route, "truncated": truncated, "rows": rows[:MAX_SIGNAL_ROWS]}
+    if service is not None:
+        # the service page's overload protection block: retries, concurrency limits, shedding
+        raw = await request.app[DB].call(request.app[DB].store.overload_counts, win, since,
+                                         until, service)
+        doc["overload"] = health.overload(raw)
+    return _json(doc)
 
 
 def _overview_sync(store: Store, now: float) -> dict[str, Any]:

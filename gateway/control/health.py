@@ -202,3 +202,33 @@ def overview(rows_now: list[dict[str, Any]], rows_traffic: list[dict[str, Any]],
         "circuit_breakers": breakers,
         "incidents": list(incidents or []),
     }
+
+
+def overload(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A service's overload protection for its page, from `Store.overload_counts`: per upstream
+    the adaptive concurrency limit each gateway last reported (lowest and highest, and whether
+    any refused requests in its last interval) and the retries by result in the range; per route
+    the requests refused in the range by shedding (`shed`) and by a concurrency limit
+    (`concurrency`). Empty lists when the service has none of these."""
+    ups: dict[str, dict[str, Any]] = {}
+
+    def up(name: str) -> dict[str, Any]:
+        return ups.setdefault(name, {"upstream": name, "concurrency_limit": None,
+                                     "concurrency_limit_max": None, "saturated": False,
+                                     "gateways": 0, "retries": {}})
+    for row in raw["limits"]:
+        u = up(row["upstream"])
+        lim = row["limit"]
+        u["concurrency_limit"] = lim if u["concurrency_limit"] is None \
+            else min(u["concurrency_limit"], lim)
+        u["concurrency_limit_max"] = max(u["concurrency_limit_max"] or 0, lim)
+        u["saturated"] = u["saturated"] or row["saturated"]
+        u["gateways"] += 1
+    for row in raw["retries"]:
+        up(row["upstream"])["retries"][row["result"]] = row["count"]
+    routes: dict[str, dict[str, Any]] = {}
+    for row in raw["shed"]:
+        r = routes.setdefault(row["route"], {"route": row["route"], "shed": 0, "concurrency": 0})
+        r[row["reason"]] = r.get(row["reason"], 0) + row["count"]
+    return {"upstreams": [ups[k] for k in sorted(ups)],
+            "routes": [routes[k] for k in sorted(routes)]}

@@ -5,7 +5,9 @@ The wire document (schema 1) is produced by `gateway/signals.py` and completed b
     {batch_id, gateway_id, seq, schema: 1, interval_start, interval_end,
      series: [{route, upstream, service, method, code, count, bytes_in, bytes_out, latency_us_hdr,
                local?}],
-     upstreams: [{upstream, latency_us_hdr | null, breaker_state, pool_in_use_max, pool_max}],
+     upstreams: [{upstream, latency_us_hdr | null, breaker_state, pool_in_use_max, pool_max,
+                  retries?: {retried|budget_exhausted|succeeded|failed: n},
+                  concurrency_limit?: n, concurrency_saturated?: bool}],
      limits: [{policy, decision, count}],
      breaker_transitions: [{upstream, from, to, at, reason}],
      saturation: {inflight_max, loop_lag_max_s, cpu_percent, rss_bytes}}
@@ -13,7 +15,10 @@ The wire document (schema 1) is produced by `gateway/signals.py` and completed b
 `series` is required (may be empty); the other sections default to empty. A series' optional
 `local` names why the gateway answered those requests itself (`limit`, `budget`, `breaker`,
 `no_route`, `client_gone`, `bad_request`, or a later reason): they were never admitted, so they
-are counted apart from health, error rates and latency SLIs, and never billed. Unknown keys are ignored
+are counted apart from health, error rates and latency SLIs, and never billed. An upstream's
+optional `retries` are the interval's retries by result, `concurrency_limit` its adaptive limit at
+the end of the interval and `concurrency_saturated` whether that limit refused requests in it
+(absent from older gateways' batches and for upstreams without them). Unknown keys are ignored
 so that a newer gateway can add fields without its batches being dropped. Strings are data: they
 are stored verbatim through parameterised queries and never interpreted.
 """
@@ -44,6 +49,8 @@ FUTURE_SKEW_S = 300.0                    # tolerated clock skew of a gateway
 MAX_INTERVAL_S = 3_600.0
 BREAKER_STATES = ("closed", "half_open", "open")
 DECISIONS = ("allowed", "limited", "shadow_limited", "store_error", "delayed")
+RETRY_RESULTS = ("retried", "budget_exhausted", "succeeded", "failed")
+MAX_CONCURRENCY_LIMIT = 1_000_000
 
 
 class IngestError(Exception):
@@ -76,6 +83,9 @@ class UpstreamReport:
     breaker_state: str
     pool_in_use_max: int
     pool_max: int
+    retries: tuple[tuple[str, int], ...] = ()     # (result, count), counts > 0
+    concurrency_limit: int | None = None         # None: no adaptive limit reported
+    concurrency_saturated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,8 +361,24 @@ def parse_batch(body: bytes, *, now: float) -> Batch:
                          BREAKER_STATES)
         in_use = v.count(v.req(item, "pool_in_use_max", p + "."), f"{p}.pool_in_use_max")
         pool_max = v.count(v.req(item, "pool_max", p + "."), f"{p}.pool_max")
+        retries: list[tuple[str, int]] = []
+        if item.get("retries") is not None:
+            rm = v.obj(item["retries"], f"{p}.retries")
+            for result, n in (rm or {}).items():
+                if v.choice(result, f"{p}.retries", RETRY_RESULTS) is not None:
+                    c = v.count(n, f"{p}.retries.{result}")
+                    if c:
+                        retries.append((result, c))
+        climit = None
+        if item.get("concurrency_limit") is not None:
+            climit = v.count(item["concurrency_limit"], f"{p}.concurrency_limit",
+                             maximum=MAX_CONCURRENCY_LIMIT)
+        saturated = item.get("concurrency_saturated", False)
+        if not isinstance(saturated, bool):
+            v.err(f"{p}.concurrency_saturated", "must be true or false")
         if len(v.errors) == n0:
-            upstreams.append(UpstreamReport(name, state, in_use, pool_max))  # type: ignore[arg-type]
+            upstreams.append(UpstreamReport(name, state, in_use, pool_max,  # type: ignore[arg-type]
+                                            tuple(retries), climit, saturated))
 
     limits: list[LimitCount] = []
     for i, item in enumerate(v.items(doc, "limits", required=False)):

@@ -35,6 +35,7 @@ RETENTION_S: dict[int, int] = {60: 86_400, 300: 7 * 86_400, 3_600: 30 * 86_400,
 BATCH_ID_RETENTION_S = 2 * 86_400      # > the 1-day late limit: replays are always recognised
 REPORT_RETENTION_S = 30 * 86_400       # breaker transitions, stale gateway/upstream reports
 TOTAL = "*"                            # the route of a service's total row
+SHED_REASONS = ("shed", "concurrency")  # local reasons of overload protection's refusals
 CHUNK = 5_000                          # queued histograms folded per compaction transaction
 
 
@@ -91,6 +92,18 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
     limit_sums: dict[tuple[str, str], int] = defaultdict(int)
     for lim in batch.limits:
         limit_sums[(lim.policy, lim.decision)] += lim.count
+    # Overload protection: retries per upstream, and the refusals of shedding and concurrency
+    # limits per route, read from the series' `local` reason (older gateways ship those too).
+    retry_sums: dict[tuple[str, str], int] = defaultdict(int)
+    for u in batch.upstreams:
+        for result, n in u.retries:
+            retry_sums[(u.upstream, result)] += n
+    shed_sums: dict[tuple[str, str, str], int] = defaultdict(int)
+    for s in batch.series:
+        if s.local in SHED_REASONS:
+            shed_sums[(s.service, s.route, s.local)] += s.count
+    retry_rows: list[tuple[int, int, str, str, int]] = []
+    shed_rows: list[tuple[int, int, str, str, str, int]] = []
     for win in WINDOWS.values():
         bs = bucket_start(t0, win)
         for (service, route), a in sums.items():
@@ -100,6 +113,10 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
             limit_rows.append((win, bs, policy, decision, n))
         for (service, route), lc in local.items():
             local_rows.append((win, bs, service, route, lc[0], lc[1], lc[2]))
+        for (upstream, result), n in retry_sums.items():
+            retry_rows.append((win, bs, upstream, result, n))
+        for (service, route, reason), n in shed_sums.items():
+            shed_rows.append((win, bs, service, route, reason, n))
 
     with store.transaction():
         if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
@@ -112,6 +129,11 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
         store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
                                  u.pool_in_use_max, u.pool_max, batch.interval_end)
                                 for u in batch.upstreams])
+        store.add_retry_counts(retry_rows)
+        store.add_shed_counts(shed_rows)
+        store.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
+                                   int(u.concurrency_saturated), batch.interval_end)
+                                  for u in batch.upstreams])
         store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
         store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
                                 t.reason) for t in batch.breaker_transitions])

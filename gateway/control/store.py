@@ -350,6 +350,31 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
              created_at REAL NOT NULL,
              PRIMARY KEY (tenant_id, kind, window_id, threshold)) WITHOUT ROWID""",
     ]),
+    # --- Overload protection (migration 7)
+    # retry_counts   upstream retries per (win_s, upstream, result, bucket_start)
+    # shed_counts    requests refused by shedding or a concurrency limit per (win_s, service,
+    #                route, reason, bucket_start); reason is the shipped `local` (shed|concurrency)
+    # upstream_state gains each gateway's adaptive concurrency limit (NULL: none configured)
+    #                and whether it refused requests in the last reported interval
+    (7, [
+        """CREATE TABLE retry_counts (
+             win_s INTEGER NOT NULL,
+             bucket_start INTEGER NOT NULL,
+             upstream TEXT NOT NULL,
+             result TEXT NOT NULL,
+             count INTEGER NOT NULL,
+             PRIMARY KEY (win_s, upstream, result, bucket_start)) WITHOUT ROWID""",
+        """CREATE TABLE shed_counts (
+             win_s INTEGER NOT NULL,
+             bucket_start INTEGER NOT NULL,
+             service TEXT NOT NULL,
+             route TEXT NOT NULL,
+             reason TEXT NOT NULL,
+             count INTEGER NOT NULL,
+             PRIMARY KEY (win_s, service, route, reason, bucket_start)) WITHOUT ROWID""",
+        "ALTER TABLE upstream_state ADD COLUMN concurrency_limit INTEGER",
+        "ALTER TABLE upstream_state ADD COLUMN concurrency_saturated INTEGER NOT NULL DEFAULT 0",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -527,6 +552,30 @@ class Store:
             "pool_max = excluded.pool_max, reported_at = excluded.reported_at "
             "WHERE excluded.reported_at >= upstream_state.reported_at", _sorted(rows, 0, 1))
 
+    def add_retry_counts(self, rows: Iterable[tuple[int, int, str, str, int]]) -> None:
+        """(win_s, bucket_start, upstream, result, count)."""
+        self._db.executemany(
+            "INSERT INTO retry_counts(win_s, bucket_start, upstream, result, count) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(win_s, upstream, result, bucket_start) "
+            "DO UPDATE SET count = retry_counts.count + excluded.count", _sorted(rows, 0, 2, 3, 1))
+
+    def add_shed_counts(self, rows: Iterable[tuple[int, int, str, str, str, int]]) -> None:
+        """(win_s, bucket_start, service, route, reason, count)."""
+        self._db.executemany(
+            "INSERT INTO shed_counts(win_s, bucket_start, service, route, reason, count) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(win_s, service, route, reason, bucket_start) "
+            "DO UPDATE SET count = shed_counts.count + excluded.count",
+            _sorted(rows, 0, 2, 3, 4, 1))
+
+    def report_concurrency(self, rows: Iterable[tuple[str, str, int | None, int, float]]
+                           ) -> None:
+        """(gateway_id, upstream, concurrency_limit, saturated 0|1, reported_at), after
+        report_upstreams wrote the same report (a late report changes nothing)."""
+        self._db.executemany(
+            "UPDATE upstream_state SET concurrency_limit = ?, concurrency_saturated = ? "
+            "WHERE gateway_id = ? AND upstream = ? AND reported_at <= ?",
+            [(lim, sat, gw, up, at) for gw, up, lim, sat, at in _sorted(rows, 0, 1)])
+
     def link_service_upstreams(self, rows: Iterable[tuple[str, str, float]]) -> None:
         self._db.executemany(
             "INSERT INTO service_upstreams(service, upstream, last_seen) VALUES (?, ?, ?) "
@@ -638,6 +687,42 @@ class Store:
             rows = self._db.execute(sql, args).fetchall()
         return [dict(zip(("bucket_start", "policy", "decision", "count"), r)) for r in rows]
 
+    def overload_counts(self, win_s: int, since: float, until: float, service: str
+                        ) -> dict[str, list[dict[str, Any]]]:
+        """A service's overload protection in [since, until): retries per upstream and result
+        (the upstreams seen serving it), shed/concurrency refusals per route and reason, and
+        each gateway's last reported concurrency limit of those upstreams."""
+        with self._lock:
+            retries = self._db.execute(
+                "SELECT retry_counts.upstream, retry_counts.result, SUM(retry_counts.count) "
+                "FROM retry_counts JOIN service_upstreams "
+                "ON service_upstreams.upstream = retry_counts.upstream "
+                "WHERE service_upstreams.service = ? AND retry_counts.win_s = ? "
+                "AND retry_counts.bucket_start >= ? AND retry_counts.bucket_start < ? "
+                "GROUP BY retry_counts.upstream, retry_counts.result "
+                "ORDER BY retry_counts.upstream, retry_counts.result",
+                (service, win_s, since, until)).fetchall()
+            shed = self._db.execute(
+                "SELECT route, reason, SUM(count) FROM shed_counts WHERE service = ? AND "
+                "win_s = ? AND bucket_start >= ? AND bucket_start < ? "
+                "GROUP BY route, reason ORDER BY route, reason",
+                (service, win_s, since, until)).fetchall()
+            limits = self._db.execute(
+                "SELECT upstream_state.gateway_id, upstream_state.upstream, "
+                "upstream_state.concurrency_limit, upstream_state.concurrency_saturated, "
+                "upstream_state.reported_at FROM upstream_state JOIN service_upstreams "
+                "ON service_upstreams.upstream = upstream_state.upstream "
+                "WHERE service_upstreams.service = ? "
+                "AND upstream_state.concurrency_limit IS NOT NULL "
+                "ORDER BY upstream_state.upstream, upstream_state.gateway_id",
+                (service,)).fetchall()
+        return {
+            "retries": [{"upstream": r[0], "result": r[1], "count": int(r[2])} for r in retries],
+            "shed": [{"route": r[0], "reason": r[1], "count": int(r[2])} for r in shed],
+            "limits": [{"gateway_id": r[0], "upstream": r[1], "limit": int(r[2]),
+                        "saturated": bool(r[3]), "reported_at": r[4]} for r in limits],
+        }
+
     def breaker_transitions(self, since: float, limit: int) -> list[dict[str, Any]]:
         cols = ("gateway_id", "upstream", "from_state", "to_state", "at", "reason")
         with self._lock:
@@ -657,7 +742,8 @@ class Store:
     def table_counts(self) -> dict[str, int]:
         """Row counts of every data table (tests and diagnostics)."""
         names = ("batches", "buckets", "pending_hist", "limit_counts", "upstream_state",
-                 "service_upstreams", "breaker_transitions", "gateways", "audit")
+                 "service_upstreams", "breaker_transitions", "gateways", "audit",
+                 "retry_counts", "shed_counts")
         with self._lock:
             # Table names come from the constant tuple above, never from input.
             return {n: int(self._db.execute(f"SELECT COUNT(*) FROM {n}").fetchone()[0])
@@ -671,6 +757,10 @@ class Store:
             n = self._db.execute("DELETE FROM buckets WHERE win_s = ? AND bucket_start < ?",
                                  (win_s, cutoff)).rowcount
             n += self._db.execute("DELETE FROM limit_counts WHERE win_s = ? AND bucket_start < ?",
+                                  (win_s, cutoff)).rowcount
+            n += self._db.execute("DELETE FROM retry_counts WHERE win_s = ? AND bucket_start < ?",
+                                  (win_s, cutoff)).rowcount
+            n += self._db.execute("DELETE FROM shed_counts WHERE win_s = ? AND bucket_start < ?",
                                   (win_s, cutoff)).rowcount
             return int(n)
 

@@ -501,13 +501,15 @@
       saturation: mk('saturation', { title: 'Saturation', yMin: 10, yFmt: (v) => fmtNum(v) + '%', y2Fmt: (v) => fmtNum(v) + ' ms',
         series: [{ label: 'CPU %', color: COLORS.cpu }, { label: 'loop lag ms', color: COLORS.lag, scale: 'y2', fmt: (v) => fmtNum(v) + ' ms' }] }),
     };
+    const overload = section('Overload protection', 'concurrency limits now; retries and refused requests over the last ' + range, 'overload');
+    overload.root.hidden = true;
     const slos = section('SLOs and error budgets', '');
     const limits = section('Rate-limit decisions by policy', 'all policies, over the last ' + range);
     const limitsChart = el('div', { class: 'chart card', id: 'chart-limits', dataset: { chart: 'limits' } });
     const limitsTable = el('div');
     limits.body.append(limitsTable, limitsChart);
     let lChart = null;
-    root.append(head, stats, signals.root, slos.root, limits.root);
+    root.append(head, stats, signals.root, overload.root, slos.root, limits.root);
     fill($('#main'), root);
     const onResize = () => { Object.values(charts).forEach((c) => c.resize()); if (lChart) lChart.resize(); };
     window.addEventListener('resize', onResize);
@@ -537,6 +539,8 @@
       charts.errors.update([g.xs, val((x) => (admittedOf(x) ? 100 * x.error_count_5xx / admittedOf(x) : null)),
         val((x) => (admittedOf(x) ? 100 * x.error_count_4xx / admittedOf(x) : null))]);
       charts.saturation.update([g.xs, val((x) => x.saturation && x.saturation.cpu_percent), val((x) => x.saturation && x.saturation.loop_lag_ms)]);
+      fill(overload.body, overloadBlock(res.data.overload));
+      overload.root.hidden = !overload.body.firstChild;
     }
 
     async function refreshStats() {
@@ -668,6 +672,41 @@
       refresh,
       destroy() { window.removeEventListener('resize', onResize); Object.values(charts).forEach((c) => c.destroy()); if (lChart) lChart.destroy(); },
     };
+  }
+
+  /** The service's overload protection (GET /v1/signals?service= `overload`): per upstream the
+   *  adaptive concurrency limit the gateways last reported and the retries in the range, per
+   *  route the requests refused by shedding or by a concurrency limit. Nothing (the section
+   *  stays hidden) when the service has none of these configured or observed. */
+  function overloadBlock(o) {
+    const ups = (o && o.upstreams) || [];
+    const routes = (o && o.routes) || [];
+    const retries = (u, k) => (u.retries && u.retries[k]) || 0;
+    const limitText = (u) => (!isNum(u.concurrency_limit) ? '—'
+      : u.concurrency_limit_max > u.concurrency_limit ? fmtInt(u.concurrency_limit) + '–' + fmtInt(u.concurrency_limit_max)
+        : fmtInt(u.concurrency_limit));
+    const tables = [];
+    if (ups.length) {
+      tables.push(el('div', { class: 'table-wrap' }, el('table', { class: 'data overload-upstreams' },
+        el('thead', null, el('tr', null, el('th', { text: 'Upstream' }),
+          ['Concurrency limit', 'Retried', 'Succeeded', 'Failed', 'Budget exhausted'].map((h) => el('th', { class: 'num', text: h })))),
+        el('tbody', null, ups.map((u) => el('tr', { dataset: { upstream: u.upstream, limit: isNum(u.concurrency_limit) ? u.concurrency_limit : '' } },
+          el('td', null, u.upstream, u.saturated ? [' ', el('span', { class: 'status warning', text: 'saturated', title: 'the limit refused requests in the last interval' })] : null),
+          el('td', { class: 'num', text: limitText(u), title: u.gateways ? u.gateways + ' gateway(s)' : '' }),
+          el('td', { class: 'num', text: fmtInt(retries(u, 'retried')) }),
+          el('td', { class: 'num', text: fmtInt(retries(u, 'succeeded')) }),
+          el('td', { class: 'num', text: fmtInt(retries(u, 'failed')) }),
+          el('td', { class: 'num', text: fmtInt(retries(u, 'budget_exhausted')) })))))));
+    }
+    if (routes.length) {
+      tables.push(el('div', { class: 'table-wrap' }, el('table', { class: 'data overload-routes' },
+        el('thead', null, el('tr', null, el('th', { text: 'Route' }),
+          ['Shed', 'Refused at the concurrency limit'].map((h) => el('th', { class: 'num', text: h })))),
+        el('tbody', null, routes.map((r) => el('tr', { dataset: { route: r.route, shed: r.shed || 0, concurrency: r.concurrency || 0 } },
+          el('td', { text: r.route }), el('td', { class: 'num', text: fmtInt(r.shed || 0) }),
+          el('td', { class: 'num', text: fmtInt(r.concurrency || 0) })))))));
+    }
+    return tables;
   }
 
   function asList(doc, ...keys) {
