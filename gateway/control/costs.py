@@ -84,6 +84,7 @@ from gateway.control import app as control_app
 from gateway.control import budgets as bm
 from gateway.control.budgets import BudgetSpec
 from gateway.control.ingest import Batch
+from gateway.control.notify import publish
 from gateway.control.store import Store
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
 
@@ -606,17 +607,9 @@ def publish_events(app: web.Application) -> None:
     finops = app.get(FINOPS)
     if finops is None or not finops.events:
         return
-    events = []
-    while finops.events:
-        events.append(finops.events.popleft())
-    try:
-        from gateway.control import reliability
-        notifier = app.get(reliability.NOTIFIER)
-    except ImportError:
-        return
-    if notifier is not None:
-        for e in events:
-            notifier.publish(e)
+    events = list(finops.events)
+    finops.events.clear()
+    publish(app, events)
 
 
 def _alert_doc(a: dict[str, Any]) -> dict[str, Any]:

@@ -55,13 +55,12 @@ from gateway.control.app import (
 from gateway.control.config import ControlConfig
 from gateway.control.evaluator import Evaluator, budget_report, load_slos
 from gateway.control.incidents import IncidentError
-from gateway.control.notify import Notifier
+from gateway.control.notify import NOTIFIER, Notifier, publish
 from gateway.control.store import Store
 
 log = logging.getLogger("gateway.control.reliability")
 
 EVALUATOR = web.AppKey("slo_evaluator", Evaluator)
-NOTIFIER = web.AppKey("slo_notifier", Notifier)
 _EVAL_LOCK = web.AppKey("slo_eval_lock", asyncio.Lock)
 
 
@@ -94,13 +93,6 @@ def _flag(request: web.Request, name: str) -> bool:
 
 def _invalid(errors: list[str]) -> web.Response:
     return problem(400, errors[0], errors=errors[:50])
-
-
-def _publish(app: web.Application, events: list[Event]) -> None:
-    notifier = app.get(NOTIFIER)
-    if notifier is not None:
-        for e in events:
-            notifier.publish(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +207,7 @@ async def delete_slo(request: web.Request) -> web.Response:
                             _actor(request), body.get("reason", ""), _now(request))
     if status != 200:
         return problem(status, out)
-    _publish(request.app, out)
+    publish(request.app, out)
     return _json({"deleted": slo_id, "resolved_alerts": [e.alert["id"] for e in out]})
 
 
@@ -352,9 +344,9 @@ async def create_alert(request: web.Request) -> web.Response:
     status, alert, event = await _db(request, _manual_alert_sync, _store(request), doc,
                                      _actor(request), _now(request))
     if event is not None:
-        _publish(request.app, [event])
+        publish(request.app, [event])
         if event.incident is not None and incidents.opened_by(event.incident, event.alert):
-            _publish(request.app, [incidents.event("opened", event.incident)])
+            publish(request.app, [incidents.event("opened", event.incident)])
     return _json({**alerts.doc(alert), "deduplicated": status == 200}, status=status)
 
 
@@ -371,7 +363,7 @@ async def ack_alert(request: web.Request) -> web.Response:
                           _actor(request), body.get("reason", ""), _now(request))
     except AlertError as exc:
         return problem(exc.status, str(exc))
-    _publish(request.app, [Event("acknowledged", alert)])
+    publish(request.app, [Event("acknowledged", alert)])
     return _json(alerts.doc(alert))
 
 
@@ -394,7 +386,7 @@ async def resolve_alert(request: web.Request) -> web.Response:
                           _actor(request), body.get("reason", ""), _now(request))
     except AlertError as exc:
         return problem(exc.status, str(exc))
-    _publish(request.app, [event])
+    publish(request.app, [event])
     return _json(alerts.doc(event.alert))
 
 
@@ -481,7 +473,7 @@ async def declare_incident(request: web.Request) -> web.Response:
         return incidents.doc(store, inc, now, timeline=True)
 
     out = await _db(request, work)
-    _publish(request.app, [incidents.event("opened", out)])
+    publish(request.app, [incidents.event("opened", out)])
     return _json(out, status=201)
 
 
@@ -530,7 +522,7 @@ async def _incident_action(request: web.Request) -> web.Response:
     kind = {"acknowledge": "acknowledged", "escalate": "escalated",
             "resolve": "resolved"}.get(action)
     if kind is not None:
-        _publish(request.app, [incidents.event(kind, out)])
+        publish(request.app, [incidents.event(kind, out)])
     return _json(out)
 
 
@@ -545,7 +537,7 @@ async def run_evaluation(app: web.Application) -> list[Event]:
     """One evaluation pass at the app clock's time, then notifications (never awaited)."""
     async with app[_EVAL_LOCK]:
         events: list[Event] = await app[DB].call(app[EVALUATOR].evaluate, app[CLOCK].time())
-    _publish(app, events)
+    publish(app, events)
     return events
 
 

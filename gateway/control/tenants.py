@@ -38,6 +38,7 @@ from aiohttp import web
 
 from gateway.control import app as control_app
 from gateway.control.ingest import Batch
+from gateway.control.notify import publish
 from gateway.control.store import Store
 
 log = logging.getLogger("gateway.control.tenants")
@@ -243,17 +244,9 @@ def publish_events(app: web.Application) -> None:
     book = app.get(BOOK)
     if book is None or not book.events:
         return
-    events = []
-    while book.events:
-        events.append(book.events.popleft())
-    try:
-        from gateway.control import reliability
-        notifier = app.get(reliability.NOTIFIER)
-    except ImportError:
-        return
-    if notifier is not None:
-        for e in events:
-            notifier.publish(e)
+    events = list(book.events)
+    book.events.clear()
+    publish(app, events)
 
 
 # ---------------------------------------------------------------------------------------------

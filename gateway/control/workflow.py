@@ -23,7 +23,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway.control import actionitems, incidents, reports
-from gateway.control.alerts import Event
 from gateway.control.app import (
     CLOCK,
     DB,
@@ -38,6 +37,7 @@ from gateway.control.app import (
     requires,
 )
 from gateway.control.incidents import IncidentError
+from gateway.control.notify import publish
 from gateway.control.store import Store
 
 
@@ -47,15 +47,6 @@ def _item_id(request: web.Request) -> int:
 
 async def _run(request: web.Request, fn: Any, *args: Any) -> Any:
     return await request.app[DB].call(fn, *args)
-
-
-def _publish(request: web.Request, events: list[Event]) -> None:
-    # the notifier lives in reliability.py; imported here, not at the top (it imports app)
-    from gateway.control.reliability import NOTIFIER
-    notifier = request.app.get(NOTIFIER)
-    if notifier is not None:
-        for e in events:
-            notifier.publish(e)
 
 
 @requires("incidents:write")
@@ -136,7 +127,7 @@ async def update_item(request: web.Request) -> web.Response:
                                   body, request[PRINCIPAL].name, body.get("reason", ""), now)
     except IncidentError as exc:
         return problem(exc.status, str(exc))
-    _publish(request, events)
+    publish(request.app, events)
     return _json(actionitems.doc(item, now))
 
 
@@ -150,7 +141,7 @@ async def complete_item(request: web.Request) -> web.Response:
                                   item_id, request[PRINCIPAL].name, body.get("reason", ""), now)
     except IncidentError as exc:
         return problem(exc.status, str(exc))
-    _publish(request, events)
+    publish(request.app, events)
     return _json(actionitems.doc(item, now))
 
 
