@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import mmap
 import os
 import struct
 from typing import TYPE_CHECKING
 
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.ratelimit import EPSILON
+from gateway.ratelimit import EPSILON, open_shared_table
 
 if TYPE_CHECKING:
     from gateway.quotawindows import Window
     from gateway.tenants import EffectivePlan
 
 _MAGIC = b"GWTQTB01"
-_HEADER = struct.Struct("<8sII")
 _HEADER_SIZE = 64
 _SLOT = struct.Struct("<16sdd")
 _EMPTY = bytes(16)
@@ -52,23 +50,8 @@ class SharedQuotas:
                 slots = int(os.environ.get("GATEWAY_TENANT_SLOTS", "") or 131072)
             except ValueError:
                 slots = 131072
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                head = os.pread(self._fd, _HEADER.size, 0)
-                if len(head) == _HEADER.size and head[:8] == _MAGIC:
-                    _, slots, probe = _HEADER.unpack(head)
-                else:
-                    os.ftruncate(self._fd, 0)
-                    os.ftruncate(self._fd, _HEADER_SIZE + slots * _SLOT.size)
-                    os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, probe), 0)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._mm = mmap.mmap(self._fd, _HEADER_SIZE + slots * _SLOT.size)
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._fd, self._mm, slots, probe = open_shared_table(path, _MAGIC, slots, probe,
+                                                             _SLOT.size)
         self._slots = slots
         self._probe = min(probe, slots)
         self.evictions = 0

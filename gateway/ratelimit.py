@@ -338,6 +338,32 @@ _TABLE_MAGIC = b"GWRLTB01"
 _TABLE_HEADER = struct.Struct("<8sII")    # magic, slots, probe window
 _HEADER_SIZE = 64
 _SLOT = struct.Struct("<16sd")            # digest of (policy id, ident); instant it is full again
+
+
+def open_shared_table(path: str, magic: bytes, slots: int, probe: int, slot_size: int
+                      ) -> tuple[int, mmap.mmap, int, int]:
+    """Open (or, for the first process here, create) a table of fixed-size slots that every
+    worker of this host maps: a 64-byte header (magic, slots, probe window) and the slots, a
+    sparse file whose zero bytes are empty slots. A table that exists keeps its own size and
+    probe window. Returns (fd, map, slots, probe)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            head = os.pread(fd, _TABLE_HEADER.size, 0)
+            if len(head) == _TABLE_HEADER.size and head[:8] == magic:
+                _, slots, probe = _TABLE_HEADER.unpack(head)
+            else:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, _HEADER_SIZE + slots * slot_size)
+                os.pwrite(fd, _TABLE_HEADER.pack(magic, slots, probe), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        mm = mmap.mmap(fd, _HEADER_SIZE + slots * slot_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm, slots, probe
 _EMPTY = bytes(16)
 
 
@@ -355,23 +381,8 @@ class SharedStore:
         self._clock = clock
         if slots is None:
             slots = int(os.environ.get("GATEWAY_RATELIMIT_SLOTS", "131072") or 131072)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                head = os.pread(self._fd, _TABLE_HEADER.size, 0)
-                if len(head) == _TABLE_HEADER.size and head[:8] == _TABLE_MAGIC:
-                    _, slots, probe = _TABLE_HEADER.unpack(head)
-                else:  # first worker here: size the table (sparse file, zero = empty slots)
-                    os.ftruncate(self._fd, 0)
-                    os.ftruncate(self._fd, _HEADER_SIZE + slots * _SLOT.size)
-                    os.pwrite(self._fd, _TABLE_HEADER.pack(_TABLE_MAGIC, slots, probe), 0)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._mm = mmap.mmap(self._fd, _HEADER_SIZE + slots * _SLOT.size)
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._fd, self._mm, slots, probe = open_shared_table(path, _TABLE_MAGIC, slots, probe,
+                                                             _SLOT.size)
         self._slots = slots
         self._probe = min(probe, slots)
         self.evictions = 0
