@@ -21,6 +21,7 @@ import orjson
 import yaml
 
 from gateway import tls as tls_mod
+from gateway import validation as valid
 from gateway.errors import ConfigError
 
 T = TypeVar("T")
@@ -349,7 +350,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str, 
     return sentinels, unquote(parts[0]), db, unquote(user), unquote(password)
 
 
-def _check_redis_url(url: str, errs: _Errors) -> None:
+def _check_redis_url(url: str, errs: valid.Errors) -> None:
     """The parts of a redis URL the store would otherwise reject at start."""
     u = urlsplit(url)
     if u.scheme == "redis+sentinel":
@@ -372,14 +373,14 @@ def _check_redis_url(url: str, errs: _Errors) -> None:
         errs.add("redis.url", f"the path must be a database number, got {db!r}")
 
 
-def _redis_tls(value: Any, errs: _Errors) -> RedisTLSConfig | None:
-    tm = _mapping(value, "redis.tls", errs, {"ca", "cert", "key"})
+def _redis_tls(value: Any, errs: valid.Errors) -> RedisTLSConfig | None:
+    tm = valid.mapping(value, "redis.tls", errs, {"ca", "cert", "key"})
     if tm is None:
         return None
     tkw: dict[str, str] = {}
     for name in ("ca", "cert", "key"):
         if name in tm:
-            path = _str(tm[name], f"redis.tls.{name}", errs)
+            path = valid.string(tm[name], f"redis.tls.{name}", errs)
             if path is not None and not Path(path).is_file():
                 errs.add(f"redis.tls.{name}", f"file not found: {path!r}")
             elif path is not None:
@@ -389,7 +390,7 @@ def _redis_tls(value: Any, errs: _Errors) -> RedisTLSConfig | None:
     return RedisTLSConfig(**tkw)
 
 
-def _check_redis_combination(rkw: dict[str, Any], errs: _Errors) -> None:
+def _check_redis_combination(rkw: dict[str, Any], errs: valid.Errors) -> None:
     scheme = urlsplit(rkw.get("url") or "redis:").scheme
     if rkw.get("tls") is not None and scheme != "rediss":
         errs.add("redis.tls", f"needs a rediss:// URL, got {scheme}://")
@@ -433,106 +434,9 @@ def interpolate(text: str, env: Mapping[str, str] | None = None) -> tuple[str, l
 # Parsing helpers: each takes (value, path, errors) and returns a parsed value or None
 
 
-class _Errors:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.lines.append(f"{path}: {message}")
-
-
-def _mapping(value: Any, path: str, errs: _Errors, allowed: set[str],
-             required: set[str] = frozenset()) -> dict[str, Any] | None:  # type: ignore[assignment]
-    if not isinstance(value, dict):
-        errs.add(path, f"must be a mapping, got {_kind(value)}")
-        return None
-    for key in value:
-        if key not in allowed:
-            hint = _closest(str(key), allowed)
-            errs.add(f"{path}.{key}" if path else str(key),
-                     "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
-    for key in sorted(required):
-        if key not in value:
-            errs.add(f"{path}.{key}" if path else key, "is required")
-    return value
-
-
-def _closest(key: str, allowed: set[str]) -> str | None:
-    import difflib
-    found = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
-    return found[0] if found else None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _str(value: Any, path: str, errs: _Errors, *, nonempty: bool = True) -> str | None:
-    if not isinstance(value, str):
-        errs.add(path, f"must be a string, got {_kind(value)}")
-        return None
-    if nonempty and not value.strip():
-        errs.add(path, "must not be empty")
-        return None
-    return value
-
-
-def _bool(value: Any, path: str, errs: _Errors) -> bool | None:
-    if not isinstance(value, bool):
-        errs.add(path, f"must be true or false, got {value!r}")
-        return None
-    return value
-
-
-def _int(value: Any, path: str, errs: _Errors, *, minimum: int | None = None,
-         maximum: int | None = None) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        errs.add(path, f"must be an integer, got {value!r}")
-        return None
-    if minimum is not None and value < minimum:
-        errs.add(path, f"must be >= {minimum}, got {value}")
-        return None
-    if maximum is not None and value > maximum:
-        errs.add(path, f"must be <= {maximum}, got {value}")
-        return None
-    return value
-
-
-def _num(value: Any, path: str, errs: _Errors, *, minimum: float | None = None,
-         exclusive_min: bool = False, maximum: float | None = None) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        errs.add(path, f"must be a number, got {value!r}")
-        return None
-    v = float(value)
-    if minimum is not None and (v <= minimum if exclusive_min else v < minimum):
-        errs.add(path, f"must be {'>' if exclusive_min else '>='} {minimum:g}, got {value}")
-        return None
-    if maximum is not None and v > maximum:
-        errs.add(path, f"must be <= {maximum:g}, got {value}")
-        return None
-    return v
-
-
-def _choice(value: Any, path: str, errs: _Errors, choices: tuple[str, ...]) -> str | None:
-    if value not in choices:
-        errs.add(path, f"must be one of {', '.join(choices)}, got {value!r}")
-        return None
-    return value  # type: ignore[no-any-return]
-
-
-def _list(value: Any, path: str, errs: _Errors) -> list[Any] | None:
-    if not isinstance(value, list):
-        errs.add(path, f"must be a list, got {_kind(value)}")
-        return None
-    return value
-
-
-def parse_listen(value: Any, path: str, errs: _Errors) -> str | None:
+def parse_listen(value: Any, path: str, errs: valid.Errors) -> str | None:
     """`host:port` or `[v6]:port`; port 0 means any free port."""
-    s = _str(value, path, errs)
+    s = valid.string(value, path, errs)
     if s is None:
         return None
     try:
@@ -558,7 +462,7 @@ _PERIODS = {"second": 1, "sec": 1, "s": 1, "minute": 60, "min": 60, "m": 60,
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(?:(\d+(?:\.\d+)?)\s*s|([a-z]+))\s*$")
 
 
-def parse_rate(value: Any, path: str, errs: _Errors) -> tuple[int, float] | None:
+def parse_rate(value: Any, path: str, errs: valid.Errors) -> tuple[int, float] | None:
     """`N/second|minute|hour|day` or `N/<k>s` -> (N, period seconds)."""
     if not isinstance(value, str):
         errs.add(path, f"must be a string like '100/minute', got {value!r}")
@@ -587,8 +491,8 @@ def parse_rate(value: Any, path: str, errs: _Errors) -> tuple[int, float] | None
     return count, period
 
 
-def parse_endpoint(value: Any, path: str, errs: _Errors) -> Endpoint | None:
-    s = _str(value, path, errs)
+def parse_endpoint(value: Any, path: str, errs: valid.Errors) -> Endpoint | None:
+    s = valid.string(value, path, errs)
     if s is None:
         return None
     parts = urlsplit(s)
@@ -615,20 +519,12 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
-def _name(value: Any, path: str, errs: _Errors) -> str | None:
-    s = _str(value, path, errs)
-    if s is not None and not _NAME.match(s):
-        errs.add(path, f"may contain only letters, digits, '_', '.', ':' and '-', got {s!r}")
-        return None
-    return s
-
-
-def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
+def parse_breaker(value: Any, path: str, errs: valid.Errors) -> BreakerConfig | None:
     if value is None:
         return BreakerConfig()
     allowed = {"failure_threshold", "reset_timeout_s", "half_open_successes",
                "half_open_max_inflight", "failure_on", "error_rate"}
-    m = _mapping(value, path, errs, allowed)
+    m = valid.mapping(value, path, errs, allowed)
     if m is None:
         return None
     d = BreakerConfig()
@@ -637,16 +533,16 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
     for key, minimum in (("failure_threshold", 1), ("half_open_successes", 1),
                          ("half_open_max_inflight", 1)):
         if key in m:
-            v = _int(m[key], f"{path}.{key}", errs, minimum=minimum)
+            v = valid.integer(m[key], f"{path}.{key}", errs, minimum=minimum)
             ok &= v is not None
             kw[key] = v
     if "reset_timeout_s" in m:
-        v2 = _num(m["reset_timeout_s"], f"{path}.reset_timeout_s", errs, minimum=0,
+        v2 = valid.number(m["reset_timeout_s"], f"{path}.reset_timeout_s", errs, minimum=0,
                   exclusive_min=True)
         ok &= v2 is not None
         kw["reset_timeout_s"] = v2
     if "failure_on" in m:
-        items = _list(m["failure_on"], f"{path}.failure_on", errs)
+        items = valid.listing(m["failure_on"], f"{path}.failure_on", errs)
         if items is None:
             ok = False
         else:
@@ -666,20 +562,20 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
             kw["failure_on"] = frozenset(out)
     if "error_rate" in m and m["error_rate"] is not None:
         epath = f"{path}.error_rate"
-        em = _mapping(m["error_rate"], epath, errs, {"threshold", "min_requests", "window_s"})
+        em = valid.mapping(m["error_rate"], epath, errs, {"threshold", "min_requests", "window_s"})
         if em is None:
             ok = False
         else:
             er = ErrorRateConfig()
             ekw: dict[str, Any] = {}
             if "threshold" in em:
-                ekw["threshold"] = _num(em["threshold"], f"{epath}.threshold", errs, minimum=0,
+                ekw["threshold"] = valid.number(em["threshold"], f"{epath}.threshold", errs, minimum=0,
                                         exclusive_min=True, maximum=1)
             if "min_requests" in em:
-                ekw["min_requests"] = _int(em["min_requests"], f"{epath}.min_requests", errs,
+                ekw["min_requests"] = valid.integer(em["min_requests"], f"{epath}.min_requests", errs,
                                            minimum=1)
             if "window_s" in em:
-                ekw["window_s"] = _num(em["window_s"], f"{epath}.window_s", errs, minimum=0,
+                ekw["window_s"] = valid.number(em["window_s"], f"{epath}.window_s", errs, minimum=0,
                                        exclusive_min=True)
             if any(v is None for v in ekw.values()):
                 ok = False
@@ -690,17 +586,17 @@ def parse_breaker(value: Any, path: str, errs: _Errors) -> BreakerConfig | None:
     return BreakerConfig(**{k: getattr(d, k) for k in d.__slots__ if k not in kw}, **kw)
 
 
-def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | None:
+def parse_upstream(value: Any, path: str, errs: valid.Errors) -> UpstreamConfig | None:
     allowed = {"name", "endpoints", "connect_timeout_s", "timeout_s", "max_connections", "breaker",
                "tls", "fallback", "retries", "concurrency"}
-    m = _mapping(value, path, errs, allowed, {"name", "endpoints"})
+    m = valid.mapping(value, path, errs, allowed, {"name", "endpoints"})
     if m is None:
         return None
     n0 = len(errs.lines)
-    name = _name(m.get("name"), f"{path}.name", errs) if "name" in m else None
+    name = valid.name(m.get("name"), f"{path}.name", errs) if "name" in m else None
     endpoints: list[Endpoint] = []
     if "endpoints" in m:
-        eps = _list(m["endpoints"], f"{path}.endpoints", errs)
+        eps = valid.listing(m["endpoints"], f"{path}.endpoints", errs)
         if eps is not None:
             if not eps:
                 errs.add(f"{path}.endpoints", "must list at least one endpoint")
@@ -710,13 +606,13 @@ def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | Non
                     endpoints.append(ep)
     kw: dict[str, Any] = {}
     if "connect_timeout_s" in m:
-        kw["connect_timeout_s"] = _num(m["connect_timeout_s"], f"{path}.connect_timeout_s", errs,
+        kw["connect_timeout_s"] = valid.number(m["connect_timeout_s"], f"{path}.connect_timeout_s", errs,
                                        minimum=0, exclusive_min=True)
     if "timeout_s" in m:
-        kw["timeout_s"] = _num(m["timeout_s"], f"{path}.timeout_s", errs, minimum=0,
+        kw["timeout_s"] = valid.number(m["timeout_s"], f"{path}.timeout_s", errs, minimum=0,
                                exclusive_min=True)
     if "max_connections" in m:
-        kw["max_connections"] = _int(m["max_connections"], f"{path}.max_connections", errs,
+        kw["max_connections"] = valid.integer(m["max_connections"], f"{path}.max_connections", errs,
                                      minimum=1)
     breaker = parse_breaker(m.get("breaker"), f"{path}.breaker", errs)
     if m.get("tls") is not None:
@@ -724,7 +620,7 @@ def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | Non
         if not any(e.scheme == "https" for e in endpoints) and "endpoints" in m:
             errs.add(f"{path}.tls", "is set but no endpoint is https://")
     if m.get("fallback") is not None:
-        fb = _name(m["fallback"], f"{path}.fallback", errs)
+        fb = valid.name(m["fallback"], f"{path}.fallback", errs)
         if fb is not None and fb == name:
             errs.add(f"{path}.fallback", f"names the upstream itself ({fb!r})")
         kw["fallback"] = fb
@@ -738,21 +634,21 @@ def parse_upstream(value: Any, path: str, errs: _Errors) -> UpstreamConfig | Non
                           **kw)
 
 
-def parse_retries(value: Any, path: str, errs: _Errors) -> RetryConfig | None:
+def parse_retries(value: Any, path: str, errs: valid.Errors) -> RetryConfig | None:
     if isinstance(value, dict) and True in value and "on" not in value:
         # YAML 1.1 reads a bare `on:` key as the boolean true
         value = {("on" if k is True else k): v for k, v in value.items()}
-    m = _mapping(value, path, errs, {"attempts", "on", "budget_ratio"})
+    m = valid.mapping(value, path, errs, {"attempts", "on", "budget_ratio"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     if "attempts" in m:
-        kw["attempts"] = _int(m["attempts"], f"{path}.attempts", errs, minimum=0, maximum=10)
+        kw["attempts"] = valid.integer(m["attempts"], f"{path}.attempts", errs, minimum=0, maximum=10)
     if "budget_ratio" in m:
-        kw["budget_ratio"] = _num(m["budget_ratio"], f"{path}.budget_ratio", errs, minimum=0,
+        kw["budget_ratio"] = valid.number(m["budget_ratio"], f"{path}.budget_ratio", errs, minimum=0,
                                   maximum=1)
     if "on" in m:
-        items = _list(m["on"], f"{path}.on", errs)
+        items = valid.listing(m["on"], f"{path}.on", errs)
         out: set[str | int] = set()
         for i, item in enumerate(items or []):
             if item in ("connect_error", "timeout") or (
@@ -768,17 +664,17 @@ def parse_retries(value: Any, path: str, errs: _Errors) -> RetryConfig | None:
     return RetryConfig(**kw)
 
 
-def parse_concurrency(value: Any, path: str, errs: _Errors) -> ConcurrencyConfig | None:
-    m = _mapping(value, path, errs, {"adaptive", "min", "max"})
+def parse_concurrency(value: Any, path: str, errs: valid.Errors) -> ConcurrencyConfig | None:
+    m = valid.mapping(value, path, errs, {"adaptive", "min", "max"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     if "adaptive" in m:
-        kw["adaptive"] = _bool(m["adaptive"], f"{path}.adaptive", errs)
+        kw["adaptive"] = valid.boolean(m["adaptive"], f"{path}.adaptive", errs)
     if "min" in m:
-        kw["min"] = _int(m["min"], f"{path}.min", errs, minimum=1)
+        kw["min"] = valid.integer(m["min"], f"{path}.min", errs, minimum=1)
     if "max" in m:
-        kw["max"] = _int(m["max"], f"{path}.max", errs, minimum=1)
+        kw["max"] = valid.integer(m["max"], f"{path}.max", errs, minimum=1)
     if any(v is None for v in kw.values()):
         return None
     c = ConcurrencyConfig(**kw)
@@ -788,41 +684,27 @@ def parse_concurrency(value: Any, path: str, errs: _Errors) -> ConcurrencyConfig
     return c
 
 
-def parse_shedding(value: Any, path: str, errs: _Errors) -> SheddingConfig | None:
-    m = _mapping(value, path, errs, {"on_burn_rate_alert"})
+def parse_shedding(value: Any, path: str, errs: valid.Errors) -> SheddingConfig | None:
+    m = valid.mapping(value, path, errs, {"on_burn_rate_alert"})
     if m is None:
         return None
-    on = _bool(m.get("on_burn_rate_alert", False), f"{path}.on_burn_rate_alert", errs)
+    on = valid.boolean(m.get("on_burn_rate_alert", False), f"{path}.on_burn_rate_alert", errs)
     return None if on is None else SheddingConfig(on_burn_rate_alert=on)
 
 
-def _readable(value: Any, path: str, errs: _Errors) -> str | None:
-    """A file path that exists and can be read (certificates, keys, CA bundles)."""
-    s = _str(value, path, errs)
-    if s is None:
-        return None
-    try:
-        with open(s, "rb"):
-            pass
-    except OSError as exc:
-        errs.add(path, f"cannot read {s!r}: {exc.strerror}")
-        return None
-    return s
-
-
-def parse_upstream_tls(value: Any, path: str, errs: _Errors) -> UpstreamTlsConfig | None:
-    m = _mapping(value, path, errs, {"ca", "cert", "key", "server_name", "verify"})
+def parse_upstream_tls(value: Any, path: str, errs: valid.Errors) -> UpstreamTlsConfig | None:
+    m = valid.mapping(value, path, errs, {"ca", "cert", "key", "server_name", "verify"})
     if m is None:
         return None
     n0 = len(errs.lines)
     kw: dict[str, Any] = {}
     for key in ("ca", "cert", "key"):
         if m.get(key) is not None:
-            kw[key] = _readable(m[key], f"{path}.{key}", errs)
+            kw[key] = valid.readable(m[key], f"{path}.{key}", errs)
     if m.get("server_name") is not None:
-        kw["server_name"] = _str(m["server_name"], f"{path}.server_name", errs)
+        kw["server_name"] = valid.string(m["server_name"], f"{path}.server_name", errs)
     if "verify" in m:
-        kw["verify"] = _bool(m["verify"], f"{path}.verify", errs)
+        kw["verify"] = valid.boolean(m["verify"], f"{path}.verify", errs)
     if ("cert" in kw) != ("key" in kw):
         missing = "key" if "cert" in kw else "cert"
         errs.add(f"{path}.{missing}", "is required with " + ("cert" if "cert" in kw else "key"))
@@ -837,26 +719,26 @@ def parse_upstream_tls(value: Any, path: str, errs: _Errors) -> UpstreamTlsConfi
     return cfg
 
 
-def parse_listener_tls(value: Any, path: str, errs: _Errors) -> ListenerTlsConfig | None:
+def parse_listener_tls(value: Any, path: str, errs: valid.Errors) -> ListenerTlsConfig | None:
     """`tls:` on the listener; every certificate is loaded now, so a bad file is refused by
     `gateway check` and by a reload, naming its key."""
-    m = _mapping(value, path, errs, {"certificates", "min_version", "client_ca"},
+    m = valid.mapping(value, path, errs, {"certificates", "min_version", "client_ca"},
                  {"certificates"})
     if m is None:
         return None
     n0 = len(errs.lines)
     certs: list[CertificateConfig] = []
-    items = _list(m["certificates"], f"{path}.certificates", errs) if "certificates" in m \
+    items = valid.listing(m["certificates"], f"{path}.certificates", errs) if "certificates" in m \
         else None
     if items is not None and not items:
         errs.add(f"{path}.certificates", "must list at least one {cert, key}")
     for i, item in enumerate(items or []):
         ipath = f"{path}.certificates[{i}]"
-        im = _mapping(item, ipath, errs, {"cert", "key"}, {"cert", "key"})
+        im = valid.mapping(item, ipath, errs, {"cert", "key"}, {"cert", "key"})
         if im is None or "cert" not in im or "key" not in im:
             continue
-        cert = _readable(im["cert"], f"{ipath}.cert", errs)
-        key = _readable(im["key"], f"{ipath}.key", errs)
+        cert = valid.readable(im["cert"], f"{ipath}.cert", errs)
+        key = valid.readable(im["key"], f"{ipath}.key", errs)
         if cert is None or key is None:
             continue
         try:
@@ -868,10 +750,10 @@ def parse_listener_tls(value: Any, path: str, errs: _Errors) -> ListenerTlsConfi
     kw: dict[str, Any] = {}
     if "min_version" in m:
         v = m["min_version"]
-        kw["min_version"] = _choice(str(v) if isinstance(v, (int, float)) else v,
+        kw["min_version"] = valid.choice(str(v) if isinstance(v, (int, float)) else v,
                                     f"{path}.min_version", errs, ("1.2", "1.3"))
     if m.get("client_ca") is not None:
-        ca = _readable(m["client_ca"], f"{path}.client_ca", errs)
+        ca = valid.readable(m["client_ca"], f"{path}.client_ca", errs)
         if ca is not None:
             try:
                 tls_mod.check_ca(ca)
@@ -883,17 +765,17 @@ def parse_listener_tls(value: Any, path: str, errs: _Errors) -> ListenerTlsConfi
     return ListenerTlsConfig(certificates=tuple(certs), **kw)
 
 
-def parse_websocket(value: Any, path: str, errs: _Errors) -> tuple[bool, float] | None:
+def parse_websocket(value: Any, path: str, errs: valid.Errors) -> tuple[bool, float] | None:
     """`websocket: true|false`, or `websocket: {idle_timeout_s: N}` (enabled, with that idle
     timeout)."""
     if isinstance(value, bool):
         return value, WEBSOCKET_IDLE_S
-    m = _mapping(value, path, errs, {"idle_timeout_s"})
+    m = valid.mapping(value, path, errs, {"idle_timeout_s"})
     if m is None:
         return None
     idle = WEBSOCKET_IDLE_S
     if "idle_timeout_s" in m:
-        v = _num(m["idle_timeout_s"], f"{path}.idle_timeout_s", errs, minimum=0,
+        v = valid.number(m["idle_timeout_s"], f"{path}.idle_timeout_s", errs, minimum=0,
                  exclusive_min=True)
         if v is None:
             return None
@@ -901,14 +783,14 @@ def parse_websocket(value: Any, path: str, errs: _Errors) -> tuple[bool, float] 
     return True, idle
 
 
-def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
+def parse_limit(value: Any, path: str, errs: valid.Errors) -> LimitConfig | None:
     allowed = {"name", "key", "rate", "burst", "store", "mode", "on_store_error", "headers",
                "delay_max_ms"}
-    m = _mapping(value, path, errs, allowed, {"name", "key", "rate"})
+    m = valid.mapping(value, path, errs, allowed, {"name", "key", "rate"})
     if m is None:
         return None
     n0 = len(errs.lines)
-    name = _name(m["name"], f"{path}.name", errs) if "name" in m else None
+    name = valid.name(m["name"], f"{path}.name", errs) if "name" in m else None
     key = None
     if "key" in m:
         key = m["key"]
@@ -921,18 +803,18 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
     rate = parse_rate(m["rate"], f"{path}.rate", errs) if "rate" in m else None
     kw: dict[str, Any] = {}
     if "burst" in m:
-        kw["burst"] = _int(m["burst"], f"{path}.burst", errs, minimum=0)
+        kw["burst"] = valid.integer(m["burst"], f"{path}.burst", errs, minimum=0)
     if "store" in m:
-        kw["store"] = _choice(m["store"], f"{path}.store", errs, ("local", "redis"))
+        kw["store"] = valid.choice(m["store"], f"{path}.store", errs, ("local", "redis"))
     if "mode" in m:
-        kw["mode"] = _choice(m["mode"], f"{path}.mode", errs, ("enforce", "shadow"))
+        kw["mode"] = valid.choice(m["mode"], f"{path}.mode", errs, ("enforce", "shadow"))
     if "on_store_error" in m:
-        kw["on_store_error"] = _choice(m["on_store_error"], f"{path}.on_store_error", errs,
+        kw["on_store_error"] = valid.choice(m["on_store_error"], f"{path}.on_store_error", errs,
                                        ("allow", "deny", "local"))
     if "headers" in m:
-        kw["headers"] = _bool(m["headers"], f"{path}.headers", errs)
+        kw["headers"] = valid.boolean(m["headers"], f"{path}.headers", errs)
     if "delay_max_ms" in m:
-        kw["delay_max_ms"] = _num(m["delay_max_ms"], f"{path}.delay_max_ms", errs, minimum=0,
+        kw["delay_max_ms"] = valid.number(m["delay_max_ms"], f"{path}.delay_max_ms", errs, minimum=0,
                                   maximum=60_000)
     if len(errs.lines) > n0 or name is None or key is None or rate is None:
         return None
@@ -940,29 +822,29 @@ def parse_limit(value: Any, path: str, errs: _Errors) -> LimitConfig | None:
                        rate_text=str(m["rate"]), **kw)
 
 
-def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
+def parse_route(value: Any, path: str, errs: valid.Errors) -> RouteConfig | None:
     allowed = {"name", "match", "upstream", "service", "strip_prefix", "limits", "websocket",
                "tenants", "priority"}
-    m = _mapping(value, path, errs, allowed, {"name", "upstream"})
+    m = valid.mapping(value, path, errs, allowed, {"name", "upstream"})
     if m is None:
         return None
     n0 = len(errs.lines)
-    name = _name(m["name"], f"{path}.name", errs) if "name" in m else None
-    upstream = _str(m["upstream"], f"{path}.upstream", errs) if "upstream" in m else None
-    service = (_name(m["service"], f"{path}.service", errs) if "service" in m
+    name = valid.name(m["name"], f"{path}.name", errs) if "name" in m else None
+    upstream = valid.string(m["upstream"], f"{path}.upstream", errs) if "upstream" in m else None
+    service = (valid.name(m["service"], f"{path}.service", errs) if "service" in m
                else (upstream or name))
     kw: dict[str, Any] = {}
     if "match" in m and m["match"] is not None:
         mpath = f"{path}.match"
-        mm = _mapping(m["match"], mpath, errs, {"path_prefix", "methods", "host"})
+        mm = valid.mapping(m["match"], mpath, errs, {"path_prefix", "methods", "host"})
         if mm is not None:
             if "path_prefix" in mm:
-                p = _str(mm["path_prefix"], f"{mpath}.path_prefix", errs)
+                p = valid.string(mm["path_prefix"], f"{mpath}.path_prefix", errs)
                 if p is not None and not p.startswith("/"):
                     errs.add(f"{mpath}.path_prefix", f"must start with '/', got {p!r}")
                 kw["path_prefix"] = p
             if "methods" in mm:
-                ms = _list(mm["methods"], f"{mpath}.methods", errs)
+                ms = valid.listing(mm["methods"], f"{mpath}.methods", errs)
                 if ms is not None:
                     out = set()
                     for i, meth in enumerate(ms):
@@ -975,18 +857,18 @@ def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
                         errs.add(f"{mpath}.methods", "must not be empty (omit it to match any)")
                     kw["methods"] = frozenset(out)
             if "host" in mm:
-                h = _str(mm["host"], f"{mpath}.host", errs)
+                h = valid.string(mm["host"], f"{mpath}.host", errs)
                 kw["host"] = h.lower() if h else None
     if "strip_prefix" in m:
-        kw["strip_prefix"] = _bool(m["strip_prefix"], f"{path}.strip_prefix", errs)
+        kw["strip_prefix"] = valid.boolean(m["strip_prefix"], f"{path}.strip_prefix", errs)
     if "tenants" in m:
-        kw["tenants"] = _bool(m["tenants"], f"{path}.tenants", errs)
+        kw["tenants"] = valid.boolean(m["tenants"], f"{path}.tenants", errs)
     if "limits" in m:
-        ls = _list(m["limits"], f"{path}.limits", errs)
+        ls = valid.listing(m["limits"], f"{path}.limits", errs)
         if ls is not None:
             names = []
             for i, ln in enumerate(ls):
-                s = _str(ln, f"{path}.limits[{i}]", errs)
+                s = valid.string(ln, f"{path}.limits[{i}]", errs)
                 if s is not None:
                     if s in names:
                         errs.add(f"{path}.limits[{i}]", f"lists {s!r} twice")
@@ -997,26 +879,26 @@ def parse_route(value: Any, path: str, errs: _Errors) -> RouteConfig | None:
         if ws is not None:
             kw["websocket"], kw["websocket_idle_timeout_s"] = ws
     if m.get("priority") is not None:
-        kw["priority"] = _choice(m["priority"], f"{path}.priority", errs, PRIORITIES)
+        kw["priority"] = valid.choice(m["priority"], f"{path}.priority", errs, PRIORITIES)
     if len(errs.lines) > n0 or name is None or upstream is None or service is None:
         return None
     return RouteConfig(name=name, upstream=upstream, service=service, **kw)
 
 
-def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneConfig | None:
+def parse_control_plane(value: Any, path: str, errs: valid.Errors) -> ControlPlaneConfig | None:
     if value is None:
         return None
     allowed = {"embedded", "config", "url", "token", "ship_interval_s", "spool_dir",
                "spool_max_bytes"}
-    m = _mapping(value, path, errs, allowed)
+    m = valid.mapping(value, path, errs, allowed)
     if m is None:
         return None
     n0 = len(errs.lines)
     kw: dict[str, Any] = {}
     if "embedded" in m:
-        kw["embedded"] = _bool(m["embedded"], f"{path}.embedded", errs)
+        kw["embedded"] = valid.boolean(m["embedded"], f"{path}.embedded", errs)
     if "config" in m:
-        kw["config"] = _str(m["config"], f"{path}.config", errs)
+        kw["config"] = valid.string(m["config"], f"{path}.config", errs)
     if "url" in m:
         # One URL or a list of them (control-plane replicas, tried in order).
         many = isinstance(m["url"], list)
@@ -1025,7 +907,7 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
         urls: list[str] = []
         for i, item in enumerate(m["url"] if many else [m["url"]]):
             where = f"{path}.url[{i}]" if many else f"{path}.url"
-            u = _str(item, where, errs)
+            u = valid.string(item, where, errs)
             if u is not None and urlsplit(u).scheme not in ("http", "https"):
                 errs.add(where, f"must be an http(s) URL, got {u!r}")
             elif u is not None:
@@ -1034,30 +916,30 @@ def parse_control_plane(value: Any, path: str, errs: _Errors) -> ControlPlaneCon
             kw["url"] = urls[0]
             kw["urls"] = tuple(urls)
     if "token" in m:
-        kw["token"] = _str(m["token"], f"{path}.token", errs, nonempty=False)
+        kw["token"] = valid.string(m["token"], f"{path}.token", errs, nonempty=False)
     if "ship_interval_s" in m:
-        kw["ship_interval_s"] = _num(m["ship_interval_s"], f"{path}.ship_interval_s", errs,
+        kw["ship_interval_s"] = valid.number(m["ship_interval_s"], f"{path}.ship_interval_s", errs,
                                      minimum=0, exclusive_min=True)
     if "spool_dir" in m:
-        kw["spool_dir"] = _str(m["spool_dir"], f"{path}.spool_dir", errs)
+        kw["spool_dir"] = valid.string(m["spool_dir"], f"{path}.spool_dir", errs)
     if "spool_max_bytes" in m:
-        kw["spool_max_bytes"] = _int(m["spool_max_bytes"], f"{path}.spool_max_bytes", errs,
+        kw["spool_max_bytes"] = valid.integer(m["spool_max_bytes"], f"{path}.spool_max_bytes", errs,
                                      minimum=1024)
     if len(errs.lines) > n0:
         return None
     return ControlPlaneConfig(**kw)
 
 
-def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
+def parse_tracing(value: Any, path: str, errs: valid.Errors) -> TracingConfig | None:
     if value is None:
         return None
-    m = _mapping(value, path, errs, {"otlp_endpoint", "sample_ratio", "service_name"})
+    m = valid.mapping(value, path, errs, {"otlp_endpoint", "sample_ratio", "service_name"})
     if m is None:
         return None
     n0 = len(errs.lines)
     kw: dict[str, Any] = {}
     if "otlp_endpoint" in m:
-        u = _str(m["otlp_endpoint"] if m["otlp_endpoint"] is not None else "",
+        u = valid.string(m["otlp_endpoint"] if m["otlp_endpoint"] is not None else "",
                  f"{path}.otlp_endpoint", errs, nonempty=False)
         if u:
             parts = urlsplit(u)
@@ -1066,10 +948,10 @@ def parse_tracing(value: Any, path: str, errs: _Errors) -> TracingConfig | None:
                                                   f"collector, got {_redact_url(u)!r}")
         kw["otlp_endpoint"] = u
     if "sample_ratio" in m:
-        kw["sample_ratio"] = _num(m["sample_ratio"], f"{path}.sample_ratio", errs, minimum=0,
+        kw["sample_ratio"] = valid.number(m["sample_ratio"], f"{path}.sample_ratio", errs, minimum=0,
                                   maximum=1)
     if "service_name" in m:
-        kw["service_name"] = _str(m["service_name"], f"{path}.service_name", errs)
+        kw["service_name"] = valid.string(m["service_name"], f"{path}.service_name", errs)
     if len(errs.lines) > n0:
         return None
     return TracingConfig(**kw)
@@ -1080,14 +962,14 @@ TOP_KEYS = {"listen", "workers", "drain_s", "trusted_proxies", "admin", "redis",
             "metrics", "tracing", "tenants", "shedding"}
 
 
-def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
+def parse_metrics(value: Any, path: str, errs: valid.Errors) -> MetricsConfig:
     """`metrics: {latency_buckets: [seconds, ...]}`: the `le` bounds of the latency histograms,
     positive and strictly ascending, at most 100 of them."""
-    m = _mapping(value, path, errs, {"latency_buckets"})
+    m = valid.mapping(value, path, errs, {"latency_buckets"})
     if m is None or m.get("latency_buckets") is None:
         return MetricsConfig()
     p = f"{path}.latency_buckets"
-    items = _list(m["latency_buckets"], p, errs)
+    items = valid.listing(m["latency_buckets"], p, errs)
     if items is None:
         return MetricsConfig()
     if not items or len(items) > 100:
@@ -1095,7 +977,7 @@ def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
         return MetricsConfig()
     bounds: list[float] = []
     for i, v in enumerate(items):
-        b = _num(v, f"{p}[{i}]", errs, minimum=0, exclusive_min=True)
+        b = valid.number(v, f"{p}[{i}]", errs, minimum=0, exclusive_min=True)
         if b is None:
             return MetricsConfig()
         if bounds and b <= bounds[-1]:
@@ -1106,11 +988,11 @@ def parse_metrics(value: Any, path: str, errs: _Errors) -> MetricsConfig:
     return MetricsConfig(latency_buckets=tuple(bounds))
 
 
-def parse_plan(name: str, value: Any, path: str, errs: _Errors) -> PlanConfig | None:
+def parse_plan(name: str, value: Any, path: str, errs: valid.Errors) -> PlanConfig | None:
     """`{rate, burst, quotas: {day, week, month}}`; `{}` is unlimited."""
     if value is None:
         value = {}
-    m = _mapping(value, path, errs, {"rate", "burst", "quotas"})
+    m = valid.mapping(value, path, errs, {"rate", "burst", "quotas"})
     if m is None:
         return None
     n0 = len(errs.lines)
@@ -1122,14 +1004,14 @@ def parse_plan(name: str, value: Any, path: str, errs: _Errors) -> PlanConfig | 
     if "burst" in m:
         if "rate" not in m:
             errs.add(f"{path}.burst", "needs a rate")
-        kw["burst"] = _int(m["burst"], f"{path}.burst", errs, minimum=0)
+        kw["burst"] = valid.integer(m["burst"], f"{path}.burst", errs, minimum=0)
     if "quotas" in m and m["quotas"] is not None:
-        qm = _mapping(m["quotas"], f"{path}.quotas", errs, {"day", "week", "month"})
+        qm = valid.mapping(m["quotas"], f"{path}.quotas", errs, {"day", "week", "month"})
         if qm is not None:
             quotas = []
             for w in ("day", "week", "month"):       # a fixed order: keys and headers rely on it
                 if w in qm:
-                    q = _int(qm[w], f"{path}.quotas.{w}", errs, minimum=1)
+                    q = valid.integer(qm[w], f"{path}.quotas.{w}", errs, minimum=1)
                     if q is not None:
                         quotas.append((w, q))
             kw["quotas"] = tuple(quotas)
@@ -1138,12 +1020,12 @@ def parse_plan(name: str, value: Any, path: str, errs: _Errors) -> PlanConfig | 
     return PlanConfig(name=name, **kw)
 
 
-def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
+def parse_tenants(value: Any, path: str, errs: valid.Errors) -> TenantsConfig | None:
     if value is None:
         return None
     allowed = {"key", "store", "time_zone", "default_plan", "plans", "assignments",
                "on_store_error"}
-    m = _mapping(value, path, errs, allowed, {"plans"})
+    m = valid.mapping(value, path, errs, allowed, {"plans"})
     if m is None:
         return None
     n0 = len(errs.lines)
@@ -1157,12 +1039,12 @@ def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
         else:
             kw["key"] = key
     if "store" in m:
-        kw["store"] = _choice(m["store"], f"{path}.store", errs, ("local", "redis"))
+        kw["store"] = valid.choice(m["store"], f"{path}.store", errs, ("local", "redis"))
     if "on_store_error" in m:
-        kw["on_store_error"] = _choice(m["on_store_error"], f"{path}.on_store_error", errs,
+        kw["on_store_error"] = valid.choice(m["on_store_error"], f"{path}.on_store_error", errs,
                                        ("allow", "deny", "local"))
     if "time_zone" in m:
-        tz = _str(m["time_zone"], f"{path}.time_zone", errs)
+        tz = valid.string(m["time_zone"], f"{path}.time_zone", errs)
         if tz is not None:
             from gateway.quotawindows import zone
             try:
@@ -1171,7 +1053,7 @@ def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
             except ValueError as exc:
                 errs.add(f"{path}.time_zone", str(exc))
     plans: list[PlanConfig] = []
-    pm = _mapping(m.get("plans"), f"{path}.plans", errs, set(m.get("plans") or ())
+    pm = valid.mapping(m.get("plans"), f"{path}.plans", errs, set(m.get("plans") or ())
                   if isinstance(m.get("plans"), dict) else set())
     if pm is not None:
         if not pm:
@@ -1186,13 +1068,13 @@ def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
                 plans.append(plan)
     names = set(pm or ())
     if "default_plan" in m and m["default_plan"] is not None:
-        dp = _str(m["default_plan"], f"{path}.default_plan", errs)
+        dp = valid.string(m["default_plan"], f"{path}.default_plan", errs)
         if dp is not None and pm is not None and dp not in names:
             errs.add(f"{path}.default_plan", f"names unknown plan {dp!r} "
                                              f"(known: {', '.join(sorted(names)) or 'none'})")
         kw["default_plan"] = dp
     if "assignments" in m and m["assignments"] is not None:
-        am = _mapping(m["assignments"], f"{path}.assignments", errs,
+        am = valid.mapping(m["assignments"], f"{path}.assignments", errs,
                       set(m["assignments"]) if isinstance(m["assignments"], dict) else set())
         if am is not None:
             out = []
@@ -1216,45 +1098,45 @@ def parse_tenants(value: Any, path: str, errs: _Errors) -> TenantsConfig | None:
 
 def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
-    errs = _Errors()
+    errs = valid.Errors()
     if doc is None:
         doc = {}
-    m = _mapping(doc, "", errs, TOP_KEYS, {"upstreams", "routes"})
+    m = valid.mapping(doc, "", errs, TOP_KEYS, {"upstreams", "routes"})
     if m is None:
         raise ConfigError(errs.lines)
     kw: dict[str, Any] = {}
     if "listen" in m:
         kw["listen"] = parse_listen(m["listen"], "listen", errs)
     if "workers" in m:
-        kw["workers"] = _int(m["workers"], "workers", errs, minimum=1, maximum=256)
+        kw["workers"] = valid.integer(m["workers"], "workers", errs, minimum=1, maximum=256)
     if "drain_s" in m:
-        kw["drain_s"] = _num(m["drain_s"], "drain_s", errs, minimum=0)
+        kw["drain_s"] = valid.number(m["drain_s"], "drain_s", errs, minimum=0)
     if "demo_upstream" in m and m["demo_upstream"] is not None:
         kw["demo_upstream"] = parse_listen(m["demo_upstream"], "demo_upstream", errs)
     if "trusted_proxies" in m:
         nets = []
-        for i, t in enumerate(_list(m["trusted_proxies"], "trusted_proxies", errs) or []):
+        for i, t in enumerate(valid.listing(m["trusted_proxies"], "trusted_proxies", errs) or []):
             try:
                 nets.append(ipaddress.ip_network(str(t), strict=False))
             except ValueError:
                 errs.add(f"trusted_proxies[{i}]", f"must be an IP address or CIDR, got {t!r}")
         kw["trusted_proxies"] = tuple(nets)
     if "admin" in m:
-        am = _mapping(m["admin"], "admin", errs, {"listen", "token"})
+        am = valid.mapping(m["admin"], "admin", errs, {"listen", "token"})
         if am is not None:
             akw: dict[str, Any] = {}
             if "listen" in am:
                 akw["listen"] = parse_listen(am["listen"], "admin.listen", errs)
             if "token" in am:
-                akw["token"] = _str(am["token"] if am["token"] is not None else "",
+                akw["token"] = valid.string(am["token"] if am["token"] is not None else "",
                                     "admin.token", errs, nonempty=False)
             kw["admin"] = AdminConfig(**{k: v for k, v in akw.items() if v is not None})
     if "redis" in m and m["redis"] is not None:
-        rm = _mapping(m["redis"], "redis", errs, {"url", "timeout_ms", "cluster", "tls"})
+        rm = valid.mapping(m["redis"], "redis", errs, {"url", "timeout_ms", "cluster", "tls"})
         if rm is not None:
             rkw: dict[str, Any] = {}
             if "url" in rm:
-                u = _str(rm["url"], "redis.url", errs)
+                u = valid.string(rm["url"], "redis.url", errs)
                 if u is not None and urlsplit(u).scheme not in ("redis", "rediss", "unix",
                                                                "redis+sentinel"):
                     errs.add("redis.url", f"must be a redis://, rediss://, unix:// or "
@@ -1263,10 +1145,10 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
                     _check_redis_url(u, errs)
                 rkw["url"] = u
             if "timeout_ms" in rm:
-                rkw["timeout_ms"] = _num(rm["timeout_ms"], "redis.timeout_ms", errs, minimum=0,
+                rkw["timeout_ms"] = valid.number(rm["timeout_ms"], "redis.timeout_ms", errs, minimum=0,
                                          exclusive_min=True)
             if "cluster" in rm:
-                rkw["cluster"] = _bool(rm["cluster"], "redis.cluster", errs)
+                rkw["cluster"] = valid.boolean(rm["cluster"], "redis.cluster", errs)
             if "tls" in rm and rm["tls"] is not None:
                 rkw["tls"] = _redis_tls(rm["tls"], errs)
             _check_redis_combination(rkw, errs)
@@ -1276,13 +1158,13 @@ def parse_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Config:
         if isinstance(lm, bool):
             kw["access_log"] = AccessLogConfig(enabled=lm)
         else:
-            lmm = _mapping(lm, "access_log", errs, {"enabled", "path"})
+            lmm = valid.mapping(lm, "access_log", errs, {"enabled", "path"})
             if lmm is not None:
                 lkw: dict[str, Any] = {}
                 if "enabled" in lmm:
-                    lkw["enabled"] = _bool(lmm["enabled"], "access_log.enabled", errs)
+                    lkw["enabled"] = valid.boolean(lmm["enabled"], "access_log.enabled", errs)
                 if "path" in lmm:
-                    lkw["path"] = _str(lmm["path"], "access_log.path", errs, nonempty=False)
+                    lkw["path"] = valid.string(lmm["path"], "access_log.path", errs, nonempty=False)
                 kw["access_log"] = AccessLogConfig(**{k: v for k, v in lkw.items()
                                                       if v is not None})
     kw["control_plane"] = parse_control_plane(m.get("control_plane"), "control_plane", errs)
@@ -1359,11 +1241,11 @@ def _declared_names(items: Any) -> set[str]:
     return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
-def _parse_named(m: dict[str, Any], key: str, parse: Callable[[Any, str, _Errors], Any],
-                 errs: _Errors) -> list[Any]:
+def _parse_named(m: dict[str, Any], key: str, parse: Callable[[Any, str, valid.Errors], Any],
+                 errs: valid.Errors) -> list[Any]:
     if key not in m:
         return []
-    items = _list(m[key], key, errs)
+    items = valid.listing(m[key], key, errs)
     if items is None:
         return []
     out = []

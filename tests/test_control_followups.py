@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.config import _Errors
 from gateway.control import slo as slo_mod
 from gateway.control.evaluator import Evaluator
 from gateway.control.reliability import run_evaluation
 from gateway.control.store import Store
+from gateway.validation import Errors
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import batch, database_of, ingest, series, store_of
@@ -100,7 +100,7 @@ def test_no_consumption_alert_below_min_events_or_when_disabled(tmp_path):
 
 
 def test_budget_alerts_validation():
-    errs = _Errors()
+    errs = Errors()
     assert slo_mod.parse_slo({"name": "a", "service": "s", "objective": 99,
                               "budget_alerts": [90, 50]}, "slos[0]", errs) is None
     assert slo_mod.parse_slo({"name": "a", "service": "s", "objective": 99,

@@ -9,11 +9,11 @@ import time
 import pytest
 from aiohttp import web
 
-from gateway.config import _Errors
 from gateway.control.config import load_text
 from gateway.control.notify import Target, parse_notifications
 from gateway.control.reliability import NOTIFIER, run_evaluation
 from gateway.errors import ConfigError
+from gateway.validation import Errors
 from tests.conftest import free_port
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
@@ -159,7 +159,7 @@ async def test_evaluation_goes_on_while_the_receiver_is_down(tmp_path):
 
 
 def test_notification_config_errors():
-    errs = _Errors()
+    errs = Errors()
     assert parse_notifications({"targets": [{"name": "a", "url": "http://x"}]}, "n",
                                errs)[0].name == "a"
     assert parse_notifications({}, "n", errs) == () and not errs.lines

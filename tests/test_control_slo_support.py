@@ -12,13 +12,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.config import _Errors
 from gateway.control import rollup
 from gateway.control import slo as slo_mod
 from gateway.control.app import create_app
 from gateway.control.notify import Target
 from gateway.control.slo import SLO
 from gateway.control.store import Store
+from gateway.validation import Errors
 from tests.test_control_support import DAY0, auth, control_config, running
 
 __all__ = ["DAY0", "auth"]
@@ -32,7 +32,7 @@ def make_slo(**kw: Any) -> SLO:
     # no consumption alerts unless a test asks: these tests watch the burn-rate alerts
     doc = {"name": "api-availability", "service": "svc", "objective": 99.9,
            "budget_alerts": [], **kw}
-    errs = _Errors()
+    errs = Errors()
     s = slo_mod.parse_slo(doc, "slo", errs)
     assert s is not None, errs.lines
     return s

@@ -17,16 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config import (
-    _Errors,
-    _kind,
-    _mapping,
-    _name,
-    _str,
-    load_document,
-    parse_listen,
-    read_text,
-)
+from gateway import validation as valid
+from gateway.config import load_document, parse_listen, read_text
 from gateway.control.database import is_postgresql
 from gateway.errors import ConfigError
 
@@ -69,34 +61,34 @@ def is_control_config(doc: Any) -> bool:
     return not (keys & _GATEWAY_ONLY_KEYS) and bool(keys & _CONTROL_ONLY_KEYS)
 
 
-def _list_of_mappings(value: Any, path: str, errs: _Errors) -> tuple[dict[str, Any], ...] | None:
+def _list_of_mappings(value: Any, path: str, errs: valid.Errors) -> tuple[dict[str, Any], ...] | None:
     if value is None:
         return ()
     if not isinstance(value, list):
-        errs.add(path, f"must be a list, got {_kind(value)}")
+        errs.add(path, f"must be a list, got {valid.kind(value)}")
         return None
     ok = True
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            errs.add(f"{path}[{i}]", f"must be a mapping, got {_kind(item)}")
+            errs.add(f"{path}[{i}]", f"must be a mapping, got {valid.kind(item)}")
             ok = False
     return tuple(value) if ok else None
 
 
-def _list_or_mapping(value: Any, path: str, errs: _Errors) -> Any:
+def _list_or_mapping(value: Any, path: str, errs: valid.Errors) -> Any:
     if value is None:
         return {}
     if isinstance(value, dict):
         return value
     if isinstance(value, list):
         return _list_of_mappings(value, path, errs)
-    errs.add(path, f"must be a list or a mapping, got {_kind(value)}")
+    errs.add(path, f"must be a list or a mapping, got {valid.kind(value)}")
     return None
 
 
-def parse_tokens(value: Any, path: str, errs: _Errors) -> tuple[TokenConfig, ...]:
+def parse_tokens(value: Any, path: str, errs: valid.Errors) -> tuple[TokenConfig, ...]:
     if not isinstance(value, list):
-        errs.add(path, f"must be a list, got {_kind(value)}")
+        errs.add(path, f"must be a list, got {valid.kind(value)}")
         return ()
     if not value:
         errs.add(path, "must list at least one token")
@@ -106,15 +98,15 @@ def parse_tokens(value: Any, path: str, errs: _Errors) -> tuple[TokenConfig, ...
     secrets: dict[str, int] = {}
     for i, item in enumerate(value):
         ipath = f"{path}[{i}]"
-        m = _mapping(item, ipath, errs, {"name", "role", "token"}, {"name", "role", "token"})
+        m = valid.mapping(item, ipath, errs, {"name", "role", "token"}, {"name", "role", "token"})
         if m is None:
             continue
         n0 = len(errs.lines)
-        name = _name(m["name"], f"{ipath}.name", errs) if "name" in m else None
+        name = valid.name(m["name"], f"{ipath}.name", errs) if "name" in m else None
         role = m.get("role")
         if "role" in m and role not in ROLES:
             errs.add(f"{ipath}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-        token = _str(m["token"], f"{ipath}.token", errs) if "token" in m else None
+        token = valid.string(m["token"], f"{ipath}.token", errs) if "token" in m else None
         if token is not None and token != token.strip():
             errs.add(f"{ipath}.token", "must not start or end with whitespace")
         if name is not None:
@@ -135,17 +127,17 @@ def parse_tokens(value: Any, path: str, errs: _Errors) -> tuple[TokenConfig, ...
 
 def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> ControlConfig:
     """Validate a parsed control.yaml document; raise ConfigError listing every problem."""
-    errs = _Errors()
+    errs = valid.Errors()
     if doc is None:
         doc = {}
-    m = _mapping(doc, "", errs, TOP_KEYS, {"tokens"})
+    m = valid.mapping(doc, "", errs, TOP_KEYS, {"tokens"})
     if m is None:
         raise ConfigError(errs.lines)
     kw: dict[str, Any] = {}
     if "listen" in m:
         kw["listen"] = parse_listen(m["listen"], "listen", errs)
     if "database" in m:
-        kw["database"] = _str(m["database"], "database", errs)
+        kw["database"] = valid.string(m["database"], "database", errs)
         if kw["database"] is not None and is_postgresql(kw["database"]):
             url = urlsplit(kw["database"])
             if not url.hostname and "host=" not in url.query:

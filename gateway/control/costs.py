@@ -79,7 +79,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from gateway.config import _Errors
+from gateway import validation as valid
 from gateway.control import app as control_app
 from gateway.control import budgets as bm
 from gateway.control.budgets import BudgetSpec
@@ -175,7 +175,7 @@ def parse_cost_models(value: Any, path: str = "cost_models"
     return (out, []) if not errors else ({}, errors)
 
 
-def check_config(m: dict[str, Any], errs: _Errors) -> None:
+def check_config(m: dict[str, Any], errs: valid.Errors) -> None:
     """control/config.py's hook: validate `cost_models` and `budgets` deeply (errors into errs)."""
     if isinstance(m.get("cost_models"), (dict, list)):    # else reported by the shallow check
         for line in parse_cost_models(m["cost_models"])[1]:

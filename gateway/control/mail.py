@@ -33,7 +33,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
-from gateway.config import _bool, _Errors, _int, _kind, _mapping, _str
+from gateway import validation as valid
 
 SMTP_KEYS = {"host", "port", "starttls", "username", "password", "from", "ca_file"}
 
@@ -61,31 +61,31 @@ class MailError(Exception):
         self.code = code
 
 
-def _address(value: Any, path: str, errs: _Errors) -> str | None:
-    s = _str(value, path, errs)
+def _address(value: Any, path: str, errs: valid.Errors) -> str | None:
+    s = valid.string(value, path, errs)
     if s is not None and ("@" not in s or any(c in s for c in " \r\n<>,")):
         errs.add(path, f"must be an e-mail address like name@example.com, got {s!r}")
         return None
     return s
 
 
-def parse_smtp(value: Any, path: str, errs: _Errors) -> SmtpConfig | None:
+def parse_smtp(value: Any, path: str, errs: valid.Errors) -> SmtpConfig | None:
     n0 = len(errs.lines)
-    m = _mapping(value, path, errs, SMTP_KEYS, {"host", "from"})
+    m = valid.mapping(value, path, errs, SMTP_KEYS, {"host", "from"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     if "host" in m:
-        kw["host"] = _str(m["host"], f"{path}.host", errs)
+        kw["host"] = valid.string(m["host"], f"{path}.host", errs)
     if "from" in m:
         kw["sender"] = _address(m["from"], f"{path}.from", errs)
     if "port" in m:
-        kw["port"] = _int(m["port"], f"{path}.port", errs, minimum=1, maximum=65535)
+        kw["port"] = valid.integer(m["port"], f"{path}.port", errs, minimum=1, maximum=65535)
     if "starttls" in m:
-        kw["starttls"] = _bool(m["starttls"], f"{path}.starttls", errs)
+        kw["starttls"] = valid.boolean(m["starttls"], f"{path}.starttls", errs)
     for key in ("username", "password", "ca_file"):
         if key in m:
-            kw[key] = _str(m[key], f"{path}.{key}", errs)
+            kw[key] = valid.string(m[key], f"{path}.{key}", errs)
     if ("username" in m) != ("password" in m):
         errs.add(f"{path}.{'password' if 'username' in m else 'username'}",
                  "is required with " + ("username" if "username" in m else "password"))
@@ -94,11 +94,11 @@ def parse_smtp(value: Any, path: str, errs: _Errors) -> SmtpConfig | None:
     return SmtpConfig(**kw)
 
 
-def parse_recipients(value: Any, path: str, errs: _Errors) -> tuple[str, ...] | None:
+def parse_recipients(value: Any, path: str, errs: valid.Errors) -> tuple[str, ...] | None:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        errs.add(path, f"must be a list of e-mail addresses, got {_kind(value)}")
+        errs.add(path, f"must be a list of e-mail addresses, got {valid.kind(value)}")
         return None
     if not value:
         errs.add(path, "must list at least one e-mail address")

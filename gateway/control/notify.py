@@ -44,7 +44,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.config import _bool, _Errors, _int, _kind, _mapping, _name, _num, _str
+from gateway import validation as valid
 from gateway.control import mail, pagerduty
 from gateway.control.alerts import Event
 from gateway.eventloop import background
@@ -91,16 +91,16 @@ class Target:
         return True
 
 
-def parse_notifications(value: Any, path: str, errs: _Errors) -> tuple[Target, ...] | None:
+def parse_notifications(value: Any, path: str, errs: valid.Errors) -> tuple[Target, ...] | None:
     if value is None or value == {} or value == []:
         return ()
     if isinstance(value, dict):
-        m = _mapping(value, path, errs, {"targets"})
+        m = valid.mapping(value, path, errs, {"targets"})
         if m is None or "targets" not in m:
             return () if m is not None else None
         value, path = m["targets"], f"{path}.targets"
     if not isinstance(value, list):
-        errs.add(path, f"must be a list of targets, got {_kind(value)}")
+        errs.add(path, f"must be a list of targets, got {valid.kind(value)}")
         return None
     out: list[Target] = []
     names: dict[str, int] = {}
@@ -116,15 +116,15 @@ def parse_notifications(value: Any, path: str, errs: _Errors) -> tuple[Target, .
     return tuple(out)
 
 
-def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
+def parse_target(value: Any, path: str, errs: valid.Errors) -> Target | None:
     n0 = len(errs.lines)
-    m = _mapping(value, path, errs, KEYS, {"name"})
+    m = valid.mapping(value, path, errs, KEYS, {"name"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     fmt = m.get("format", "alertmanager")
     if "name" in m:
-        kw["name"] = _name(m["name"], f"{path}.name", errs)
+        kw["name"] = valid.name(m["name"], f"{path}.name", errs)
     if "format" in m:
         if m["format"] not in FORMATS:
             errs.add(f"{path}.format", f"must be one of {', '.join(FORMATS)}, got {m['format']!r}")
@@ -132,7 +132,7 @@ def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
     if "url" in m:
         if fmt == "email":
             errs.add(f"{path}.url", "does not apply to format email (see smtp)")
-        url = _str(m["url"], f"{path}.url", errs)
+        url = valid.string(m["url"], f"{path}.url", errs)
         if url is not None and not url.startswith(("http://", "https://")):
             errs.add(f"{path}.url", "must be an http:// or https:// URL")
         kw["url"] = url
@@ -144,7 +144,7 @@ def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
         if "routing_key" not in m:
             errs.add(f"{path}.routing_key", "is required for format pagerduty")
         else:
-            kw["routing_key"] = _str(m["routing_key"], f"{path}.routing_key", errs)
+            kw["routing_key"] = valid.string(m["routing_key"], f"{path}.routing_key", errs)
     elif "routing_key" in m:
         errs.add(f"{path}.routing_key", "applies to format pagerduty only")
     if fmt == "email":
@@ -167,15 +167,15 @@ def parse_target(value: Any, path: str, errs: _Errors) -> Target | None:
                      f"must be one of {', '.join(MIN_SEVERITIES)}, got {m['min_severity']!r}")
         kw["min_severity"] = m["min_severity"]
     if "send_resolved" in m:
-        kw["send_resolved"] = _bool(m["send_resolved"], f"{path}.send_resolved", errs)
+        kw["send_resolved"] = valid.boolean(m["send_resolved"], f"{path}.send_resolved", errs)
     if "timeout_s" in m:
-        kw["timeout_s"] = _num(m["timeout_s"], f"{path}.timeout_s", errs, minimum=0,
+        kw["timeout_s"] = valid.number(m["timeout_s"], f"{path}.timeout_s", errs, minimum=0,
                                exclusive_min=True, maximum=300)
     if "max_attempts" in m:
-        kw["max_attempts"] = _int(m["max_attempts"], f"{path}.max_attempts", errs, minimum=1,
+        kw["max_attempts"] = valid.integer(m["max_attempts"], f"{path}.max_attempts", errs, minimum=1,
                                   maximum=20)
     if "backoff_s" in m:
-        kw["backoff_s"] = _num(m["backoff_s"], f"{path}.backoff_s", errs, minimum=0,
+        kw["backoff_s"] = valid.number(m["backoff_s"], f"{path}.backoff_s", errs, minimum=0,
                                maximum=MAX_BACKOFF_S)
     if "headers" in m and fmt != "email":
         h = m["headers"]

@@ -35,8 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import validation as valid
 from gateway.clock import Clock
-from gateway.config import _Errors, _name
 from gateway.control import alerts, deploygate, incidents
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import AlertError, Event
@@ -121,7 +121,7 @@ async def get_slo(request: web.Request) -> web.Response:
 
 
 def _parse_body_slo(body: dict[str, Any]) -> tuple[slo_mod.SLO | None, list[str]]:
-    errs = _Errors()
+    errs = valid.Errors()
     definition = {k: v for k, v in body.items() if k != "reason"}
     parsed = slo_mod.parse_slo(definition, "", errs)
     return parsed, errs.lines
@@ -305,7 +305,7 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
 @requires("alerts:write")
 async def create_alert(request: web.Request) -> web.Response:
     body = await json_body(request)
-    errs = _Errors()
+    errs = valid.Errors()
     allowed = {"title", "description", "service", "severity", "labels", "dedup_key", "cause",
                "incident_severity", "slo_id", "reason", "alertname"}
     for key in sorted(set(body) - allowed):
@@ -313,7 +313,7 @@ async def create_alert(request: web.Request) -> web.Response:
     title = body.get("title")
     if not isinstance(title, str) or not title.strip() or len(title) > 300:
         errs.add("title", "is required (a string of 1 to 300 characters)")
-    service = _name(body["service"], "service", errs) if "service" in body else None
+    service = valid.name(body["service"], "service", errs) if "service" in body else None
     if "service" not in body:
         errs.add("service", "is required")
     severity = body.get("severity", "ticket")
@@ -434,7 +434,7 @@ async def get_incident(request: web.Request) -> web.Response:
 @requires("incidents:write")
 async def declare_incident(request: web.Request) -> web.Response:
     body = await json_body(request)
-    errs = _Errors()
+    errs = valid.Errors()
     allowed = {"title", "description", "severity", "affected_service", "context", "reason",
                "cause"}
     for key in sorted(set(body) - allowed):
@@ -453,7 +453,7 @@ async def declare_incident(request: web.Request) -> web.Response:
     if "affected_service" not in body:
         errs.add("affected_service", "is required")
     else:
-        service = _name(body["affected_service"], "affected_service", errs)
+        service = valid.name(body["affected_service"], "affected_service", errs)
     context = body.get("context", {})
     if not isinstance(context, dict):
         errs.add("context", "must be an object")

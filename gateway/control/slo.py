@@ -45,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.config import _bool, _Errors, _int, _mapping, _name, _num, _str
+from gateway import validation as valid
 
 SLIS = ("availability", "latency")
 ROLLING: dict[str, int] = {"1h": 3_600, "1d": 86_400, "7d": 7 * 86_400, "28d": 28 * 86_400,
@@ -159,21 +159,21 @@ class SLO:
 # Validation (config and API alike)
 
 
-def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
+def parse_slo(value: Any, path: str, errs: valid.Errors) -> SLO | None:
     """Validate one SLO definition; add `path.key: message` lines to errs; None if invalid."""
     n0 = len(errs.lines)
-    m = _mapping(value, path, errs, KEYS, {"name", "service", "objective"})
+    m = valid.mapping(value, path, errs, KEYS, {"name", "service", "objective"})
     if m is None:
         return None
     p = f"{path}." if path else ""
     kw: dict[str, Any] = {}
     for key in ("name", "service"):
         if key in m:
-            kw[key] = _name(m[key], f"{p}{key}", errs)
+            kw[key] = valid.name(m[key], f"{p}{key}", errs)
     if m.get("route") is not None:
-        kw["route"] = _name(m["route"], f"{p}route", errs)
+        kw["route"] = valid.name(m["route"], f"{p}route", errs)
     if "objective" in m:
-        obj = _num(m["objective"], f"{p}objective", errs)
+        obj = valid.number(m["objective"], f"{p}objective", errs)
         if obj is not None:
             if not 0 < obj < 100:
                 errs.add(f"{p}objective", f"must be a percentage above 0 and below 100 "
@@ -192,7 +192,7 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
         if "threshold_ms" not in m:
             errs.add(f"{p}threshold_ms", "is required for a latency SLI")
         else:
-            kw["threshold_ms"] = _num(m["threshold_ms"], f"{p}threshold_ms", errs, minimum=0,
+            kw["threshold_ms"] = valid.number(m["threshold_ms"], f"{p}threshold_ms", errs, minimum=0,
                                       exclusive_min=True, maximum=60_000)
         if "count_429" in m:
             errs.add(f"{p}count_429", "applies to availability SLIs only")
@@ -200,7 +200,7 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
         if "threshold_ms" in m:
             errs.add(f"{p}threshold_ms", "applies to latency SLIs only")
         if "count_429" in m:
-            kw["count_429"] = _bool(m["count_429"], f"{p}count_429", errs)
+            kw["count_429"] = valid.boolean(m["count_429"], f"{p}count_429", errs)
     if "window" in m:
         w = m["window"]
         if w not in ROLLING and w not in CALENDAR:
@@ -209,7 +209,7 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
         else:
             kw["window"] = w
     if "timezone" in m:
-        tz = _str(m["timezone"], f"{p}timezone", errs)
+        tz = valid.string(m["timezone"], f"{p}timezone", errs)
         if tz is not None:
             try:
                 ZoneInfo(tz)
@@ -218,11 +218,11 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
             else:
                 kw["timezone"] = tz
     if "min_events" in m:
-        kw["min_events"] = _int(m["min_events"], f"{p}min_events", errs, minimum=0)
+        kw["min_events"] = valid.integer(m["min_events"], f"{p}min_events", errs, minimum=0)
     if "cooldown_s" in m:
-        kw["cooldown_s"] = _num(m["cooldown_s"], f"{p}cooldown_s", errs, minimum=0)
+        kw["cooldown_s"] = valid.number(m["cooldown_s"], f"{p}cooldown_s", errs, minimum=0)
     if "description" in m:
-        kw["description"] = _str(m["description"], f"{p}description", errs, nonempty=False)
+        kw["description"] = valid.string(m["description"], f"{p}description", errs, nonempty=False)
     if "deploy_gate" in m:
         kw["deploy_gate"] = _parse_gate(m["deploy_gate"], f"{p}deploy_gate", errs)
     if "budget_alerts" in m:
@@ -233,14 +233,14 @@ def parse_slo(value: Any, path: str, errs: _Errors) -> SLO | None:
     return SLO(**kw)
 
 
-def _parse_budget_alerts(value: Any, path: str, errs: _Errors) -> tuple[float, ...] | None:
+def _parse_budget_alerts(value: Any, path: str, errs: valid.Errors) -> tuple[float, ...] | None:
     if not isinstance(value, list):
         errs.add(path, "must be a list of percentages of the error budget consumed, e.g. "
                        "[50, 90]")
         return None
     out = []
     for i, v in enumerate(value):
-        pct = _num(v, f"{path}[{i}]", errs, minimum=0, exclusive_min=True, maximum=100)
+        pct = valid.number(v, f"{path}[{i}]", errs, minimum=0, exclusive_min=True, maximum=100)
         if pct is None:
             return None
         out.append(pct)
@@ -250,14 +250,14 @@ def _parse_budget_alerts(value: Any, path: str, errs: _Errors) -> tuple[float, .
     return tuple(out)
 
 
-def _parse_gate(value: Any, path: str, errs: _Errors) -> GateTiers | None:
-    m = _mapping(value, path, errs, GATE_KEYS)
+def _parse_gate(value: Any, path: str, errs: valid.Errors) -> GateTiers | None:
+    m = valid.mapping(value, path, errs, GATE_KEYS)
     if m is None:
         return None
     d = GateTiers()
     vals = {k: getattr(d, k) for k in GATE_KEYS}
     for key in GATE_KEYS & set(m):
-        v = _num(m[key], f"{path}.{key}", errs, minimum=0, maximum=1)
+        v = valid.number(m[key], f"{path}.{key}", errs, minimum=0, maximum=1)
         if v is None:
             return None
         vals[key] = v
@@ -267,13 +267,12 @@ def _parse_gate(value: Any, path: str, errs: _Errors) -> GateTiers | None:
     return GateTiers(**vals)
 
 
-def parse_slos(value: Any, path: str, errs: _Errors) -> tuple[SLO, ...] | None:
+def parse_slos(value: Any, path: str, errs: valid.Errors) -> tuple[SLO, ...] | None:
     """The `slos:` list: every item valid and names unique."""
     if value is None:
         return ()
     if not isinstance(value, list):
-        from gateway.config import _kind
-        errs.add(path, f"must be a list, got {_kind(value)}")
+        errs.add(path, f"must be a list, got {valid.kind(value)}")
         return None
     out: list[SLO] = []
     seen: dict[str, int] = {}
@@ -291,7 +290,7 @@ def parse_slos(value: Any, path: str, errs: _Errors) -> tuple[SLO, ...] | None:
 
 def slo_from_doc(doc: dict[str, Any]) -> SLO:
     """An SLO back from its stored `to_doc()` form (trusted)."""
-    errs = _Errors()
+    errs = valid.Errors()
     clean = {k: v for k, v in doc.items() if k in KEYS and v is not None}
     slo = parse_slo(clean, "", errs)
     if slo is None:
