@@ -134,7 +134,9 @@ async def test_two_gateways_sharing_redis_never_overshoot(
         span = max(last_admit) - first_admit[0]
         bound = (burst + 1) + rate * span
         assert admitted <= bound, (admitted, bound)
-        assert admitted >= 0.95 * (burst + 1 + rate * (duration - 0.5)), (admitted, bound)
+        # and nothing was refused that had a token: over the span the clients kept asking, the
+        # admissions come close to the bucket's supply (a slow box shortens the span, not this)
+        assert admitted >= 0.9 * (burst + 1 + rate * (span - 0.3)), (admitted, bound)
         assert statuses.count(429) > admitted    # the clients really did hammer
     finally:
         for gw in gws:

@@ -19,7 +19,7 @@ import redis
 
 from gateway.errors import REDUCED_CAPACITY, StoreError
 from gateway.ratelimit import Limiter
-from tests.conftest import RedisServer, free_port, wait_port
+from tests.conftest import LoopLag, RedisServer, free_port, wait_port
 from tests.fakes import FakeClock
 from tests.test_ratelimit import FakeRequest, config, header, limit, parse_items, route
 
@@ -188,15 +188,16 @@ async def test_redis_killed_mid_load(on_error: str, redis_server: RedisServer, r
     built.append(lim)
     await lim.start()
     log: list[tuple[float, float, int, str]] = []
-    t0 = time.monotonic()
-    load = asyncio.ensure_future(run_load(lim, t0 + 3.2, log))
-    await asyncio.sleep(0.4)
-    t_kill = time.monotonic()
-    await asyncio.to_thread(redis_server.stop)
-    await asyncio.sleep(0.8)
-    t_restart = time.monotonic()
-    await asyncio.to_thread(redis_server.start)
-    await load
+    async with LoopLag() as lag:
+        t0 = time.monotonic()
+        load = asyncio.ensure_future(run_load(lim, t0 + 3.2, log))
+        await asyncio.sleep(0.4)
+        t_kill = time.monotonic()
+        await asyncio.to_thread(redis_server.stop)
+        await asyncio.sleep(0.8)
+        t_restart = time.monotonic()
+        await asyncio.to_thread(redis_server.start)
+        await load
     assert lim.redis is not None and lim.redis.available
 
     before = [e for e in log if e[0] + e[1] < t_kill]
@@ -214,9 +215,10 @@ async def test_redis_killed_mid_load(on_error: str, redis_server: RedisServer, r
         assert {e[2] for e in during} == {503}
     else:
         assert statuses == {200}                    # no errors, no rejections
-    # no call stalls much longer than the timeout, whatever the state of Redis
-    worst = max(e[1] for e in log)
-    assert worst < timeout_s + 0.1, worst
+    # no call stalls much longer than the timeout, whatever the state of Redis (beyond the time
+    # the machine kept the event loop from running at all)
+    worst = max(log, key=lambda e: e[1] - lag.during(e[0], e[0] + e[1]))
+    assert worst[1] - lag.during(worst[0], worst[0] + worst[1]) < timeout_s + 0.1, (worst, lag.gaps)
 
 
 async def test_hung_redis_costs_one_timeout_then_fails_fast(redis_server: RedisServer,
@@ -234,17 +236,21 @@ async def test_hung_redis_costs_one_timeout_then_fails_fast(redis_server: RedisS
     pid = redis_server.proc.pid
     os.kill(pid, signal.SIGSTOP)                    # accepts, never answers
     try:
-        async def timed() -> tuple[float, Any]:
+        async def timed() -> tuple[float, float, Any]:
+            # the duration, and the same less any stall of the whole loop meanwhile (a busy CI
+            # box's, not the limiter's): upper bounds apply to the latter
             t = time.monotonic()
             o = await lim.check(route("hot"), req)
-            return time.monotonic() - t, o
-        first = await asyncio.gather(*(timed() for _ in range(10)))
-        assert all(o.allowed and o.decision == "store_error" for _, o in first)
-        assert max(d for d, _ in first) < timeout_s + 0.08
-        assert max(d for d, _ in first) >= timeout_s * 0.9     # this is the one timeout paid
-        later = [await timed() for _ in range(50)]
-        assert all(o.allowed and o.decision == "store_error" for _, o in later)
-        assert max(d for d, _ in later) < 0.01                 # fail fast
+            t1 = time.monotonic()
+            return t1 - t, t1 - t - lag.during(t, t1), o
+        async with LoopLag() as lag:
+            first = await asyncio.gather(*(timed() for _ in range(10)))
+            later = [await timed() for _ in range(50)]
+        assert all(o.allowed and o.decision == "store_error" for _, _, o in first)
+        assert max(d for _, d, _ in first) < timeout_s + 0.08
+        assert max(d for d, _, _ in first) >= timeout_s * 0.9     # this is the one timeout paid
+        assert all(o.allowed and o.decision == "store_error" for _, _, o in later)
+        assert max(d for _, d, _ in later) < 0.01                 # fail fast
     finally:
         os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + 3
