@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import random
+import struct
+import zlib
 
 import pytest
 from hdrh.histogram import HdrHistogram
@@ -76,6 +79,43 @@ def test_percentiles_helper_matches_hdrh():
     assert histogram.percentiles(h, (50.0, 95.0, 99.0, 100.0)) == \
         (ref[50], ref[95], ref[99], ref[100])
     assert histogram.percentiles(histogram.new()) == (None, None, None)
+
+
+def test_check_counts_what_hdrh_decodes_and_refuses_what_it_should():
+    """Ingest validates histograms with `check` (hdrh's C decoder into a scratch array, no
+    HdrHistogram built): its total must be hdrh's, its refusals those of a full decode."""
+    rng = random.Random(4)
+    for n in (0, 1, 7, 200, 5_000):
+        h = histogram.new()
+        for _ in range(n):
+            h.record_value(rng.randint(1, 60_000_000), rng.choice((1, 1, 3, 1 << 40)))
+        encoded = histogram.encode(h)
+        assert histogram.check(encoded) == histogram.decode(encoded).total_count == h.total_count
+        assert histogram.check(encoded.decode()) == h.total_count         # str as on the wire
+    # the scratch array is reset between calls: a small one after a big one counts alone
+    small = histogram.new()
+    small.record_value(10, 2)
+    assert histogram.check(histogram.encode(small)) == 2
+    # counts near the 64-bit wrap would make totals lie: 2**48 and above are refused
+    big = histogram.new()
+    big.record_value(100, (1 << 48) - 1)
+    assert histogram.check(histogram.encode(big)) == (1 << 48) - 1
+    for count in (1 << 48, (1 << 63) - 1):
+        h = histogram.new()
+        h.record_value(100, count)
+        h.record_value(9_000, count)
+        with pytest.raises(histogram.HistogramError, match="implausible count"):
+            histogram.check(histogram.encode(h))
+    # a counts stream that runs past the array, or is not varints, is refused by both paths
+    header = struct.pack(">IIIIQQd", 0x1C849313, 0, 0, 2, 1, 60_000_000, 1.0)
+    for stream in (bytes([0x02]) * (histogram._COUNTS_LEN + 5), b"\xff\xff\xff"):
+        payload = struct.pack(">II", 0x1C849313, len(stream)) + header[8:] + stream
+        packed = zlib.compress(payload)
+        encoded = base64.b64encode(struct.pack(">II", 0x1C849314, len(packed)) + packed)
+        with pytest.raises(histogram.HistogramError):
+            histogram.check(encoded)
+        with pytest.raises(histogram.HistogramError):
+            histogram.decode(encoded)
 
 
 async def test_rollups_into_5m_1h_1d(tmp_path):

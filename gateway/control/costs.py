@@ -82,6 +82,7 @@ from aiohttp import web
 from gateway import validation as valid
 from gateway.control import app as control_app
 from gateway.control import budgets as bm
+from gateway.control import histogram
 from gateway.control.budgets import BudgetSpec
 from gateway.control.ingest import Batch
 from gateway.control.notify import publish
@@ -248,7 +249,7 @@ def attribute(store: Store, batch: Batch, models: dict[str, CostModel]) -> int:
             elif unit == "byte_out":
                 q = s.bytes_out
             else:
-                q = hist_sum_us(s.hist)
+                q = hist_sum_us(histogram.decode_trusted(s.latency_us_hdr))
             if q:
                 sums[(s.service, s.route, unit, price)] += q
     rows = [(svc, bucket, route, UNITS[unit][0], unit, price, q)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import struct
+import threading
 import zlib
 from bisect import bisect_left
 from itertools import accumulate
 
+import pyhdrh
 from hdrh.histogram import HdrHistogram
 
 LOWEST_US = 1
@@ -29,7 +32,11 @@ _ENCODING_COOKIE_BASE = 0x1C849303
 _COUNTS_LEN = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_FIGURES).counts_len
 # Worst case of the LEB128/ZigZag counts stream: 9 bytes per counter.
 _MAX_INFLATED = _PAYLOAD_HEADER.size + 9 * _COUNTS_LEN
-_MAX_COUNT = 1 << 48
+# bytes with the continuation bit -> 1, others -> 0; seven 1s in a row = a varint of 8+ bytes
+_CONTINUED = bytes(b >> 7 for b in range(256))
+_LONG_VARINT = b"\x01" * 7
+_SCRATCH_BYTES = 8 * _COUNTS_LEN
+_LOCAL = threading.local()
 
 
 class HistogramError(ValueError):
@@ -40,8 +47,42 @@ def new() -> HdrHistogram:
     return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_FIGURES)
 
 
+def check(encoded: str | bytes) -> int:
+    """Validate an untrusted wire histogram without building one; its total count, or raise
+    HistogramError saying why.
+
+    Ingest needs only this of the 50 or so histograms in a batch (the text is stored, compaction
+    merges it later): the counts are decoded by hdrh's own C decoder into a scratch array, a
+    twentieth of the cost of an `HdrHistogram` object.
+    """
+    payload = _inflate(encoded)[1]
+    # A count of 2**48 or more needs a zigzag LEB128 varint of 8 bytes or more, that is at least 7
+    # bytes in a row with the continuation bit; a real histogram has none (zero runs are short),
+    # and without them the total cannot wrap around the decoder's 64 bits.
+    if _LONG_VARINT in payload[_PAYLOAD_HEADER.size:].translate(_CONTINUED):
+        raise HistogramError("has an implausible count")
+    scratch = _scratch()
+    ctypes.memset(scratch, 0, _SCRATCH_BYTES)
+    try:
+        found = pyhdrh.decode(payload, _PAYLOAD_HEADER.size, ctypes.addressof(scratch),
+                              _COUNTS_LEN, 8)
+    except Exception as exc:  # bad varints, counts past the array
+        raise HistogramError(f"cannot be decoded ({type(exc).__name__})") from None
+    return int(found["total"])
+
+
 def decode(encoded: str | bytes) -> HdrHistogram:
     """Decode an untrusted wire histogram, or raise HistogramError saying why."""
+    check(encoded)
+    raw_text = _inflate(encoded)[0]
+    try:
+        return HdrHistogram.decode(raw_text)
+    except Exception as exc:  # hdrh raises assorted types for bad streams
+        raise HistogramError(f"cannot be decoded ({type(exc).__name__})") from None
+
+
+def _inflate(encoded: str | bytes) -> tuple[bytes, bytes]:
+    """The base64 text and the inflated payload, headers checked and inflation bounded."""
     if isinstance(encoded, str):
         if len(encoded) > MAX_ENCODED_CHARS:
             raise HistogramError(f"longer than {MAX_ENCODED_CHARS} characters")
@@ -79,14 +120,15 @@ def decode(encoded: str | bytes) -> HdrHistogram:
     if (low, high, sig) != (LOWEST_US, HIGHEST_US, SIGNIFICANT_FIGURES):
         raise HistogramError(f"must be HdrHistogram({LOWEST_US}, {HIGHEST_US}, "
                              f"{SIGNIFICANT_FIGURES}), got ({low}, {high}, {sig})")
-    try:
-        hist = HdrHistogram.decode(raw_text)
-    except Exception as exc:  # hdrh raises assorted types for bad streams
-        raise HistogramError(f"cannot be decoded ({type(exc).__name__})") from None
-    counts = memoryview(hist.counts).cast("B").cast("Q")
-    if hist.total_count < 0 or (hist.total_count and max(counts) >= _MAX_COUNT):
-        raise HistogramError("has an implausible count")
-    return hist
+    return raw_text, payload
+
+
+def _scratch() -> ctypes.Array[ctypes.c_ulonglong]:
+    """This thread's counts array for `check` (ingest parses in a thread pool)."""
+    arr: ctypes.Array[ctypes.c_ulonglong] | None = getattr(_LOCAL, "counts", None)
+    if arr is None:
+        arr = _LOCAL.counts = (ctypes.c_ulonglong * _COUNTS_LEN)()
+    return arr
 
 
 def decode_trusted(encoded: bytes | str | None) -> HdrHistogram:

@@ -81,7 +81,7 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
                 loc[0] += s.count
                 loc[1] += e4 * s.count
                 loc[2] += e5 * s.count
-        if s.hist.total_count and not s.local:
+        if s.hist_total and not s.local:
             pending.append((b1m, s.service, s.route, s.latency_us_hdr))
         if s.upstream != "-":
             links[(s.service, s.upstream)] = None
