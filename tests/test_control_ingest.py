@@ -12,12 +12,15 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.control.database import UnstorableText
+from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_support import (
     DAY0,
     auth,
     batch,
     control_plane,
+    database_of,
     get,
     ingest,
     series,
@@ -108,6 +111,35 @@ async def test_sql_in_strings_is_stored_verbatim(tmp_path):
         assert len(rows) == 1 and rows[0]["route"] == evil
         assert store_of(app).table_counts()["batches"] == 1
         assert (await ingest(s, url, doc))[1]["duplicate"] is True
+
+
+def test_a_write_refused_inside_the_pipeline_rolls_the_whole_batch_back(tmp_path, control_backend):
+    """The batch's writes after its id go out pipelined on PostgreSQL: an error among them
+    surfaces when the pipeline ends, rolls back the whole transaction (batch id included) and
+    leaves the store usable. (A NUL in text is such an error there; ingest refuses it earlier.)"""
+    store = Store(database_of(tmp_path))
+    try:
+        row = (60, int(T), "svc", "r\x00x", 1, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0)
+        if control_backend == "sqlite":
+            with store.transaction():
+                assert store.insert_batch("b1", "gw1", 1, T, T + 10, T + 10)
+                with store.pipeline():
+                    store.add_buckets([row])
+            assert store.table_counts()["batches"] == 1
+            return
+        with pytest.raises(UnstorableText), store.transaction():
+            assert store.insert_batch("b1", "gw1", 1, T, T + 10, T + 10)
+            with store.pipeline():
+                store.add_buckets([row[:3] + ("fine",) + row[4:]])
+                store.add_buckets([row])
+        assert store.table_counts()["batches"] == 0 and store.table_counts()["buckets"] == 0
+        with store.transaction():
+            assert store.insert_batch("b1", "gw1", 1, T, T + 10, T + 10)
+            with store.pipeline():
+                store.add_buckets([row[:3] + ("fine",) + row[4:]])
+        assert store.table_counts()["batches"] == 1 and store.table_counts()["buckets"] == 1
+    finally:
+        store.close()
 
 
 def _valid() -> dict[str, Any]:

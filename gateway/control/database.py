@@ -33,6 +33,7 @@ at once, without a lease to expire. SQLite: one process, always the holder.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
@@ -275,6 +276,21 @@ class PostgresConnection:
                 return self._run(self._tx, text, parameters, returning)
             with self._pool.connection() as conn:
                 return self._run(conn, text, parameters, returning)
+        except self._psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Inside a transaction, send the statements without waiting for each reply (psycopg's
+        pipeline mode): one round trip at the end instead of one per statement, so row locks are
+        held for less time. For writes whose results the caller does not read (row counts are
+        not known until the end); errors surface when the block ends."""
+        if self._tx is None:
+            yield
+            return
+        try:
+            with self._tx.pipeline():
+                yield
         except self._psycopg.Error as exc:
             raise self._wrap(exc) from exc
 

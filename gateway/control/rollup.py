@@ -122,26 +122,27 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
         if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
                                   batch.interval_end, received_at):
             return False
-        store.add_buckets(rows)
-        store.add_local_counts(local_rows)
-        store.add_pending_hists(pending)
-        store.add_limit_counts(limit_rows)
-        store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
-                                 u.pool_in_use_max, u.pool_max, batch.interval_end)
-                                for u in batch.upstreams])
-        store.add_retry_counts(retry_rows)
-        store.add_shed_counts(shed_rows)
-        store.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
-                                   int(u.concurrency_saturated), batch.interval_end)
-                                  for u in batch.upstreams])
-        store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
-        store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
-                                t.reason) for t in batch.breaker_transitions])
-        store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
-                             lag_ms, sat.inflight_max, sat.rss_bytes)
-        # the interval tells the silent-gateway check (followups.py) when to worry
-        store.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
-                                    batch.interval_end)
+        with store.pipeline():     # the writes below read nothing back
+            store.add_buckets(rows)
+            store.add_local_counts(local_rows)
+            store.add_pending_hists(pending)
+            store.add_limit_counts(limit_rows)
+            store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
+                                     u.pool_in_use_max, u.pool_max, batch.interval_end)
+                                    for u in batch.upstreams])
+            store.add_retry_counts(retry_rows)
+            store.add_shed_counts(shed_rows)
+            store.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
+                                       int(u.concurrency_saturated), batch.interval_end)
+                                      for u in batch.upstreams])
+            store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
+            store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
+                                    t.reason) for t in batch.breaker_transitions])
+            store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
+                                 lag_ms, sat.inflight_max, sat.rss_bytes)
+            # the interval tells the silent-gateway check (followups.py) when to worry
+            store.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
+                                        batch.interval_end)
     return True
 
 

@@ -19,6 +19,7 @@ Tables (migration 1):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -461,6 +462,13 @@ class Store:
                 self._db.execute("COMMIT")
             finally:
                 self._depth = 0
+
+    def pipeline(self) -> contextlib.AbstractContextManager[None]:
+        """Writes of one transaction sent together (PostgreSQL); a no-op on SQLite, whose
+        statements cost no round trip."""
+        if isinstance(self._db, database.PostgresConnection):
+            return self._db.pipeline()
+        return contextlib.nullcontext()
 
     def schema_version(self) -> int:
         with self._lock:
