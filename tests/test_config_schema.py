@@ -391,6 +391,8 @@ def test_every_mapping_the_loader_checks_is_in_the_schema_with_the_same_keys(
                 f"{which}: at {path or 'the top'} the loader accepts {sorted(allowed)}, " \
                 f"the schema lists {[sorted(n['properties']) for n in closed]}"
         else:   # a map of names (plans, assignments): any key, checked one by one
+            assert all(isinstance(n.get("additionalProperties"), dict) for n in nodes), \
+                f"{which}: the loader closes the mapping at {path!r}, the schema does not"
             assert allowed == set(value), path
 
 
@@ -513,3 +515,35 @@ def test_an_integer_key_refuses_a_plain_string_but_not_a_reference():
     assert schema_errors("gateway", {**GW_BASE, "workers": "two"})
     assert not schema_errors("gateway", {**GW_BASE, "workers": "${WORKERS}"})
 
+
+
+def _bench_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A benchmark script imported for its config templates (they are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_configs_the_benchmarks_write_are_valid_for_schema_and_loader(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))    # the scripts add benchmarks/ to it
+    suite = _bench_module("suite", monkeypatch)
+    run = _bench_module("run", monkeypatch)
+    docs = [
+        ("gateway", suite.gateway_yaml(8080, 9901, 9001)),
+        ("gateway", suite.gateway_yaml(8080, 9901, 9001, limits=(suite.ROOMY, suite.ROOMY_REDIS,
+                                                                  suite.STRICT),
+                                       breaker=suite.BREAKER_D, redis_port=6379,
+                                       control=(9000, tmp_path / "spool"))),
+        ("gateway", suite.gateway_yaml(8080, 9901, 9001, breaker=suite.BREAKER_F)),
+        ("control", suite.control_yaml(9000, tmp_path / "control.db")),
+        ("gateway", run.GATEWAY_YAML.format(port=8080, workers=2, admin=9901, upstream=9001,
+                                            limits="limits: [roomy]")),
+    ]
+    for which, text in docs:
+        assert schema_errors(which, yaml.safe_load(text)) == [], text
+        assert loader_errors(which, yaml.safe_load(text)) == [], text
