@@ -90,6 +90,16 @@ def test_gateway_schema_refuses_an_unknown_plane():
 
 
 @pytest.mark.parametrize("which", PLANES)
+def test_every_key_has_a_description(which):
+    """Editors show it on hover and in completion."""
+    root = published(which)
+    missing = [f"{'.'.join(pattern + (key,))}"
+               for pattern, node in closed_objects(root)
+               for key, sub in node["properties"].items() if not sub.get("description")]
+    assert missing == []
+
+
+@pytest.mark.parametrize("which", PLANES)
 def test_top_level_keys_are_the_loaders(which):
     top = {"gateway": gw_config.TOP_KEYS, "control": cp_config.TOP_KEYS}[which]
     assert set(published(which)["properties"]) == top
