@@ -31,6 +31,7 @@ _ENV_DEF = {
 }
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_EMAIL = r"^[^ \r\n<>,]*@[^ \r\n<>,]*$"
 _LISTEN_PATTERN = r"^(\[[^\]]+\]|[^\[\]]+):[0-9]{1,5}$"
 
 Schema = dict[str, Any]
@@ -405,7 +406,7 @@ def gateway_schema() -> Schema:
         })),
         "tracing": _nullable(mapping("Trace spans exported over OTLP/HTTP.", {
             "otlp_endpoint": _nullable(string("OTLP/HTTP collector base URL; empty: no span "
-                                              "export.", nonempty=False)),
+                                              "export.", pattern=r"^(https?://[^/:?#]+.*)?$")),
             "sample_ratio": number("Share of the traces that start at the gateway that are "
                                    "sampled (default 0.1).", 0, maximum=1),
             "service_name": string("service.name of the spans (default gateway)."),
@@ -488,13 +489,14 @@ def _target() -> Schema:
             "starttls": boolean("Upgrade with STARTTLS."),
             "username": string("Login user; needs password."),
             "password": string("Login password; needs username."),
-            "from": string("Sender address."),
+            "from": string("Sender address.", pattern=_EMAIL),
             "ca_file": string("CA bundle to verify the server's certificate."),
         }, ("host", "from"), dependentRequired={"username": ["password"],
                                                 "password": ["username"]}),
         "to": {"description": "Recipient address(es) (email only).",
-               "anyOf": [string("An e-mail address."),
-                         listing("Recipients.", string("An e-mail address."), min_items=1)]},
+               "anyOf": [string("An e-mail address.", pattern=_EMAIL),
+                         listing("Recipients.", string("An e-mail address.", pattern=_EMAIL),
+                                 min_items=1)]},
     }, ("name",), allOf=[
         {"if": fmt("email"), "then": {"required": ["smtp", "to"],
                                       "not": {"anyOf": [{"required": ["url"]},
