@@ -462,8 +462,9 @@ def test_schema_and_loader_agree_on_values_of_every_kind_at_every_key(which, fil
                         if refused and not errors:
                             disagree.append(f"{where} = {value!r}: the schema refuses what the "
                                             "loader accepts")
-                        elif errors and not refused and not any(
-                                text in line for line in errors for text in BEYOND_A_SCHEMA):
+                        elif not refused and not all(
+                                any(text in line for text in BEYOND_A_SCHEMA)
+                                for line in errors):
                             disagree.append(f"{where} = {value!r}: the schema accepts what the "
                                             f"loader refuses: {errors}")
     assert disagree == []
