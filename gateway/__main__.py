@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p_cdb.add_argument("path", help="the backup file (written by backup, read by restore)")
     p_cdb.add_argument("--config", default="config/control.yaml")
 
+    p_schema = sub.add_parser("schema", help="print the JSON Schema of the gateway or the "
+                                             "control-plane config (for editors)")
+    p_schema.add_argument("which", choices=("gateway", "control"))
+
     p_demo = sub.add_parser("demo-upstream", help="run the bundled demo upstream")
     p_demo.add_argument("--listen", default="127.0.0.1:9001")
 
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "control-db":
         from gateway.control import backup
         return backup.run(args.action, args.config, args.path)
+    if args.command == "schema":
+        from gateway import schema
+        sys.stdout.write(schema.render(args.which))
+        return 0
     if args.command == "demo-upstream":
         from gateway import demo
         from gateway.config import split_hostport
