@@ -203,7 +203,7 @@ def parse_slo(value: Any, path: str, errs: valid.Errors) -> SLO | None:
             kw["count_429"] = valid.boolean(m["count_429"], f"{p}count_429", errs)
     if "window" in m:
         w = m["window"]
-        if w not in ROLLING and w not in CALENDAR:
+        if not isinstance(w, str) or (w not in ROLLING and w not in CALENDAR):
             errs.add(f"{p}window", f"must be one of {', '.join([*ROLLING, *CALENDAR])} "
                                    f"(rolling or calendar), got {w!r}")
         else:
