@@ -138,6 +138,24 @@ def decode_trusted(encoded: bytes | str | None) -> HdrHistogram:
     return HdrHistogram.decode(encoded)
 
 
+def add_encoded(acc: HdrHistogram, encoded: bytes | str) -> int:
+    """Add a histogram this service stored itself (trusted text) into `acc` without building it
+    as an object: decoded into the scratch array by hdrh's C decoder and added with its C adder,
+    a tenth of `acc.add(decode_trusted(encoded))`. Returns the count added."""
+    payload = zlib.decompress(base64.b64decode(encoded)[_EXT_HEADER.size:])
+    scratch = _scratch()
+    ctypes.memset(scratch, 0, _SCRATCH_BYTES)
+    found = pyhdrh.decode(payload, _PAYLOAD_HEADER.size, ctypes.addressof(scratch), _COUNTS_LEN, 8)
+    total = int(found["total"])
+    if total:
+        pyhdrh.add_array(ctypes.addressof(acc.counts), ctypes.addressof(scratch), _COUNTS_LEN, 8)
+        acc.total_count += total
+        top = acc.get_highest_equivalent_value(acc.get_value_from_index(found["max_nonzero_index"]))
+        acc.max_value = max(acc.max_value, top)
+        acc.min_value = min(acc.min_value, acc.get_value_from_index(found["min_nonzero_index"]))
+    return total
+
+
 def encode(hist: HdrHistogram) -> bytes:
     return bytes(hist.encode())
 

@@ -163,12 +163,10 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
                 return done
             per_key: dict[tuple[int, str, str], Any] = {}
             for _id, b1m, service, route, encoded in pending:
-                h = histogram.decode_trusted(encoded)
                 acc = per_key.get((b1m, service, route))
                 if acc is None:
-                    per_key[(b1m, service, route)] = h
-                else:
-                    acc.add(h)
+                    acc = per_key[(b1m, service, route)] = histogram.new()
+                histogram.add_encoded(acc, encoded)
             targets: dict[HistKey, list[Any]] = defaultdict(list)
             for (b1m, service, route), h in per_key.items():
                 for win in WINDOWS.values():
