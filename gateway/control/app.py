@@ -55,7 +55,8 @@ from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts,
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig, load
 from gateway.control.database import JobLock, UnstorableText
-from gateway.control.ingest import IngestError, parse_batch, read_body
+from gateway.control.groupcommit import GroupCommit
+from gateway.control.ingest import Batch, IngestError, parse_batch, read_body
 from gateway.control.store import Store
 from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
 
@@ -119,6 +120,7 @@ CLOCK = web.AppKey("clock", Clock)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
 METRICS = web.AppKey("metrics", Metrics)
+INGEST = web.AppKey("ingest", GroupCommit)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -262,23 +264,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _ingest_sync(store: Store, body: bytes, now: float, finops: costs.FinOps | None = None,
-                 book: tenant_book.TenantBook | None = None
-                 ) -> tuple[bool, str, int, dict[str, Any]]:
-    batch = parse_batch(body, now=now)
-    # --- Costs and budgets: metered in the batch's transaction (a replay is never
+def _ingest_group(store: Store, batches: list[Batch], now: float,
+                  finops: costs.FinOps | None = None, book: tenant_book.TenantBook | None = None
+                  ) -> list[tuple[bool, dict[str, Any]]]:
+    """Store a group of batches in one transaction; per batch (stored, directives)."""
+    # --- Costs and budgets: metered in the batches' transaction (a replay is never
     # billed twice); then the budgets are evaluated and the gateways' directives returned.
     with store.transaction():
-        stored = rollup.apply(store, batch, now)
-        if stored and finops is not None:
-            finops.attribute(store, batch)
-        if stored and book is not None:
-            book.record(store, batch, now)
+        stored = rollup.apply_many(store, batches, now)
+        for batch, ok in zip(batches, stored, strict=True):
+            if ok and finops is not None:
+                finops.attribute(store, batch)
+            if ok and book is not None:
+                book.record(store, batch, now)
     directives = finops.directives(store, now) if finops is not None else {}
     if book is not None:
         directives = {**directives, **book.directives(store, now)}
     directives = {**directives, **shedding.directives(store, now)}  # open page alerts
-    return stored, batch.batch_id, len(batch.series), directives
+    return [(ok, directives) for ok in stored]
 
 
 @requires("ingest")
@@ -288,9 +291,10 @@ async def ingest(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         body = await read_body(request)
-        stored, batch_id, n_series, directives = await app[DB].call(
-            _ingest_sync, app[DB].store, body, app[CLOCK].time(), app.get(costs.FINOPS),
-            app.get(tenant_book.BOOK))
+        # parsed beside the database thread; written with whatever else arrived meanwhile
+        batch = await asyncio.get_running_loop().run_in_executor(
+            None, partial(parse_batch, body, now=app[CLOCK].time()))
+        stored, directives = await app[INGEST].submit(batch)
     except IngestError as exc:
         result = {400: "invalid", 413: "too_large", 415: "unsupported"}.get(exc.status, "invalid")
         m.batches.labels(result).inc()
@@ -305,8 +309,8 @@ async def ingest(request: web.Request) -> web.Response:
     m.duration.observe(time.perf_counter() - started)
     m.batches.labels("accepted" if stored else "duplicate").inc()
     if stored:
-        m.series.inc(n_series)
-    return _json({"accepted": True, "duplicate": not stored, "batch_id": batch_id,
+        m.series.inc(len(batch.series))
+    return _json({"accepted": True, "duplicate": not stored, "batch_id": batch.batch_id,
                   "directives": directives})
 
 
@@ -465,6 +469,11 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
         db = Database(Store(cfg.database, clock=clock))
         app[DB] = db
         app[METRICS] = Metrics()
+
+        async def write(batches: list[Batch]) -> list[tuple[bool, dict[str, Any]]]:
+            return await db.call(_ingest_group, db.store, batches, clock.time(),
+                                 app.get(costs.FINOPS), app.get(tenant_book.BOOK))
+        app[INGEST] = GroupCommit(write)
         async def compact_in_steps() -> None:
             if not await db.leads("compaction"):
                 return

@@ -56,20 +56,90 @@ def classify(code: int) -> tuple[int, int, int]:
 
 def apply(store: Store, batch: Batch, received_at: float) -> bool:
     """Store a validated batch in one transaction; False (nothing changed) for a replay."""
+    return apply_many(store, [batch], received_at)[0]
+
+
+def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[bool]:
+    """Store validated batches in one transaction; per batch, False for a replay (of an earlier
+    batch, or of one before it in the list), which changes nothing.
+
+    The batches' counts are summed per bucket before they are written, so a group of batches of
+    the same minute costs one upsert per (window, service, route) instead of one per batch: this
+    is what lets ingest keep up with many gateways (the caller groups the batches that arrive
+    while the previous transaction is being written)."""
+    sums: dict[tuple[int, int, str, str], list[float]] = {}
+    local: dict[tuple[int, int, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    limit_sums: dict[tuple[int, int, str, str], int] = defaultdict(int)
+    retry_sums: dict[tuple[int, int, str, str], int] = defaultdict(int)
+    shed_sums: dict[tuple[int, int, str, str, str], int] = defaultdict(int)
+    pending: list[tuple[int, str, str, str]] = []
+    links: dict[tuple[str, str], float] = {}
+    upstream_rows: list[tuple[str, str, str, int, int, float]] = []
+    concurrency_rows: list[tuple[str, str, int | None, int, float]] = []
+    transitions: list[tuple[str, str, str, str, float, str]] = []
+    with store.transaction():
+        stored = [store.insert_batch(b.batch_id, b.gateway_id, b.seq, b.interval_start,
+                                     b.interval_end, received_at) for b in batches]
+        for batch, ok in zip(batches, stored, strict=True):
+            if ok:
+                _add(batch, sums, local, limit_sums, retry_sums, shed_sums, pending, links)
+                upstream_rows += [(batch.gateway_id, u.upstream, u.breaker_state,
+                                   u.pool_in_use_max, u.pool_max, batch.interval_end)
+                                  for u in batch.upstreams]
+                concurrency_rows += [(batch.gateway_id, u.upstream, u.concurrency_limit,
+                                      int(u.concurrency_saturated), batch.interval_end)
+                                     for u in batch.upstreams]
+                transitions += [(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
+                                 t.reason) for t in batch.breaker_transitions]
+        if not any(stored):
+            return stored
+        rows: list[BucketRow] = [
+            (k[0], k[1], k[2], k[3], int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]),
+             int(a[5]), a[6], a[7], int(a[8]), int(a[9])) for k, a in sums.items()]
+        with store.pipeline():     # the writes below read nothing back
+            store.add_buckets(rows)
+            store.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
+                                    for k, lc in local.items()])
+            store.add_pending_hists(pending)
+            store.add_limit_counts([(*key, n) for key, n in limit_sums.items()])
+            store.report_upstreams(upstream_rows)
+            store.add_retry_counts([(*key, n) for key, n in retry_sums.items()])
+            store.add_shed_counts([(*key, n) for key, n in shed_sums.items()])
+            store.report_concurrency(concurrency_rows)
+            store.link_service_upstreams([(svc, up, t) for (svc, up), t in links.items()])
+            store.add_transitions(transitions)
+            for batch, ok in zip(batches, stored, strict=True):
+                if not ok:
+                    continue
+                sat = batch.saturation
+                store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end,
+                                     sat.cpu_percent, sat.loop_lag_max_s * 1000.0,
+                                     sat.inflight_max, sat.rss_bytes)
+                # the interval tells the silent-gateway check (followups.py) when to worry
+                store.note_gateway_interval(batch.gateway_id,
+                                            batch.interval_end - batch.interval_start,
+                                            batch.interval_end)
+    return stored
+
+
+def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
+         local: dict[tuple[int, int, str, str], list[int]],
+         limit_sums: dict[tuple[int, int, str, str], int],
+         retry_sums: dict[tuple[int, int, str, str], int],
+         shed_sums: dict[tuple[int, int, str, str, str], int],
+         pending: list[tuple[int, str, str, str]], links: dict[tuple[str, str], float]) -> None:
+    """Add one batch's counts to the group's sums, per window and bucket."""
     t0 = batch.interval_start
     sat = batch.saturation
     lag_ms = sat.loop_lag_max_s * 1000.0
-
-    # Sum the batch per (service, route) and per service first: one upsert per key per window.
-    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
-    local: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    pending: list[tuple[int, str, str, str]] = []
-    links: dict[tuple[str, str], None] = {}
+    # Sum the batch per (service, route) and per service first, then spread over the windows.
+    own: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+    own_local: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     b1m = bucket_start(t0, 60)
     for s in batch.series:
         e4, e5, rl = classify(s.code)
         for key in ((s.service, s.route), (s.service, TOTAL)):
-            acc = sums[key]
+            acc = own[key]
             acc[0] += s.count
             acc[1] += e4 * s.count
             acc[2] += e5 * s.count
@@ -77,73 +147,52 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
             acc[4] += s.bytes_in
             acc[5] += s.bytes_out
             if s.local:
-                loc = local[key]
+                loc = own_local[key]
                 loc[0] += s.count
                 loc[1] += e4 * s.count
                 loc[2] += e5 * s.count
         if s.hist_total and not s.local:
             pending.append((b1m, s.service, s.route, s.latency_us_hdr))
         if s.upstream != "-":
-            links[(s.service, s.upstream)] = None
-
-    rows: list[BucketRow] = []
-    limit_rows: list[tuple[int, int, str, str, int]] = []
-    local_rows: list[tuple[int, int, str, str, int, int, int]] = []
-    limit_sums: dict[tuple[str, str], int] = defaultdict(int)
+            links[(s.service, s.upstream)] = max(links.get((s.service, s.upstream), 0.0),
+                                                 batch.interval_end)
+    limits: dict[tuple[str, str], int] = defaultdict(int)
     for lim in batch.limits:
-        limit_sums[(lim.policy, lim.decision)] += lim.count
+        limits[(lim.policy, lim.decision)] += lim.count
     # Overload protection: retries per upstream, and the refusals of shedding and concurrency
     # limits per route, read from the series' `local` reason (older gateways ship those too).
-    retry_sums: dict[tuple[str, str], int] = defaultdict(int)
+    retries: dict[tuple[str, str], int] = defaultdict(int)
     for u in batch.upstreams:
         for result, n in u.retries:
-            retry_sums[(u.upstream, result)] += n
-    shed_sums: dict[tuple[str, str, str], int] = defaultdict(int)
+            retries[(u.upstream, result)] += n
+    shed: dict[tuple[str, str, str], int] = defaultdict(int)
     for s in batch.series:
         if s.local in SHED_REASONS:
-            shed_sums[(s.service, s.route, s.local)] += s.count
-    retry_rows: list[tuple[int, int, str, str, int]] = []
-    shed_rows: list[tuple[int, int, str, str, str, int]] = []
+            shed[(s.service, s.route, s.local)] += s.count
     for win in WINDOWS.values():
         bs = bucket_start(t0, win)
-        for (service, route), a in sums.items():
-            rows.append((win, bs, service, route, a[0], a[1], a[2], a[3], a[4], a[5],
-                         sat.cpu_percent, lag_ms, sat.inflight_max, sat.rss_bytes))
-        for (policy, decision), n in limit_sums.items():
-            limit_rows.append((win, bs, policy, decision, n))
-        for (service, route), lc in local.items():
-            local_rows.append((win, bs, service, route, lc[0], lc[1], lc[2]))
-        for (upstream, result), n in retry_sums.items():
-            retry_rows.append((win, bs, upstream, result, n))
-        for (service, route, reason), n in shed_sums.items():
-            shed_rows.append((win, bs, service, route, reason, n))
-
-    with store.transaction():
-        if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
-                                  batch.interval_end, received_at):
-            return False
-        with store.pipeline():     # the writes below read nothing back
-            store.add_buckets(rows)
-            store.add_local_counts(local_rows)
-            store.add_pending_hists(pending)
-            store.add_limit_counts(limit_rows)
-            store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
-                                     u.pool_in_use_max, u.pool_max, batch.interval_end)
-                                    for u in batch.upstreams])
-            store.add_retry_counts(retry_rows)
-            store.add_shed_counts(shed_rows)
-            store.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
-                                       int(u.concurrency_saturated), batch.interval_end)
-                                      for u in batch.upstreams])
-            store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
-            store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
-                                    t.reason) for t in batch.breaker_transitions])
-            store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
-                                 lag_ms, sat.inflight_max, sat.rss_bytes)
-            # the interval tells the silent-gateway check (followups.py) when to worry
-            store.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
-                                        batch.interval_end)
-    return True
+        for (service, route), a in own.items():
+            bkey = (win, bs, service, route)
+            row = sums.get(bkey)
+            if row is None:
+                sums[bkey] = [*a, sat.cpu_percent, lag_ms, sat.inflight_max, sat.rss_bytes]
+            else:
+                for i in range(6):
+                    row[i] += a[i]
+                row[6] = max(row[6], sat.cpu_percent)
+                row[7] = max(row[7], lag_ms)
+                row[8] = max(row[8], sat.inflight_max)
+                row[9] = max(row[9], sat.rss_bytes)
+        for (service, route), lc in own_local.items():
+            loc = local[(win, bs, service, route)]
+            for i in range(3):
+                loc[i] += lc[i]
+        for (policy, decision), n in limits.items():
+            limit_sums[(win, bs, policy, decision)] += n
+        for (upstream, result), n in retries.items():
+            retry_sums[(win, bs, upstream, result)] += n
+        for (service, route, reason), n in shed.items():
+            shed_sums[(win, bs, service, route, reason)] += n
 
 
 def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) -> int:
