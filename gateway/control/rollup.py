@@ -223,8 +223,9 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
                     targets[(win, bs, service, route)].append(h)
                     targets[(win, bs, service, TOTAL)].append(h)
             updates = []
+            stored = store.bucket_hists(list(targets))
             for key, parts in targets.items():
-                acc = histogram.decode_trusted(store.bucket_hist(key))
+                acc = histogram.decode_trusted(stored.get(key))
                 for h in parts:
                     acc.add(h)
                 p50, p95, p99 = histogram.percentiles(acc)

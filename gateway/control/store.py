@@ -622,7 +622,10 @@ class Store:
     def delete_pending(self, ids: list[int]) -> None:
         """Delete exactly the folded rows: on PostgreSQL a replica's ingest may commit a row
         with a smaller id after the chunk was read (ids are taken at insert, not at commit)."""
-        self._db.executemany("DELETE FROM pending_hist WHERE id = ?", [(i,) for i in ids])
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            self._db.execute("DELETE FROM pending_hist WHERE id IN (" +
+                             ", ".join("?" * len(part)) + ")", part)
 
     def lock_compaction(self) -> None:
         """Inside a transaction: wait until no other replica compacts (PostgreSQL; SQLite's
@@ -630,11 +633,18 @@ class Store:
         if self.postgresql:
             self._db.execute("SELECT pg_advisory_xact_lock(?)", (_COMPACTION_LOCK,))
 
-    def bucket_hist(self, key: HistKey) -> bytes | None:
-        row = self._db.execute(
-            "SELECT hist FROM buckets WHERE win_s = ? AND bucket_start = ? AND service = ? "
-            "AND route = ?", key).fetchone()
-        return row[0] if row else None
+    def bucket_hists(self, keys: list[HistKey]) -> dict[HistKey, bytes | None]:
+        """The stored histograms of these buckets (a key without a row is absent): a few
+        queries of up to 200 keys, not one round trip per bucket."""
+        found: dict[HistKey, bytes | None] = {}
+        for i in range(0, len(keys), 200):
+            part = keys[i:i + 200]
+            sql = ("SELECT win_s, bucket_start, service, route, hist FROM buckets "
+                   "WHERE (win_s, bucket_start, service, route) IN (VALUES " +
+                   ", ".join(["(?, ?, ?, ?)"] * len(part)) + ")")
+            for w, b, svc, route, h in self._db.execute(sql, [v for k in part for v in k]):
+                found[(int(w), int(b), svc, route)] = h
+        return found
 
     def set_bucket_hists(self, rows: Iterable[tuple[bytes, int | None, int | None, int | None,
                                                     int, int, str, str]]) -> None:
