@@ -78,8 +78,13 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
     concurrency_rows: list[tuple[str, str, int | None, int, float]] = []
     transitions: list[tuple[str, str, str, str, float, str]] = []
     with store.transaction():
-        stored = [store.insert_batch(b.batch_id, b.gateway_id, b.seq, b.interval_start,
-                                     b.interval_end, received_at) for b in batches]
+        first: dict[str, int] = {}          # a replay within the group is a replay too
+        for i, b in enumerate(batches):
+            first.setdefault(b.batch_id, i)
+        new = store.insert_batches([(b.batch_id, b.gateway_id, b.seq, b.interval_start,
+                                     b.interval_end, received_at)
+                                    for b in (batches[i] for i in first.values())])
+        stored = [b.batch_id in new and first[b.batch_id] == i for i, b in enumerate(batches)]
         for batch, ok in zip(batches, stored, strict=True):
             if ok:
                 _add(batch, sums, local, limit_sums, retry_sums, shed_sums, pending, links)

@@ -501,14 +501,18 @@ class Store:
     # -----------------------------------------------------------------------------------------
     # Ingest
 
-    def insert_batch(self, batch_id: str, gateway_id: str, seq: int, interval_start: float,
-                     interval_end: float, received_at: float) -> bool:
-        """Record a batch id; False if it was already ingested (the caller then rolls back)."""
-        cur = self._db.execute(
-            "INSERT INTO batches(batch_id, gateway_id, seq, interval_start, interval_end, "
-            "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(batch_id) DO NOTHING",
-            (batch_id, gateway_id, seq, interval_start, interval_end, received_at))
-        return cur.rowcount == 1
+    def insert_batches(self, rows: list[tuple[str, str, int, float, float, float]]) -> set[str]:
+        """Record batch ids (batch_id, gateway_id, seq, interval_start, interval_end,
+        received_at) in one statement per 100; the ids that were new (the others were ingested
+        before, here or on another replica). The ids must be distinct."""
+        new: set[str] = set()
+        for i in range(0, len(rows), 100):
+            part = rows[i:i + 100]
+            sql = ("INSERT INTO batches(batch_id, gateway_id, seq, interval_start, interval_end, "
+                   "received_at) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(part)) +
+                   " ON CONFLICT(batch_id) DO NOTHING RETURNING batch_id")
+            new.update(r[0] for r in self._db.execute(sql, [v for row in part for v in row]))
+        return new
 
     def add_buckets(self, rows: Iterable[BucketRow]) -> None:
         self._db.executemany(
