@@ -42,23 +42,30 @@ async def test_server_clock_refill_and_key_expiry(redis_url: str,
     lim = Limiter(config([limit("t", "10/second", burst=4, store="redis")], redis_url=redis_url))
     built.append(lim)
     await lim.start()
-    r, req = route("t"), FakeRequest({"X-User-Id": "u"})
-    t0 = time.monotonic()
-    outcomes = [await lim.check(r, req) for _ in range(6)]
-    elapsed = time.monotonic() - t0
-    assert elapsed < 0.09                          # less than one token of refill
+    r = route("t")
+    # Six checks must fit in less than one token of refill (0.1 s) for the counts below to be
+    # exact; a busy CI box can stall one run past that, so a stalled run is retried with a
+    # fresh key (what is asserted is always one run's own results).
+    for attempt in range(5):
+        user = f"u{attempt}"
+        req = FakeRequest({"X-User-Id": user})
+        t0 = time.monotonic()
+        outcomes = [await lim.check(r, req) for _ in range(6)]
+        elapsed = time.monotonic() - t0
+        if elapsed < 0.09:
+            break
+    assert elapsed < 0.09, elapsed
     assert [o.allowed for o in outcomes] == [True] * 5 + [False]
     rl = parse_items(header(outcomes[4], "RateLimit") or "")["t"]
     assert rl["r"] == 0 and rl["t"] == 1           # 0.5 s to full, rounded up
     assert header(outcomes[5], "Retry-After") == "1"
     client = sync_client(redis_url)
     try:
-        (key,) = client.keys("gw:rl:t:*")
-        assert key.endswith(b":u")
+        (key,) = client.keys(f"gw:rl:t:*:{user}")
         pttl = client.pttl(key)
         assert 400 - 1000 * elapsed <= pttl <= 501  # expires when the bucket would be full
         await asyncio.sleep(0.25)                   # server time moves: ~2.5 tokens back
-        got = await lim.test("t", "u")
+        got = await lim.test("t", user)
         assert got["allowed"] and got["remaining"] in (2, 3)
         deadline = time.monotonic() + 2
         while client.exists(key) and time.monotonic() < deadline:
@@ -66,7 +73,7 @@ async def test_server_clock_refill_and_key_expiry(redis_url: str,
         assert not client.exists(key)               # gone once full: a missing key is full
     finally:
         client.close()
-    assert (await lim.test("t", "u"))["remaining"] == 5
+    assert (await lim.test("t", user))["remaining"] == 5
 
 
 async def test_rejections_write_nothing(redis_url: str, built: list[Limiter]) -> None:
