@@ -17,6 +17,12 @@ with the ratios the issue targets:
   * plain route to an https upstream vs to an http one (pooled keep-alive TLS: the cost is the
     record layer, not handshakes).
 
+The floor is measured in the same rounds, to say where the time goes: a minimal uvloop TLS
+responder (this file with `--floor`: the listener's TLS settings, a fixed 12-byte response, no
+HTTP parsing, no proxying), i.e. what Python's `ssl` under uvloop costs before the gateway does
+anything; and the same responder closing by abort (no TLS shutdown), for what uvloop's orderly
+TLS close costs per connection.
+
 Traffic only to 127.0.0.1, every run bounded by --duration.
 """
 
@@ -67,7 +73,55 @@ routes:
 """
 
 
+FLOOR_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
+                  b"hello world\n")
+FLOOR_CLOSE = FLOOR_RESPONSE.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+
+
+def floor(port: int, cert: str, key: str, abort: bool) -> None:
+    """The floor: uvloop's TLS with the listener's settings and nothing above it (a whole
+    request per read, as wrk sends them; `Connection: close` closes after the response).
+    `abort`: close with transport.abort(), without the TLS shutdown (no close_notify, no wait
+    for the client's): not a way to serve, a measurement of what the orderly close costs."""
+    import asyncio
+
+    import uvloop
+
+    class Responder(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            if b"onnection: close" in data:
+                self.transport.write(FLOOR_CLOSE)
+                if abort:
+                    self.transport.abort()
+                else:
+                    self.transport.close()
+                return
+            n = data.count(b"\r\n\r\n")
+            if n:
+                self.transport.write(FLOOR_RESPONSE * n)
+
+    async def serve() -> None:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.load_cert_chain(cert, key)
+        server = await asyncio.get_running_loop().create_server(
+            Responder, "127.0.0.1", port, backlog=4096, ssl=ctx)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(serve())
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--floor"]:
+        floor(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:6] == ["abort"])
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5)
@@ -121,11 +175,24 @@ def main() -> int:
             wait_port(port)
             ports[name] = port
             pids[name] = procs[-1].pid
+        for name, how in (("floor", "close"), ("floor_abort", "abort")):
+            ports[name] = free_port()
+            procs.append(subprocess.Popen([sys.executable, __file__, "--floor", str(ports[name]),
+                                           str(cert), str(key), how], cwd=ROOT))
+            wait_port(ports[name])
+            pids[name] = procs[-1].pid
+
+        def https(server: str) -> str:
+            return f"https://127.0.0.1:{ports[server]}/"
+
         targets = {
-            "nginx_tls_ka": (f"https://127.0.0.1:{ports['nginx_tls']}/", False, "nginx_tls"),
-            "gw_tls_ka": (f"https://127.0.0.1:{ports['gw_tls']}/", False, "gw_tls"),
-            "nginx_tls_new": (f"https://127.0.0.1:{ports['nginx_tls']}/", True, "nginx_tls"),
-            "gw_tls_new": (f"https://127.0.0.1:{ports['gw_tls']}/", True, "gw_tls"),
+            "nginx_tls_ka": (https("nginx_tls"), False, "nginx_tls"),
+            "gw_tls_ka": (https("gw_tls"), False, "gw_tls"),
+            "floor_ka": (https("floor"), False, "floor"),
+            "nginx_tls_new": (https("nginx_tls"), True, "nginx_tls"),
+            "gw_tls_new": (https("gw_tls"), True, "gw_tls"),
+            "floor_new": (https("floor"), True, "floor"),
+            "floor_abort_new": (https("floor_abort"), True, "floor_abort"),
             "gw_to_https": (f"http://127.0.0.1:{ports['gw_to_https']}/", False, "gw_to_https"),
             "gw_to_http": (f"http://127.0.0.1:{ports['gw_to_http']}/", False, "gw_to_http"),
         }
@@ -158,8 +225,11 @@ def main() -> int:
           "medians (server CPU per request: the server's process tree)\n")
     rows = [("nginx, 1 worker, TLS keep-alive", "nginx_tls_ka", None),
             ("gateway, TLS keep-alive", "gw_tls_ka", "nginx_tls_ka"),
+            ("floor: uvloop TLS responder, keep-alive", "floor_ka", "nginx_tls_ka"),
             ("nginx, 1 worker, new TLS connection per request", "nginx_tls_new", None),
             ("gateway, new TLS connection per request", "gw_tls_new", "nginx_tls_new"),
+            ("floor: uvloop TLS responder, new connection", "floor_new", "nginx_tls_new"),
+            ("floor, closed by abort (no TLS shutdown)", "floor_abort_new", "floor_new"),
             ("gateway, plain route to an http upstream", "gw_to_http", None),
             ("gateway, plain route to an https upstream", "gw_to_https", "gw_to_http")]
     def paired(t: str, anchor: str) -> float:
@@ -179,6 +249,11 @@ def main() -> int:
     print()
     for label, value, threshold in checks:
         print(f"- **{'PASS' if value >= threshold else 'FAIL'}** {label}: {value:.2f}x")
+    # Contention on a shared machine slows nginx more than the gateway, which flatters the
+    # req/s ratios; server CPU per request does not depend on who got the cores.
+    print(f"- by server CPU per request (nginx's / the gateway's, medians): keep-alive "
+          f"{us['nginx_tls_ka'] / us['gw_tls_ka']:.2f}x, new connections "
+          f"{us['nginx_tls_new'] / us['gw_tls_new']:.2f}x")
     return 0
 
 

@@ -33,7 +33,7 @@ from gateway.routing import Router
 from gateway.shedding import ShedGuard
 from gateway.signals import LoopLagMonitor, Signals
 from gateway.tenants import Tenancy, TenantTable
-from gateway.tls import ListenerTls, TlsFileError, client_context
+from gateway.tls import ListenerTls, TlsFileError, client_context, files_stamp
 from gateway.tracing import Tracer, make_tracer
 from gateway.upstream import EndpointPool
 
@@ -87,6 +87,8 @@ class GatewayServer:
                                          if cfg.metrics.latency_buckets else {}))
         self.lag = LoopLagMonitor(self.signals)
         self._pools: dict[tuple[Any, ...], EndpointPool] = {}
+        # The contents of each https pool's TLS files when its context was made (files_stamp)
+        self._tls_stamps: dict[tuple[Any, ...], bytes] = {}
         self.tenant_table = TenantTable(clock)  # fed by the shipper's ingest responses
         # Adaptive concurrency limits, kept across reloads while an upstream's settings hold
         self._limits: dict[str, tuple[Any, GradientLimit]] = {}
@@ -133,17 +135,24 @@ class GatewayServer:
                               collect_usage=cfg.control_plane is not None)
             tenancy.add_listener(self.signals.record_limit)
         upstreams: dict[str, UpstreamRuntime] = {}
+        # Pools kept across a reload whose TLS files changed in place: their new contexts are
+        # set once the whole runtime is built (a failed reload changes nothing).
+        rotated: list[tuple[tuple[Any, ...], EndpointPool, Any, bytes]] = []
         for i, u in enumerate(cfg.upstreams):
             pools = []
             for ep in u.endpoints:
                 key = _pool_key(u, ep.url)
                 pool = self._pools.get(key)
+                stamp = files_stamp(u.tls) if ep.scheme == "https" else b""
                 if pool is None:
                     pool = EndpointPool(ep, connect_timeout_s=u.connect_timeout_s,
                                         timeout_s=u.timeout_s, max_connections=u.max_connections,
                                         ssl=_client_tls(u, i) if ep.scheme == "https" else None,
                                         server_name=u.tls.server_name if u.tls else None)
                     self._pools[key] = pool
+                    self._tls_stamps[key] = stamp
+                elif stamp != self._tls_stamps.get(key, stamp):
+                    rotated.append((key, pool, _client_tls(u, i), stamp))
                 pools.append(pool)
             upstreams[u.name] = UpstreamRuntime(u, pools, breakers.selector(u.name),
                                                 breakers.breaker(u.name))
@@ -163,6 +172,11 @@ class GatewayServer:
             upstreams[u.name].limit = lim
             self.signals.concurrency_sources[u.name] = _limit_reader(lim)
         self._limits = limits
+        for key, pool, ctx, stamp in rotated:
+            # New connections verify (and authenticate) with the re-read files; pooled ones
+            # keep the handshake they made and serve until they close.
+            pool.ssl = ctx
+            self._tls_stamps[key] = stamp
         self.signals.clear_pool_sources()
         for name, ur in upstreams.items():
             self.signals.add_pool_source(name, ur.pool_use)
@@ -362,6 +376,7 @@ class GatewayServer:
         for key, pool in list(self._pools.items()):
             if id(pool) not in live:
                 del self._pools[key]
+                self._tls_stamps.pop(key, None)
                 await pool.close()
         await old.limiter.close()
 

@@ -17,6 +17,7 @@ contexts are built, so a missing or mismatched file is reported at its key
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -194,6 +195,22 @@ class ListenerTls:
                 _ctx: ssl.SSLContext) -> None:
         self.handshakes += 1
         sslobj.context = self.select(server_name)
+
+
+def files_stamp(cfg: UpstreamTlsConfig | None) -> bytes:
+    """A digest of the contents of an upstream's TLS files (ca, cert, key): operators rotate
+    certificates in place, so a reload compares contents, not paths (nor mtimes, which a copy
+    may keep). An unreadable file counts as its own content; loading it reports the error."""
+    h = hashlib.sha256()
+    for path in (cfg.ca, cfg.cert, cfg.key) if cfg is not None else ():
+        h.update(b"\0" if path is None else path.encode() + b"\0")
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+            except OSError as exc:
+                h.update(f"error {exc.errno}".encode())
+    return h.digest()
 
 
 def client_context(cfg: UpstreamTlsConfig | None) -> ssl.SSLContext:

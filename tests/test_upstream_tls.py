@@ -15,6 +15,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from gateway.errors import ConfigError
 from tests.harness import admin_url, fetch, running_gateway, url_of
 
 
@@ -214,5 +215,45 @@ async def test_curl_over_tls_through_the_gateway_to_an_https_upstream(
             out, err = await asyncio.wait_for(proc.communicate(), 20)
             assert proc.returncode == 0, err
             assert json.loads(out) == {"path": "/through", "proto": "https"}
+    finally:
+        await up.stop()
+
+
+async def test_reload_rereads_rotated_tls_files_for_new_connections(
+        tmp_path: Path, ca: trustme.CA, session: aiohttp.ClientSession) -> None:
+    """The CA file is rotated in place (same path, same config): a reload makes new
+    connections verify against the new CA; the pooled connection keeps serving."""
+    up = TlsUpstream(ca, "localhost")
+    await up.start()
+    ca_pem = write(tmp_path, "ca.pem", ca.cert_pem.bytes())
+    try:
+        async with running_gateway(tmp_path, config(f"https://localhost:{up.port}",
+                                                    f"{{ca: {ca_pem}}}")) as gw:
+            status, _, _ = await fetch(session, "GET", url_of(gw, "/before"))
+            assert status == 200 and up.handshakes == 1
+            # The upstream moves to a certificate of a new CA, and the CA file is replaced.
+            new_ca = trustme.CA()
+            new_ca.issue_cert("localhost").configure_cert(up.ctx)
+            write(tmp_path, "ca.pem", b"not a certificate")
+            with pytest.raises(ConfigError, match=r"upstreams\[0\]\.tls\.ca: "):
+                await gw.reload()       # a broken file: refused, the old context kept
+            write(tmp_path, "ca.pem", new_ca.cert_pem.bytes())
+            # Before the reload the pooled connection (verified with the old CA) serves.
+            status, _, _ = await fetch(session, "GET", url_of(gw, "/pooled"))
+            assert status == 200 and up.handshakes == 1
+            await gw.reload()
+            status, _, _ = await fetch(session, "GET", url_of(gw, "/pooled-after"))
+            assert status == 200 and up.handshakes == 1
+            # New connections (a burst needs more than the one pooled) verify against the new
+            # CA: they would fail with the old one (certificate verify failed, 502).
+            results = await asyncio.gather(*(fetch(session, "GET", url_of(gw, f"/new/{i}"))
+                                             for i in range(6)))
+            assert [r[0] for r in results] == [200] * 6, [r[2] for r in results]
+            assert up.handshakes > 1
+            # An unchanged file on the next reload keeps the context (and the pool) as is.
+            pool = gw.runtime.upstreams["secure"].pools[0]
+            ctx = pool.ssl
+            await gw.reload()
+            assert gw.runtime.upstreams["secure"].pools[0] is pool and pool.ssl is ctx
     finally:
         await up.stop()
