@@ -105,7 +105,7 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
             store.add_buckets(rows)
             store.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
                                     for k, lc in local.items()])
-            store.add_pending_hists(pending)
+            store.add_pending_hists(_merged(pending))
             store.add_limit_counts([(*key, n) for key, n in limit_sums.items()])
             store.report_upstreams(upstream_rows)
             store.add_retry_counts([(*key, n) for key, n in retry_sums.items()])
@@ -125,6 +125,25 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
                                             batch.interval_end - batch.interval_start,
                                             batch.interval_end)
     return stored
+
+
+def _merged(pending: list[tuple[int, str, str, str]]) -> list[tuple[int, str, str, str]]:
+    """One queued histogram per (1m bucket, service, route): the series of one key (its status
+    codes and methods, the group's gateways) merged here, once, instead of each queued, read
+    and folded by compaction apart. A key with one series keeps its text as it came."""
+    by_key: dict[tuple[int, str, str], list[str]] = defaultdict(list)
+    for b1m, service, route, encoded in pending:
+        by_key[(b1m, service, route)].append(encoded)
+    out: list[tuple[int, str, str, str]] = []
+    for (b1m, service, route), texts in by_key.items():
+        if len(texts) == 1:
+            out.append((b1m, service, route, texts[0]))
+            continue
+        acc = histogram.new()
+        for text in texts:
+            histogram.add_encoded(acc, text)
+        out.append((b1m, service, route, histogram.encode(acc).decode("ascii")))
+    return out
 
 
 def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
