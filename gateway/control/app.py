@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from functools import partial
 from typing import Any, TypeVar
 
 import orjson
+import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -47,17 +44,34 @@ from gateway.control import (  # costs: budgets, directives; shedding: page aler
     costs,
     dashboard,
     health,
+    incidents,
+    reliability,
     rollup,
     shedding,
     slometrics,
+    workflow,
 )
 from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts, tenant table
-from gateway.control.auth import Authenticator, Principal, allowed
+from gateway.control.auth import Authenticator, Principal
 from gateway.control.config import ControlConfig, load
-from gateway.control.database import JobLock, UnstorableText
 from gateway.control.ingest import IngestError, parse_batch, read_body
 from gateway.control.store import Store
-from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
+from gateway.control.web import (
+    AUTH,
+    CLOCK,
+    CONFIG,
+    DB,
+    PRINCIPAL,
+    BadParam,
+    Database,
+    json_response,
+    middleware,
+    parse_time,
+    problem,
+    query_limit,
+    requires,
+)
+from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.control")
 
@@ -67,28 +81,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SIGNAL_ROWS = 100_000
 DEFAULT_SPAN_BUCKETS = 60      # default since = until - 60 buckets (1m: the last hour)
 INGEST_RESULTS = ("accepted", "duplicate", "invalid", "too_large", "unsupported", "error")
-
-
-class Database:
-    """The Store behind a single worker thread: `await db.call(fn, store, ...)`."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-db")
-        self.jobs = JobLock(store.path)   # replicas on PostgreSQL: one runs each job
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
-
-    async def leads(self, job: str) -> bool:
-        """Whether this replica runs background `job` now (always, on SQLite)."""
-        return await self.call(self.jobs.holds, job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.jobs.close()
-        self.store.close()
 
 
 class Metrics:
@@ -114,110 +106,7 @@ class Metrics:
         self.registry.register(self.slos)
 
 
-CONFIG = web.AppKey("config", ControlConfig)
-CLOCK = web.AppKey("clock", Clock)
-DB = web.AppKey("db", Database)
-AUTH = web.AppKey("auth", Authenticator)
 METRICS = web.AppKey("metrics", Metrics)
-PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors, auth
-
-
-def problem(status: int, detail: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="control"'} if status == 401 else None
-    return web.Response(status=status, body=problem_body(status, detail, **extra),
-                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)
-
-
-def requires(permission: str) -> Callable[[Handler], Handler]:
-    """Mark a handler with the permission (see auth.ACCESS) a caller's role must hold."""
-    def mark(handler: Handler) -> Handler:
-        handler.permission = permission  # type: ignore[attr-defined]
-        return handler
-    return mark
-
-
-class BadParam(Exception):
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """A write request's JSON object body ({} without one), with its optional `reason` (a
-    string of at most 2000 characters, kept in the audit log) checked."""
-    if not request.can_read_body:
-        return {}
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    if not isinstance(doc, dict):
-        raise BadParam("body", "must be a JSON object")
-    reason = doc.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return doc
-
-
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    permission = getattr(handler, "permission", None)
-    if permission is not None or request.path.startswith("/v1/") or request.path == "/v1":
-        principal = request.app[AUTH].authenticate(request.headers.get("Authorization"))
-        if principal is None:
-            return problem(401, "a valid bearer token is required")
-        if permission is not None and not allowed(principal, permission):
-            return problem(403, f"role {principal.role!r} may not do this ({permission})")
-        request[PRINCIPAL] = principal
-    try:
-        return await handler(request)
-    except (BadParam, UnstorableText) as exc:
-        return problem(400, str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return problem(exc.status, exc.reason)
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return problem(500, "internal error")
-
-
-MAX_ROW_ID = 2 ** 63 - 1      # SQLite's INTEGER (and PostgreSQL's bigint) ceiling
-
-
-def path_id(request: web.Request, what: str, name: str = "id") -> int:
-    """The integer row id in the path, for every `{id}` route of an integer-keyed resource.
-    Anything that cannot name a row (not ASCII digits, or beyond a signed 64-bit integer, which
-    the database driver would refuse with an error) is a 404 problem naming the id, never a
-    500."""
-    raw = request.match_info[name]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ROW_ID:
-        raise web.HTTPNotFound(reason=f"no {what} {raw[:64]!r}")
-    return int(raw)
-
-
-def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
-
-
-def parse_time(name: str, value: str) -> float:
-    """Unix seconds or ISO-8601 (naive means UTC)."""
-    try:
-        t = float(value)
-    except ValueError:
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
-        except ValueError:
-            raise BadParam(name, f"must be unix seconds or ISO-8601, got {value!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return dt.timestamp()
-    if not math.isfinite(t):
-        raise BadParam(name, f"must be a finite number, got {value!r}")
-    return t
 
 
 def _window(request: web.Request) -> tuple[str, int, float, float]:
@@ -235,21 +124,12 @@ def _window(request: web.Request) -> tuple[str, int, float, float]:
     return name, win, since, until
 
 
-def _limit(request: web.Request, default: int, maximum: int) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
-        raise BadParam("limit", f"must be an integer from 1 to {maximum}, got {raw!r}")
-    return int(raw)
-
-
 # ---------------------------------------------------------------------------------------------
 # Handlers
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -306,7 +186,7 @@ async def ingest(request: web.Request) -> web.Response:
     m.batches.labels("accepted" if stored else "duplicate").inc()
     if stored:
         m.series.inc(n_series)
-    return _json({"accepted": True, "duplicate": not stored, "batch_id": batch_id,
+    return json_response({"accepted": True, "duplicate": not stored, "batch_id": batch_id,
                   "directives": directives})
 
 
@@ -363,7 +243,7 @@ async def signals(request: web.Request) -> web.Response:
         raw = await request.app[DB].call(request.app[DB].store.overload_counts, win, since,
                                          until, service)
         doc["overload"] = health.overload(raw)
-    return _json(doc)
+    return json_response(doc)
 
 
 def _overview_sync(store: Store, now: float) -> dict[str, Any]:
@@ -372,7 +252,6 @@ def _overview_sync(store: Store, now: float) -> dict[str, Any]:
     rows_now = store.service_buckets(60, win["since"], win["until"])
     rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
     rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
-    from gateway.control import incidents  # the active incidents
     return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
                            store.service_upstreams(), win, now,
                            incidents=[incidents.summary(i)
@@ -383,7 +262,7 @@ def _overview_sync(store: Store, now: float) -> dict[str, Any]:
 async def overview(request: web.Request) -> web.Response:
     now = request.app[CLOCK].time()
     doc = await request.app[DB].call(_overview_sync, request.app[DB].store, now)
-    return _json(doc)
+    return json_response(doc)
 
 
 @requires("limits:read")
@@ -392,7 +271,7 @@ async def limits(request: web.Request) -> web.Response:
     policy = request.query.get("policy") or None
     rows = await request.app[DB].call(request.app[DB].store.limit_counts, win, since, until,
                                       policy)
-    return _json({"window": name, "since": since, "until": until, "rows": rows})
+    return json_response({"window": name, "since": since, "until": until, "rows": rows})
 
 
 @requires("breakers:read")
@@ -403,9 +282,9 @@ async def breakers(request: web.Request) -> web.Response:
         else now - 86_400
     states = await request.app[DB].call(store.upstream_states)
     transitions = await request.app[DB].call(store.breaker_transitions, since,
-                                             _limit(request, 100, 1000))
+                                             query_limit(request, 100, 1000))
     gateways = await request.app[DB].call(store.gateways)
-    return _json({"breakers": states, "transitions": transitions, "gateways": gateways})
+    return json_response({"breakers": states, "transitions": transitions, "gateways": gateways})
 
 
 @requires("audit:read")
@@ -414,8 +293,8 @@ async def audit(request: web.Request) -> web.Response:
     since = parse_time("since", q["since"]) if "since" in q else None
     rows = await request.app[DB].call(
         request.app[DB].store.audit_entries, since=since, actor=q.get("actor") or None,
-        action=q.get("action") or None, limit=_limit(request, 100, 1000))
-    return _json({"entries": rows})
+        action=q.get("action") or None, limit=query_limit(request, 100, 1000))
+    return json_response({"entries": rows})
 
 
 async def _reason(request: web.Request) -> str:
@@ -444,7 +323,7 @@ async def retention_run(request: web.Request) -> web.Response:
     now = request.app[CLOCK].time()
     deleted = await request.app[DB].call(_retention_sync, request.app[DB].store, now,
                                          principal.name, reason)
-    return _json({"deleted": deleted})
+    return json_response({"deleted": deleted})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,12 +373,9 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     costs.setup(app)                           # /v1/costs, /v1/budgets[/{id}]
     tenant_book.setup(app)                     # /v1/tenants[/{id}[/quotas]]
     # --- SLOs, alerts, incidents: /v1/slos, /v1/error-budgets, /v1/deploy-gate,
-    # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
-    # this module.)
-    from gateway.control.reliability import slo_routes
-    from gateway.control.workflow import setup as workflow_routes
-    workflow_routes(app)      # assignment, action items, reports, SLO history: before slo_routes
-    slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
+    # /v1/alerts, /v1/incidents; the evaluator and notifier tasks.
+    workflow.setup(app)       # assignment, action items, reports, SLO history: before slo_routes
+    reliability.slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/ingest", ingest)
@@ -551,8 +427,6 @@ def run(config_path: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 2
-    import uvloop
-
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -68,7 +68,7 @@ import logging
 import math
 import sqlite3
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -80,13 +80,14 @@ import orjson
 from aiohttp import web
 
 from gateway import validation as valid
-from gateway.control import app as control_app
+from gateway.control import alerts as alerts_mod
 from gateway.control import budgets as bm
+from gateway.control import web as control_app
 from gateway.control.budgets import BudgetSpec
 from gateway.control.ingest import Batch
 from gateway.control.notify import publish
 from gateway.control.store import Store
-from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
+from gateway.control.web import json_response, problem, requires
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.control.costs")
@@ -564,7 +565,6 @@ class FinOps:
         log.warning("budget threshold reached", extra={"event": "budget_alert", **{
             k: doc[k] for k in ("budget", "service", "kind", "threshold", "severity")}})
         try:  # the same path as SLO alerts: /v1/alerts and the notifier
-            from gateway.control import alerts as alerts_mod
             pct = bm.percent(spend, v["effective_amount_cents"] * bm.MICROS_PER_CENT)
             what = "spend" if kind == "actual" else "forecast spend"
             alert = alerts_mod.raise_alert(
@@ -639,23 +639,6 @@ def sync_config_budgets(store: Store, specs: list[BudgetSpec], now: float) -> No
 # HTTP API
 
 FINOPS = web.AppKey("finops", FinOps)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _requires(permission: str) -> Callable[[Handler], Handler]:
-    def mark(handler: Handler) -> Handler:
-        handler.permission = permission  # type: ignore[attr-defined]
-        return handler
-    return mark
-
-
-def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
-
-
-def _problem(status: int, detail: str, **extra: Any) -> web.Response:
-    return web.Response(status=status, body=problem_body(status, detail, **extra),
-                        content_type=PROBLEM_CONTENT_TYPE)
 
 
 async def _body(request: web.Request) -> Any:
@@ -683,7 +666,7 @@ def _budget_id(request: web.Request) -> int:
     return control_app.path_id(request, "budget")
 
 
-@_requires("costs:read")
+@requires("costs:read")
 async def get_costs(request: web.Request) -> web.Response:
     q = request.query
     db, store, finops, now, _ = _ctx(request)
@@ -705,7 +688,7 @@ async def get_costs(request: web.Request) -> web.Response:
     service = q.get("service") or None
     doc = await db.call(cost_report, store, finops.models, since, until, service, group_by, tz,
                         now)
-    return _json(doc)
+    return json_response(doc)
 
 
 def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor: str,
@@ -719,18 +702,18 @@ def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor:
     return {"imported": n, "skipped": len(records) - n, "billed": bm.money(total)}
 
 
-@_requires("costs:write")
+@requires("costs:write")
 async def post_costs(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     doc = await _body(request)
     reason = _reason(doc) if isinstance(doc, dict) else ""
     records, errors = parse_charges(doc)
     if errors:
-        return _problem(400, errors[0], errors=errors[:50])
+        return problem(400, errors[0], errors=errors[:50])
     result = await db.call(_import_sync, store, records, now, actor, reason)
     await db.call(finops.evaluate, store, now)
     publish_events(request.app)
-    return _json(result, 201)
+    return json_response(result, 201)
 
 
 def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
@@ -748,12 +731,12 @@ def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
             "alert_delivery": "alerts"}     # also raised in /v1/alerts and notified
 
 
-@_requires("budgets:read")
+@requires("budgets:read")
 async def list_budgets(request: web.Request) -> web.Response:
     db, store, finops, now, _ = _ctx(request)
     doc = await db.call(_report_sync, store, finops, now)
     publish_events(request.app)
-    return _json(doc)
+    return json_response(doc)
 
 
 def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, actor: str,
@@ -774,7 +757,7 @@ def _evaluated_view(store: Any, finops: Any, bid: int, now: float) -> web.Respon
     finops.evaluate(store, now)
     new = store.budget(bid)
     assert new is not None
-    return _json(finops.view(store, new, now, alerts=True))
+    return json_response(finops.view(store, new, now, alerts=True))
 
 
 async def _run_and_publish(request: web.Request, db: Any, run: Callable[[], T]) -> T:
@@ -784,22 +767,22 @@ async def _run_and_publish(request: web.Request, db: Any, run: Callable[[], T]) 
     return resp
 
 
-@_requires("budgets:write")
+@requires("budgets:write")
 async def create_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     doc = await _body(request)
     reason = _reason(doc)
     spec, errors = bm.parse_budget(doc)
     if spec is None:
-        return _problem(400, errors[0], errors=errors)
+        return problem(400, errors[0], errors=errors)
     view = await db.call(_create_sync, store, finops, spec, now, actor, reason)
     publish_events(request.app)
     if view is None:
-        return _problem(409, f"a budget named {spec.name!r} exists already")
-    return _json(view, 201)
+        return problem(409, f"a budget named {spec.name!r} exists already")
+    return json_response(view, 201)
 
 
-@_requires("budgets:read")
+@requires("budgets:read")
 async def get_budget(request: web.Request) -> web.Response:
     db, store, finops, now, _ = _ctx(request)
     bid = _budget_id(request)
@@ -812,10 +795,10 @@ async def get_budget(request: web.Request) -> web.Response:
         return finops.view(store, row, now, alerts=True)
 
     view = await db.call(run)
-    return _json(view) if view is not None else _problem(404, f"no budget {bid}")
+    return json_response(view) if view is not None else problem(404, f"no budget {bid}")
 
 
-@_requires("budgets:write")
+@requires("budgets:write")
 async def update_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
@@ -825,24 +808,24 @@ async def update_budget(request: web.Request) -> web.Response:
     def run() -> web.Response:
         row = store.budget(bid)
         if row is None:
-            return _problem(404, f"no budget {bid}")
+            return problem(404, f"no budget {bid}")
         before = spec_of(row)
         spec, errors = bm.parse_budget(doc, base=before)
         if spec is None:
-            return _problem(400, errors[0], errors=errors)
+            return problem(400, errors[0], errors=errors)
         try:
             with store.transaction():
                 store.update_budget(bid, spec.name, _spec_json(spec), now)
                 store.audit(actor, "update", f"budget:{bid}", reason,
                             {"before": before.to_doc(), "after": spec.to_doc()}, at=now)
         except sqlite3.IntegrityError:
-            return _problem(409, f"a budget named {spec.name!r} exists already")
+            return problem(409, f"a budget named {spec.name!r} exists already")
         return _evaluated_view(store, finops, bid, now)
 
     return await _run_and_publish(request, db, run)
 
 
-@_requires("budgets:write")
+@requires("budgets:write")
 async def delete_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
@@ -860,11 +843,11 @@ async def delete_budget(request: web.Request) -> web.Response:
         return True
 
     if not await db.call(run):
-        return _problem(404, f"no budget {bid}")
+        return problem(404, f"no budget {bid}")
     return web.Response(status=204)
 
 
-@_requires("budgets:write")
+@requires("budgets:write")
 async def set_override(request: web.Request) -> web.Response:
     """POST /v1/budgets/{id}/override {amount_cents, expires_at | duration_s, reason}: a
     temporary higher amount (emergency override), audited; it lapses by itself at expires_at."""
@@ -894,10 +877,10 @@ async def set_override(request: web.Request) -> web.Response:
     def run() -> web.Response:
         row = store.budget(bid)
         if row is None:
-            return _problem(404, f"no budget {bid}")
+            return problem(404, f"no budget {bid}")
         spec = spec_of(row)
         if cents <= spec.amount_cents:
-            return _problem(400, f"amount_cents: an override must be higher than the budget "
+            return problem(400, f"amount_cents: an override must be higher than the budget "
                                  f"({spec.amount_cents}); lower the budget with PUT instead")
         with store.transaction():
             store.set_budget_override(bid, cents, expires, reason, now)
@@ -909,7 +892,7 @@ async def set_override(request: web.Request) -> web.Response:
     return await _run_and_publish(request, db, run)
 
 
-@_requires("budgets:write")
+@requires("budgets:write")
 async def clear_override(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
@@ -918,7 +901,7 @@ async def clear_override(request: web.Request) -> web.Response:
     def run() -> web.Response:
         row = store.budget(bid)
         if row is None:
-            return _problem(404, f"no budget {bid}")
+            return problem(404, f"no budget {bid}")
         with store.transaction():
             store.set_budget_override(bid, None, None, None, now)
             store.audit(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)

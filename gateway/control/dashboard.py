@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from gateway.control.auth import ACCESS, allowed
+from gateway.control.web import PRINCIPAL
 
 ROOT = Path(__file__).resolve().parent / "dashboard"
 
@@ -107,8 +108,6 @@ async def favicon(request: web.Request) -> web.Response:
 
 
 async def me(request: web.Request) -> web.Response:
-    from gateway.control.app import PRINCIPAL  # app imports this module: import late
-
     principal = request[PRINCIPAL]
     doc = {"name": principal.name, "role": principal.role,
            "permissions": sorted(p for p in ACCESS if allowed(principal, p)),

@@ -42,6 +42,9 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+import psycopg
+from psycopg_pool import ConnectionPool
+
 log = logging.getLogger("gateway.control.database")
 
 
@@ -218,9 +221,6 @@ class PostgresConnection:
 
     def __init__(self, url: str, identity: frozenset[str], *, max_size: int = 4,
                  timeout_s: float = 10.0) -> None:
-        # Imported here: a SQLite-only control plane never loads the PostgreSQL driver.
-        import psycopg
-        from psycopg_pool import ConnectionPool
         self._psycopg = psycopg
         self._identity = identity
         self._sql: dict[str, tuple[str, bool]] = {}
@@ -357,7 +357,6 @@ class JobLock:
         database thread."""
         if self._url is None:
             return True
-        import psycopg
         with self._mutex:
             try:
                 if self._conn is None or self._conn.closed:

@@ -37,26 +37,26 @@ from aiohttp import web
 
 from gateway import validation as valid
 from gateway.clock import Clock
-from gateway.control import alerts, deploygate, incidents
+from gateway.control import alerts, deploygate, incidents, rollup
 from gateway.control import slo as slo_mod
 from gateway.control.alerts import AlertError, Event
-from gateway.control.app import (
-    CLOCK,
-    DB,
-    PRINCIPAL,
-    BadParam,
-    _json,
-    _limit,
-    json_body,
-    path_id,
-    problem,
-    requires,
-)
 from gateway.control.config import ControlConfig
 from gateway.control.evaluator import Evaluator, budget_report, load_slos
 from gateway.control.incidents import IncidentError
 from gateway.control.notify import NOTIFIER, Notifier, publish
 from gateway.control.store import Store
+from gateway.control.web import (
+    CLOCK,
+    DB,
+    PRINCIPAL,
+    BadParam,
+    json_body,
+    json_response,
+    path_id,
+    problem,
+    query_limit,
+    requires,
+)
 
 log = logging.getLogger("gateway.control.reliability")
 
@@ -108,7 +108,7 @@ def _slo_row_doc(row: dict[str, Any]) -> dict[str, Any]:
 async def list_slos(request: web.Request) -> web.Response:
     rows = await _db(request, _store(request).slo_docs)
     service = request.query.get("service")
-    return _json({"slos": [_slo_row_doc(r) for r in rows
+    return json_response({"slos": [_slo_row_doc(r) for r in rows
                            if service is None or r["service"] == service]})
 
 
@@ -117,7 +117,7 @@ async def get_slo(request: web.Request) -> web.Response:
     row = await _db(request, _store(request).slo_doc, request.match_info["id"])
     if row is None:
         return problem(404, f"no SLO {request.match_info['id']!r}")
-    return _json(_slo_row_doc(row))
+    return json_response(_slo_row_doc(row))
 
 
 def _parse_body_slo(body: dict[str, Any]) -> tuple[slo_mod.SLO | None, list[str]]:
@@ -146,7 +146,7 @@ async def create_slo(request: web.Request) -> web.Response:
                     body.get("reason", ""), _now(request))
     if row is None:
         return problem(409, f"name: an SLO named {parsed.name!r} exists already")
-    return _json(_slo_row_doc(row), status=201)
+    return json_response(_slo_row_doc(row), status=201)
 
 
 def _update_slo_sync(store: Store, slo_id: str, s: slo_mod.SLO, actor: str, reason: str,
@@ -178,7 +178,7 @@ async def update_slo(request: web.Request) -> web.Response:
                             _actor(request), body.get("reason", ""), _now(request))
     if status != 200:
         return problem(status, out)
-    return _json(_slo_row_doc(out))
+    return json_response(_slo_row_doc(out))
 
 
 def _delete_slo_sync(store: Store, slo_id: str, actor: str, reason: str, now: float
@@ -208,7 +208,7 @@ async def delete_slo(request: web.Request) -> web.Response:
     if status != 200:
         return problem(status, out)
     publish(request.app, out)
-    return _json({"deleted": slo_id, "resolved_alerts": [e.alert["id"] for e in out]})
+    return json_response({"deleted": slo_id, "resolved_alerts": [e.alert["id"] for e in out]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +217,6 @@ async def delete_slo(request: web.Request) -> web.Response:
 
 def _budgets_sync(store: Store, now: float, service: str | None
                   ) -> list[tuple[slo_mod.SLO, dict[str, Any]]]:
-    from gateway.control import rollup
     rollup.compact(store)
     return [(s, budget_report(store, s, now)) for s in load_slos(store)
             if service is None or s.service == service]
@@ -230,7 +229,7 @@ async def error_budgets(request: web.Request) -> web.Response:
     pairs = await _db(request, _budgets_sync, _store(request), now, service)
     if service is not None and not pairs:
         return problem(404, f"no SLO covers service {service!r}")
-    return _json({"generated_at": now, "service": service,
+    return json_response({"generated_at": now, "service": service,
                   "budgets": [report for _s, report in pairs]})
 
 
@@ -250,7 +249,7 @@ async def deploy_gate(request: web.Request) -> web.Response:
     doc = deploygate.gate(service, pairs, open_incidents, critical=critical,
                           low_traffic=low_traffic)
     doc["generated_at"] = now
-    return _json(doc)
+    return json_response(doc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +264,8 @@ async def list_alerts(request: web.Request) -> web.Response:
         raise BadParam("status", f"must be one of {', '.join(alerts.STATUSES)}, got {status!r}")
     rows = await _db(request, _store(request).slo_alerts, status=status,
                      service=q.get("service") or None, open_only=_flag(request, "open"),
-                     limit=_limit(request, 100, 1000))
-    return _json({"alerts": [alerts.doc(a) for a in rows]})
+                     limit=query_limit(request, 100, 1000))
+    return json_response({"alerts": [alerts.doc(a) for a in rows]})
 
 
 def _service_error_rate(store: Store, service: str, now: float) -> float:
@@ -347,7 +346,7 @@ async def create_alert(request: web.Request) -> web.Response:
         publish(request.app, [event])
         if event.incident is not None and incidents.opened_by(event.incident, event.alert):
             publish(request.app, [incidents.event("opened", event.incident)])
-    return _json({**alerts.doc(alert), "deduplicated": status == 200}, status=status)
+    return json_response({**alerts.doc(alert), "deduplicated": status == 200}, status=status)
 
 
 def _alert_id(request: web.Request) -> int:
@@ -364,7 +363,7 @@ async def ack_alert(request: web.Request) -> web.Response:
     except AlertError as exc:
         return problem(exc.status, str(exc))
     publish(request.app, [Event("acknowledged", alert)])
-    return _json(alerts.doc(alert))
+    return json_response(alerts.doc(alert))
 
 
 def _resolve_alert_sync(store: Store, alert_id: int, actor: str, reason: str, now: float
@@ -387,13 +386,13 @@ async def resolve_alert(request: web.Request) -> web.Response:
     except AlertError as exc:
         return problem(exc.status, str(exc))
     publish(request.app, [event])
-    return _json(alerts.doc(event.alert))
+    return json_response(alerts.doc(event.alert))
 
 
 @requires("alerts:read")
 async def deliveries(request: web.Request) -> web.Response:
-    rows = await _db(request, _store(request).deliveries, _limit(request, 100, 1000))
-    return _json({"deliveries": rows})
+    rows = await _db(request, _store(request).deliveries, query_limit(request, 100, 1000))
+    return json_response({"deliveries": rows})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,13 +406,13 @@ async def list_incidents(request: web.Request) -> web.Response:
     if status is not None and status not in incidents.STATUSES:
         raise BadParam("status", f"must be one of {', '.join(incidents.STATUSES)}")
     active = _flag(request, "active") if "active" in q else None
-    now, store, limit = _now(request), _store(request), _limit(request, 100, 1000)
+    now, store, limit = _now(request), _store(request), query_limit(request, 100, 1000)
 
     def work() -> list[dict[str, Any]]:
         return [incidents.doc(store, i, now) for i in store.incidents(
             active=active, status=status, service=q.get("service") or None, limit=limit)]
 
-    return _json({"incidents": await _db(request, work)})
+    return json_response({"incidents": await _db(request, work)})
 
 
 @requires("incidents:read")
@@ -428,7 +427,7 @@ async def get_incident(request: web.Request) -> web.Response:
     out = await _db(request, work)
     if out is None:
         return problem(404, f"no incident {incident_id!r}")
-    return _json(out)
+    return json_response(out)
 
 
 @requires("incidents:write")
@@ -474,7 +473,7 @@ async def declare_incident(request: web.Request) -> web.Response:
 
     out = await _db(request, work)
     publish(request.app, [incidents.event("opened", out)])
-    return _json(out, status=201)
+    return json_response(out, status=201)
 
 
 _ACTIONS = ("acknowledge", "mitigate", "escalate", "resolve", "timeline", "postmortem")
@@ -523,7 +522,7 @@ async def _incident_action(request: web.Request) -> web.Response:
             "resolve": "resolved"}.get(action)
     if kind is not None:
         publish(request.app, [incidents.event(kind, out)])
-    return _json(out)
+    return json_response(out)
 
 
 incident_action = requires("incidents:write")(_incident_action)
@@ -544,7 +543,7 @@ async def run_evaluation(app: web.Application) -> list[Event]:
 @requires("admin:write")
 async def evaluate_now(request: web.Request) -> web.Response:
     events = await run_evaluation(request.app)
-    return _json({"events": [{"kind": e.kind, "alert_id": e.alert["id"],
+    return json_response({"events": [{"kind": e.kind, "alert_id": e.alert["id"],
                               "incident_id": e.alert.get("incident_id")} for e in events
                              if e.alert.get("source") != "incident"],
                   "incident_events": [{"kind": e.kind, "incident_id": e.alert["id"]}

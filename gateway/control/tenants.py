@@ -36,7 +36,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.control import app as control_app
+from gateway.control import alerts as alerts_mod
+from gateway.control import web as control_app
 from gateway.control.ingest import Batch
 from gateway.control.notify import publish
 from gateway.control.store import Store
@@ -207,7 +208,6 @@ class TenantBook:
                "current_usage": u["current_usage"], "threshold": ALERT_THRESHOLD}
         log.warning("tenant quota threshold passed", extra={"event": "quota_alert", **doc})
         try:
-            from gateway.control import alerts as alerts_mod
             alert = alerts_mod.raise_alert(
                 store, dedup_key=f"quota:{u['tenant']}:{u['window']}:{u['window_id']}:80",
                 source="quota", service=f"tenant:{u['tenant']}", severity="ticket",
@@ -251,14 +251,6 @@ def publish_events(app: web.Application) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # HTTP API
-
-
-def _requires(permission: str) -> Any:
-    """control_app.requires, usable while control_app is still importing this module."""
-    def mark(handler: Any) -> Any:
-        handler.permission = permission
-        return handler
-    return mark
 
 
 def _tenant_id(request: web.Request) -> str:
@@ -323,21 +315,21 @@ def _get_sync(store: Store, tenant: str, now: float) -> dict[str, Any] | None:
     return _view(tenant, plan, overrides, usage, now, True)
 
 
-@_requires("tenants:read")
+@control_app.requires("tenants:read")
 async def list_tenants(request: web.Request) -> web.Response:
     db = request.app[control_app.DB]
     rows = await db.call(_list_sync, db.store, request.app[control_app.CLOCK].time())
-    return control_app._json({"tenants": rows})
+    return control_app.json_response({"tenants": rows})
 
 
-@_requires("tenants:read")
+@control_app.requires("tenants:read")
 async def get_tenant(request: web.Request) -> web.Response:
     tenant = _tenant_id(request)
     db = request.app[control_app.DB]
     doc = await db.call(_get_sync, db.store, tenant, request.app[control_app.CLOCK].time())
     if doc is None:
         return control_app.problem(404, f"no tenant {tenant!r} is known to the control plane")
-    return control_app._json(doc)
+    return control_app.json_response(doc)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -357,7 +349,7 @@ def _reason(doc: dict[str, Any]) -> str:
     return r
 
 
-@_requires("tenants:write")
+@control_app.requires("tenants:write")
 async def put_tenant(request: web.Request) -> web.Response:
     tenant = _tenant_id(request)
     doc = await _body(request)
@@ -380,7 +372,7 @@ async def put_tenant(request: web.Request) -> web.Response:
             store.audit(actor, "update", f"tenant/{tenant}", reason, {"plan": plan}, at=now)
         return _get_sync(store, tenant, now)
 
-    return control_app._json(await db.call(run))
+    return control_app.json_response(await db.call(run))
 
 
 def _when(doc: dict[str, Any], key: str, default: float | None) -> float | None:
@@ -421,7 +413,7 @@ def parse_override(doc: dict[str, Any], now: float) -> dict[str, Any]:
     return out
 
 
-@_requires("tenants:write")
+@control_app.requires("tenants:write")
 async def post_quotas(request: web.Request) -> web.Response:
     tenant = _tenant_id(request)
     doc = await _body(request)
@@ -440,7 +432,7 @@ async def post_quotas(request: web.Request) -> web.Response:
         return oid, _get_sync(store, tenant, now)
 
     oid, view = await db.call(run)
-    return control_app._json({"id": oid, "tenant": tenant, **o,
+    return control_app.json_response({"id": oid, "tenant": tenant, **o,
                               "effective_date_rfc3339": _rfc3339(o["effective_date"]),
                               "pending": o["effective_date"] > now, "view": view}, status=201)
 

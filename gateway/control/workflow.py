@@ -23,22 +23,22 @@ from typing import Any
 from aiohttp import web
 
 from gateway.control import actionitems, incidents, reports
-from gateway.control.app import (
+from gateway.control.incidents import IncidentError
+from gateway.control.notify import publish
+from gateway.control.store import Store
+from gateway.control.web import (
     CLOCK,
     DB,
     PRINCIPAL,
     BadParam,
-    _json,
-    _limit,
     json_body,
+    json_response,
     parse_time,
     path_id,
     problem,
+    query_limit,
     requires,
 )
-from gateway.control.incidents import IncidentError
-from gateway.control.notify import publish
-from gateway.control.store import Store
 
 
 def _item_id(request: web.Request) -> int:
@@ -63,7 +63,7 @@ async def assign(request: web.Request) -> web.Response:
         return incidents.doc(store, inc, now, timeline=True)
 
     try:
-        return _json(await _run(request, work))
+        return json_response(await _run(request, work))
     except IncidentError as exc:
         return problem(exc.status, str(exc))
 
@@ -82,7 +82,7 @@ async def list_items_of_incident(request: web.Request) -> web.Response:
     out = await _run(request, work)
     if out is None:
         return problem(404, f"no incident {incident_id!r}")
-    return _json({"action_items": out})
+    return json_response({"action_items": out})
 
 
 @requires("incidents:write")
@@ -95,7 +95,7 @@ async def create_item(request: web.Request) -> web.Response:
                           request[PRINCIPAL].name, body.get("reason", ""), now)
     except IncidentError as exc:
         return problem(exc.status, str(exc))
-    return _json(actionitems.doc(item, now), status=201)
+    return json_response(actionitems.doc(item, now), status=201)
 
 
 @requires("incidents:read")
@@ -111,9 +111,9 @@ async def list_items(request: web.Request) -> web.Response:
     store: Store = request.app[DB].store
     rows = await _run(request, lambda: store.action_items(
         status="open" if overdue == "true" else status,
-        due_before=now if overdue == "true" else None, limit=_limit(request, 1000, 10_000)))
+        due_before=now if overdue == "true" else None, limit=query_limit(request, 1000, 10_000)))
     owner = q.get("owner")
-    return _json({"action_items": [actionitems.doc(i, now) for i in rows
+    return json_response({"action_items": [actionitems.doc(i, now) for i in rows
                                    if owner is None or i["owner"] == owner]})
 
 
@@ -128,7 +128,7 @@ async def update_item(request: web.Request) -> web.Response:
     except IncidentError as exc:
         return problem(exc.status, str(exc))
     publish(request.app, events)
-    return _json(actionitems.doc(item, now))
+    return json_response(actionitems.doc(item, now))
 
 
 @requires("incidents:write")
@@ -142,7 +142,7 @@ async def complete_item(request: web.Request) -> web.Response:
     except IncidentError as exc:
         return problem(exc.status, str(exc))
     publish(request.app, events)
-    return _json(actionitems.doc(item, now))
+    return json_response(actionitems.doc(item, now))
 
 
 @requires("incidents:read")
@@ -155,7 +155,7 @@ async def service_report(request: web.Request) -> web.Response:
     at = parse_time("at", request.query["at"]) if "at" in request.query else now
     doc = await _run(request, reports.report, request.app[DB].store,
                      request.match_info["service"], period, at, now)
-    return _json(doc)
+    return json_response(doc)
 
 
 @requires("slos:read")
@@ -176,7 +176,7 @@ async def slo_history(request: web.Request) -> web.Response:
     row, rows = await _run(request, work)
     if row is None and not rows:
         return problem(404, f"no SLO {slo_id!r}")
-    return _json({"slo_id": slo_id, "kind": kind,
+    return json_response({"slo_id": slo_id, "kind": kind,
                   "objective": row["doc"]["objective"] if row else None,
                   "window": row["doc"]["window"] if row else None, "history": rows})
 
