@@ -30,8 +30,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.control import histogram, rollup
-from gateway.control.ingest import parse_batch
+from gateway.control.domain import histogram, rollup
+from gateway.control.domain.ingest import parse_batch
 from gateway.control.store import Store
 from tests.conftest import free_port, wait_port
 

@@ -8,8 +8,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.control import budgets as bm
-from gateway.control import costs
+from gateway.control.domain import budgets as bm
+from gateway.control.domain import costs
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_support import (
@@ -331,7 +331,7 @@ def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
     spec, _ = bm.parse_budget({"name": "d", "service": "svc", "period": "daily",
                                "amount_cents": 100, "forecast_thresholds": [1.0]})
     assert spec is not None
-    bid = store.insert_budget("d", costs._spec_json(spec), "api", None, clock.time())
+    bid = store.insert_budget("d", costs.spec_json(spec), "api", None, clock.time())
     finops = costs.FinOps(models)
     _usage(store, DAY0 + 3_600, "svc", 850_000)            # 85 % at noon: forecast 170 %
     finops.evaluate(store, clock.time())
@@ -365,7 +365,7 @@ def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
 
 
 def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
-    from gateway.control import store as store_mod
+    from gateway.control.store import core as store_mod
     v2 = (2, ["CREATE TABLE other_feature (id INTEGER PRIMARY KEY)"])
     # (later migrations may build on 2's tables: only 1 and 3 here)
     original = [m for m in store_mod.MIGRATIONS if m[0] in (1, 3)]

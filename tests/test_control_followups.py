@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control import slo as slo_mod
-from gateway.control.evaluator import Evaluator
-from gateway.control.reliability import run_evaluation
+from gateway.control.api.reliability import run_evaluation
+from gateway.control.domain import slo as slo_mod
+from gateway.control.jobs.evaluator import Evaluator
 from gateway.control.store import Store
 from gateway.validation import Errors
 from tests.fakes import FakeClock

@@ -7,8 +7,8 @@ import random
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from gateway.control import histogram, rollup
-from gateway.control.ingest import parse_batch
+from gateway.control.domain import histogram, rollup
+from gateway.control.domain.ingest import parse_batch
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_support import (
@@ -186,7 +186,7 @@ def test_retention_keeps_what_is_inside_the_window(tmp_path):
 
 def test_migrations_are_versioned_and_idempotent(tmp_path):
     path = tmp_path / "c.db"
-    from gateway.control.store import MIGRATIONS, SCHEMA_VERSION  # 1 + later features' ones
+    from gateway.control.store import MIGRATIONS, SCHEMA_VERSION
     s1 = Store(path)
     assert s1.schema_version() == SCHEMA_VERSION == max(v for v, _ in MIGRATIONS)
     s1.close()

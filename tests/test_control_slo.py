@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control import slo as slo_mod
 from gateway.control.config import load_text
-from gateway.control.evaluator import Counter, budget_report
-from gateway.control.slo import Counts
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import Counts
+from gateway.control.domain.sloreport import Counter, budget_report
 from gateway.control.store import Store
 from gateway.errors import ConfigError
 from tests.fakes import FakeClock
@@ -145,7 +145,7 @@ def test_plan_prefers_coarse_buckets():
 
 
 def test_latency_good_events_are_exact_at_hdr_resolution():
-    from gateway.control import histogram
+    from gateway.control.domain import histogram
     h = histogram.new()
     for v, n in ((1_000, 50), (120_000, 40), (499_000, 5), (500_000, 3), (900_000, 2)):
         for _ in range(n):

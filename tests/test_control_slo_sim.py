@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control.evaluator import Evaluator, budget_report
+from gateway.control.domain.sloreport import budget_report
+from gateway.control.jobs.evaluator import Evaluator
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, HOUR, MIN, add_slo, feed, make_slo
@@ -150,7 +151,7 @@ def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
     assert {a["severity"] for _t, _k, a in sim.events} == {"page", "ticket"}
     # a second outage inside the cooldown (1 h after the resolution) raises nothing ...
     t1 = page["resolved_at"] + 20 * MIN
-    from gateway.control import rollup
+    from gateway.control.domain import rollup
     with sim.store.transaction():                                # turn those minutes into errors
         sim.store.add_buckets([(w, rollup.bucket_start(t1 + i * MIN, w), "svc", "*", 0, 0, 100,
                                 0, 0, 0, 0.0, 0.0, 0, 0)

@@ -12,11 +12,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.control import rollup
-from gateway.control import slo as slo_mod
 from gateway.control.app import create_app
-from gateway.control.notify import Target
-from gateway.control.slo import SLO
+from gateway.control.domain import rollup
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import SLO
+from gateway.control.jobs.notify import Target
 from gateway.control.store import Store
 from gateway.validation import Errors
 from tests.test_control_support import DAY0, auth, control_config, running

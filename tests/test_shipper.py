@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from gateway.config import ControlPlaneConfig
-from gateway.control import rollup
 from gateway.control.app import create_app
+from gateway.control.domain import rollup
 from gateway.shipper import Shipper
 from tests.conftest import free_port
 from tests.fakes import FakeClock

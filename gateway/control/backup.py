@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 import psycopg
 
 from gateway.control.config import load
-from gateway.control.database import is_postgresql
 from gateway.control.store import SCHEMA_VERSION
+from gateway.control.store.database import is_postgresql
 from gateway.errors import ConfigError
 
 

@@ -35,9 +35,9 @@ import yaml
 from prometheus_client.utils import floatToGoString
 
 from gateway import config as gw_config
-from gateway.control import slo as slo_mod
 from gateway.control.config import load
-from gateway.control.slo import SLO
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import SLO
 from gateway.errors import ConfigError
 from gateway.signals import LATENCY_BUCKETS_S
 

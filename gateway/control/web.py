@@ -1,20 +1,18 @@
 """The control plane's web kit, one copy for every handler module: the application's keys,
 the auth and error middleware, problem+json and JSON answers, request-body and path/query
-helpers, the `requires` guard, and the database worker the handlers call the store through.
+helpers, the `requires` guard, and the hand-off of alert events to the notifier.
 
-Handler modules import this one; it imports no handler module (no cycle through app.py).
+Handler modules import this one; it imports no handler or job module (no cycle through app.py):
+the notifier and the evaluator are typed here by what handlers need of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -22,37 +20,16 @@ from aiohttp import web
 from gateway.clock import Clock
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig
-from gateway.control.database import JobLock, UnstorableText
-from gateway.control.store import Store
+from gateway.control.domain.alerts import Event
+from gateway.control.domain.costs import FinOps
+from gateway.control.domain.tenants import TenantBook
+from gateway.control.store import Database
+from gateway.control.store.database import UnstorableText
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
 
 log = logging.getLogger("gateway.control")
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Database:
-    """The Store behind a single worker thread: `await db.call(fn, store, ...)`."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-db")
-        self.jobs = JobLock(store.path)   # replicas on PostgreSQL: one runs each job
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
-
-    async def leads(self, job: str) -> bool:
-        """Whether this replica runs background `job` now (always, on SQLite)."""
-        return await self.call(self.jobs.holds, job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.jobs.close()
-        self.store.close()
-
 
 
 CONFIG = web.AppKey("config", ControlConfig)
@@ -60,6 +37,48 @@ CLOCK = web.AppKey("clock", Clock)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
 PRINCIPAL = web.RequestKey("principal", Principal)
+FINOPS = web.AppKey("finops", FinOps)
+BOOK = web.AppKey("tenant_book", TenantBook)
+
+
+class Publisher(Protocol):
+    """What handlers need of the notifier (jobs/notify.py's Notifier)."""
+
+    def publish(self, event: Event) -> None: ...
+
+
+class Evaluates(Protocol):
+    """What handlers need of the SLO evaluator (jobs/evaluator.py's Evaluator)."""
+
+    def evaluate(self, now: float) -> list[Event]: ...
+
+
+NOTIFIER = web.AppKey("slo_notifier", Publisher)
+EVALUATOR = web.AppKey("slo_evaluator", Evaluates)
+
+
+def publish(app: web.Application, events: Iterable[Event]) -> None:
+    """Hand alert or incident events to the app's notifier, if it has one (event loop only)."""
+    notifier = app.get(NOTIFIER)
+    if notifier is not None:
+        for e in events:
+            notifier.publish(e)
+
+
+class Queued(Protocol):
+    events: Any     # a deque of Event, appended on the database thread
+
+
+def publish_queued(app: web.Application, source: Queued | None) -> None:
+    """Hand the alert events `source` (the budget evaluator, the tenant book) queued on the
+    database thread to the notifier (event loop only)."""
+    if source is None or not source.events:
+        return
+    events = list(source.events)
+    source.events.clear()
+    publish(app, events)
+
+
 
 
 # ---------------------------------------------------------------------------------------------

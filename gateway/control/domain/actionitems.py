@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control import alerts
-from gateway.control.alerts import Event
-from gateway.control.incidents import IncidentError
-from gateway.control.store import Store
+from gateway.control.domain import alerts
+from gateway.control.domain.alerts import Event
+from gateway.control.domain.incidents import IncidentError
+
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
 
 PRIORITIES = ("high", "medium", "low")
 STATUSES = ("open", "done")

@@ -19,10 +19,12 @@ Functions take the Store (database thread) and audit every change.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control.alerts import Event, fingerprint
-from gateway.control.store import Store
+from gateway.control.domain.alerts import Event, fingerprint
+
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
 
 SEVERITIES = ("SEV-1", "SEV-2", "SEV-3", "SEV-4")
 ALIASES = {"critical": "SEV-1", "major": "SEV-2", "minor": "SEV-3", "info": "SEV-4"}

@@ -1,8 +1,7 @@
-"""HTTP API of SLOs, error budgets, alerts, incidents, the deploy gate; the evaluator task.
+"""HTTP API of SLOs, error budgets, alerts, incidents, the deploy gate and evaluation on demand.
 
-`slo_routes(app, cfg, clock=..., evaluation_interval_s=...)` registers everything below and a
-cleanup context that (after the database is open) syncs the SLOs of control.yaml into the
-store, starts the notifier and runs `Evaluator.evaluate(clock.time())` every interval.
+`routes(app)` registers everything below; app.py syncs the SLOs of control.yaml into the store
+at startup (`sync_config_slos`), starts the notifier and runs `run_evaluation` every interval.
 
   GET    /v1/slos                          slos:read       SLO definitions
   POST   /v1/slos                          slos:write      create (201); 409 if the name is taken
@@ -30,37 +29,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from gateway import validation as valid
-from gateway.clock import Clock
-from gateway.control import alerts, deploygate, incidents, rollup
-from gateway.control import slo as slo_mod
-from gateway.control.alerts import AlertError, Event
-from gateway.control.config import ControlConfig
-from gateway.control.evaluator import Evaluator, budget_report, load_slos
-from gateway.control.incidents import IncidentError
-from gateway.control.notify import NOTIFIER, Notifier, publish
+from gateway.control.domain import alerts, deploygate, incidents, rollup
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.alerts import AlertError, Event
+from gateway.control.domain.incidents import IncidentError
+from gateway.control.domain.sloreport import budget_report, load_slos
 from gateway.control.store import Store
 from gateway.control.web import (
     CLOCK,
     DB,
+    EVALUATOR,
     PRINCIPAL,
     BadParam,
     json_body,
     json_response,
     path_id,
     problem,
+    publish,
     query_limit,
     requires,
 )
 
 log = logging.getLogger("gateway.control.reliability")
 
-EVALUATOR = web.AppKey("slo_evaluator", Evaluator)
 _EVAL_LOCK = web.AppKey("slo_eval_lock", asyncio.Lock)
 
 
@@ -550,49 +546,16 @@ async def evaluate_now(request: web.Request) -> web.Response:
                                       for e in events if e.alert.get("source") == "incident"]})
 
 
-def _sync_config_slos(store: Store, slos: tuple[slo_mod.SLO, ...], now: float) -> None:
+def sync_config_slos(store: Store, slos: tuple[slo_mod.SLO, ...], now: float) -> None:
     changes = store.sync_config_slos({s.id: (s.service, s.to_doc()) for s in slos}, now)
     if any(changes.values()):
         store.audit("control.yaml", "sync", "slos", "SLOs as code", changes, at=now)
 
 
-def slo_routes(app: web.Application, cfg: ControlConfig, *, clock: Clock,
-               evaluation_interval_s: float = 5.0) -> None:
-    """Register the SLO/alert/incident/deploy-gate API and the evaluator + notifier tasks."""
+def routes(app: web.Application) -> None:
+    """The SLO, alert, incident and deploy-gate API (the evaluator and the notifier are wired by
+    app.py: `app[EVALUATOR]`, `app[NOTIFIER]`)."""
     app[_EVAL_LOCK] = asyncio.Lock()
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        db = app[DB]
-        await db.call(_sync_config_slos, db.store, cfg.slos, clock.time())
-        app[EVALUATOR] = Evaluator(db.store)
-
-        async def record(row: dict[str, Any]) -> None:
-            await db.call(db.store.add_delivery, **row)
-
-        notifier = Notifier(tuple(cfg.notifications or ()), record, clock.time)
-        app[NOTIFIER] = notifier
-        await notifier.start()
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(evaluation_interval_s)
-                try:
-                    if await db.leads("evaluation"):      # one replica evaluates (and pages)
-                        await run_evaluation(app)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("SLO evaluation pass failed")
-
-        task = asyncio.create_task(loop(), name="slo-evaluator")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await notifier.stop()
-
-    app.cleanup_ctx.append(lifecycle)
     r = app.router
     r.add_get("/v1/slos", list_slos)
     r.add_post("/v1/slos", create_slo)

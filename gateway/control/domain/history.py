@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control import slo as slo_mod
-from gateway.control.slo import SLO, Counts
-from gateway.control.store import Store
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import SLO, Counts
+
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
 
 DAY_S = 86_400
 BACKFILL_S = 35 * DAY_S

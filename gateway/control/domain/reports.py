@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control import incidents as incidents_mod
-from gateway.control.store import Store
+from gateway.control.domain import incidents as incidents_mod
+
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
 
 PERIODS = ("day", "week", "month")
 MAX_INCIDENTS = 100_000

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.control.slo import GateTiers
+from gateway.control.domain.slo import GateTiers
 
 DECISIONS = ("allow", "low_traffic_only", "critical_only", "blocked")   # most to least lenient
 BLOCKING_SEVERITIES = ("SEV-1", "SEV-2")

@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.control.auth import ACCESS, allowed
 from gateway.control.web import PRINCIPAL
 
-ROOT = Path(__file__).resolve().parent / "dashboard"
+ROOT = Path(__file__).resolve().parent.parent / "dashboard"   # control/dashboard/
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
@@ -116,7 +116,7 @@ async def me(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def setup(app: web.Application, root: Path = ROOT) -> None:
+def routes(app: web.Application, root: Path = ROOT) -> None:
     """Add the dashboard's routes to the control plane app."""
     app[INDEX], app[ASSETS] = load_assets(root)
     app.router.add_get("/", index)

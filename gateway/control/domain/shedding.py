@@ -13,9 +13,11 @@ business (`shedding.on_burn_rate_alert`, route priorities; see gateway/proxy.py)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control.store import Store
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
+
 
 SHED_TTL_S = 300.0
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.control import histogram
+from gateway.control.domain import histogram
 
 WINDOW_S = 300
 BASELINE_OFFSET_S = 3_600

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -42,11 +42,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from gateway import validation as valid
-from gateway.control import mail, pagerduty
-from gateway.control.alerts import Event
+from gateway.control.domain.alerts import Event
+from gateway.control.jobs import mail, pagerduty
 from gateway.eventloop import background
 
 log = logging.getLogger("gateway.control.notify")
@@ -411,14 +410,3 @@ class Notifier:
                                 "http_status": http_status, "error": error})
         except Exception:
             log.exception("cannot write the delivery log")
-
-
-NOTIFIER = web.AppKey("slo_notifier", Notifier)
-
-
-def publish(app: web.Application, events: Iterable[Event]) -> None:
-    """Hand alert or incident events to the app's notifier, if it has one (event loop only)."""
-    notifier = app.get(NOTIFIER)
-    if notifier is not None:
-        for e in events:
-            notifier.publish(e)

@@ -26,17 +26,13 @@ are stored verbatim through parameterised queries and never interpreted.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from hdrh.histogram import HdrHistogram
 
-from gateway.control import histogram
+from gateway.control.domain import histogram
 
 MAX_BODY_BYTES = 8 * 1024 * 1024       # decompressed, and raw
 MAX_SERIES = 20_000
@@ -137,60 +133,6 @@ class Batch:
     breaker_transitions: tuple[BreakerTransition, ...]
     saturation: Saturation
     tenants: tuple[TenantUsage, ...] = ()
-
-
-# ---------------------------------------------------------------------------------------------
-# Body
-
-
-async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, gunzipped when `Content-Encoding: gzip`, never more than `limit` bytes
-    in memory: the compressed stream is inflated in bounded steps, so a gzip bomb costs at most
-    `limit` bytes before it is refused with 413.
-
-    aiohttp's server inflates request bodies itself (incrementally, with backpressure) unless it
-    was started with auto_decompress=False; both cases are handled."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
-    if encoding not in ("identity", "gzip", "x-gzip"):
-        raise IngestError(415, [f"Content-Encoding: unsupported {encoding!r} (gzip or none)"])
-    if request.content_length is not None and request.content_length > limit:
-        raise IngestError(413, [f"body: larger than {limit} bytes"])
-    inflated_by_server = getattr(request.content, "total_compressed_bytes", None) is not None
-    inflater = None
-    if encoding != "identity" and not inflated_by_server:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    too_large = f"body: larger than {limit} bytes" + (
-        " once decompressed" if encoding != "identity" else "")
-    raw_total = 0
-    out = bytearray()
-    try:
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            raw_total += len(chunk)
-            if raw_total > limit:
-                raise IngestError(413, [too_large])
-            if inflater is None:
-                out += chunk
-                continue
-            data = chunk
-            while data:
-                try:
-                    piece = inflater.decompress(data, limit + 1 - len(out))
-                except zlib.error:
-                    raise IngestError(400, ["body: invalid gzip data"]) from None
-                out += piece
-                if len(out) > limit:
-                    raise IngestError(413, [too_large])
-                data = inflater.unconsumed_tail
-                if inflater.eof:
-                    break
-    except (HttpProcessingError, RequestPayloadError):  # the server's own inflation failed
-        raise IngestError(400, ["body: invalid gzip data"]) from None
-    if inflater is not None:
-        if not inflater.eof:
-            raise IngestError(400, ["body: truncated gzip data"])
-        if inflater.unused_data:
-            raise IngestError(400, ["body: trailing data after the gzip stream"])
-    return bytes(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
-from gateway.control import alerts
-from gateway.control import slo as slo_mod
-from gateway.control.alerts import Event
-from gateway.control.slo import SLO, Counts
+from gateway.control.domain import alerts
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.alerts import Event
+from gateway.control.domain.slo import SLO, Counts
 from gateway.control.store import Store
 
 ACTOR = "evaluator"

@@ -22,9 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.control import actionitems, incidents, reports
-from gateway.control.incidents import IncidentError
-from gateway.control.notify import publish
+from gateway.control.domain import actionitems, incidents, reports
+from gateway.control.domain.incidents import IncidentError
 from gateway.control.store import Store
 from gateway.control.web import (
     CLOCK,
@@ -36,6 +35,7 @@ from gateway.control.web import (
     parse_time,
     path_id,
     problem,
+    publish,
     query_limit,
     requires,
 )
@@ -181,7 +181,7 @@ async def slo_history(request: web.Request) -> web.Response:
                   "window": row["doc"]["window"] if row else None, "history": rows})
 
 
-def setup(app: web.Application) -> None:
+def routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/incidents/{id}/assign", assign)
     r.add_get("/v1/incidents/{id}/action-items", list_items_of_incident)

@@ -1,4 +1,5 @@
-"""The SLO gauges of the control plane's `/metrics`, from the same reports as `/v1/error-budgets`.
+"""The control plane's own `/metrics` (ingest counters, pending histograms, and the SLO gauges
+below, from the same reports as `/v1/error-budgets`) and `/healthz`.
 
 Per SLO (labels `slo`, `service`):
 
@@ -10,7 +11,7 @@ Per SLO (labels `slo`, `service`):
                                            overspent)
   slo_burn_rate{window}                    error ratio / (1 - objective) per burn-rate window
 
-The numbers are `evaluator.budget_report`'s, computed at scrape time on the database thread (the
+The numbers are `sloreport.budget_report`'s, computed at scrape time on the database thread (the
 scrape is what asks; nothing is cached that could disagree with the API).
 """
 
@@ -19,11 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.control import rollup
-from gateway.control.evaluator import budget_report, load_slos
+from gateway.control.domain import rollup
+from gateway.control.domain.sloreport import budget_report, load_slos
 from gateway.control.store import Store
+from gateway.control.web import CLOCK, DB, json_response
+
+INGEST_RESULTS = ("accepted", "duplicate", "invalid", "too_large", "unsupported", "error")
 
 
 def reports(store: Store, now: float) -> list[dict[str, Any]]:
@@ -71,3 +78,48 @@ class SloCollector:
 
     def describe(self) -> list[Metric]:   # no describe-time collect (auto_describe registry)
         return []
+
+
+class Metrics:
+    """The control plane's own Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter("control_ingest_batches_total", "Ingest requests by result",
+                               ["result"], registry=self.registry)
+        for result in INGEST_RESULTS:
+            self.batches.labels(result)
+        self.duration = Histogram("control_ingest_duration_seconds",
+                                  "Time to read, validate and store one ingest batch",
+                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                  registry=self.registry)
+        self.series = Counter("control_ingest_series_total", "Series rows accepted",
+                              registry=self.registry)
+        self.pending = Gauge("control_pending_histograms",
+                             "Ingested histograms not yet merged into rollups",
+                             registry=self.registry)
+        # SLO gauges (SloCollector below), refreshed by each scrape
+        self.slos = SloCollector()
+        self.registry.register(self.slos)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    # read on the database thread: a scrape never waits on the store's lock in the event loop
+    m.pending.set(await request.app[DB].call(request.app[DB].store.pending_count))
+    m.slos.update(await request.app[DB].call(reports, request.app[DB].store,
+                                             request.app[CLOCK].time()))
+    body = generate_latest(m.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)

@@ -28,7 +28,8 @@ from typing import Any
 import orjson
 
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.control import database
+from gateway.control.store import database
+from gateway.control.store.tenants import TenantRepo
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
@@ -431,6 +432,7 @@ class Store:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = database.connect_sqlite(self.path)
         self.migrate()
+        self.tenants = TenantRepo(self)     # repositories per aggregate, on this database
 
     def close(self) -> None:
         with self._lock:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control import histogram
-from gateway.control.ingest import Batch
-from gateway.control.store import BucketRow, HistKey, Store
+from gateway.control.domain import histogram
+from gateway.control.domain.ingest import Batch
+
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import BucketRow, HistKey, Store
 
 log = logging.getLogger("gateway.control.rollup")
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.control.store import Store
+if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
+    from gateway.control.store import Store
+
 
 SEVERITIES = ("info", "ticket", "page")
 STATUSES = ("firing", "acknowledged", "resolved")

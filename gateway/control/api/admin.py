@@ -1,0 +1,64 @@
+"""Admin and audit APIs: GET /v1/audit, POST /v1/admin/retention/run."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from gateway.control.auth import Principal
+from gateway.control.domain import rollup
+from gateway.control.store import Store
+from gateway.control.web import (
+    CLOCK,
+    DB,
+    PRINCIPAL,
+    BadParam,
+    json_response,
+    parse_time,
+    query_limit,
+    requires,
+)
+
+
+@requires("audit:read")
+async def audit(request: web.Request) -> web.Response:
+    q = request.query
+    since = parse_time("since", q["since"]) if "since" in q else None
+    rows = await request.app[DB].call(
+        request.app[DB].store.audit_entries, since=since, actor=q.get("actor") or None,
+        action=q.get("action") or None, limit=query_limit(request, 100, 1000))
+    return json_response({"entries": rows})
+
+
+async def _reason(request: web.Request) -> str:
+    if not request.can_read_body:
+        return ""
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadParam("body", "must be JSON") from None
+    reason = doc.get("reason", "") if isinstance(doc, dict) else None
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise BadParam("reason", "must be a string of at most 2000 characters")
+    return reason
+
+
+def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[str, int]:
+    deleted = rollup.run_retention(store, now)
+    store.audit(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
+    return deleted
+
+
+@requires("admin:write")
+async def retention_run(request: web.Request) -> web.Response:
+    principal: Principal = request[PRINCIPAL]
+    reason = await _reason(request)
+    now = request.app[CLOCK].time()
+    deleted = await request.app[DB].call(_retention_sync, request.app[DB].store, now,
+                                         principal.name, reason)
+    return json_response({"deleted": deleted})
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/v1/audit", audit)
+    app.router.add_post("/v1/admin/retention/run", retention_run)
