@@ -13,7 +13,8 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /v1/limits                 limits     limit decisions per policy and bucket
   GET  /v1/breakers               breakers   breaker states as last reported + recent transitions
   GET  /v1/audit                  audit      the audit log (admin)
-  POST /v1/admin/retention/run    admin      run the retention job now (audited)
+  POST /v1/admin/retention/run    admin      run the retention job now (audited; 409 on a
+                                             replica that does not hold its lock)
   GET  /v1/me                     (any)      the caller's name, role and permissions
   GET  /healthz, GET /metrics                 no auth
   GET  /, /static/...                         the dashboard (api/dashboard.py), no auth

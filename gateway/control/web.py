@@ -144,6 +144,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return problem(500, "internal error")
 
 
+async def held_elsewhere(request: web.Request, job: str) -> web.Response | None:
+    """A 409 problem when another replica holds the lock of background `job` (the one its
+    periodic run takes): a run asked for by hand never overlaps another replica's. None when
+    this replica holds it (always, on SQLite)."""
+    if await request.app[DB].leads(job):
+        return None
+    return problem(409, f"job {job!r} runs on another replica now: ask that one, or retry later")
+
+
 MAX_ROW_ID = 2 ** 63 - 1      # SQLite's INTEGER (and PostgreSQL's bigint) ceiling
 
 

@@ -13,6 +13,7 @@ from gateway.control.web import (
     DB,
     PRINCIPAL,
     BadParam,
+    held_elsewhere,
     json_response,
     parse_time,
     query_limit,
@@ -53,6 +54,9 @@ def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[s
 async def retention_run(request: web.Request) -> web.Response:
     principal: Principal = request[PRINCIPAL]
     reason = await _reason(request)
+    busy = await held_elsewhere(request, "retention")
+    if busy is not None:
+        return busy
     now = request.app[CLOCK].time()
     deleted = await request.app[DB].call(_retention_sync, request.app[DB].store, now,
                                          principal.name, reason)

@@ -46,6 +46,7 @@ from gateway.control.web import (
     EVALUATOR,
     PRINCIPAL,
     BadParam,
+    held_elsewhere,
     json_body,
     json_response,
     path_id,
@@ -538,6 +539,9 @@ async def run_evaluation(app: web.Application) -> list[Event]:
 
 @requires("admin:write")
 async def evaluate_now(request: web.Request) -> web.Response:
+    busy = await held_elsewhere(request, "evaluation")
+    if busy is not None:
+        return busy
     events = await run_evaluation(request.app)
     return json_response({"events": [{"kind": e.kind, "alert_id": e.alert["id"],
                               "incident_id": e.alert.get("incident_id")} for e in events
