@@ -177,8 +177,8 @@ def populate(path: Path | str, now: float) -> None:
                                  2.0, 10, 1))
                     hist_rows.append((enc, p50, p95, p99, win, bs, f"service-{svc}", route))
             with store.transaction():
-                store.add_buckets(rows)
-                store.set_bucket_hists(hist_rows)
+                store.rollups.add_buckets(rows)
+                store.rollups.set_bucket_hists(hist_rows)
     store.close()
 
 

@@ -151,7 +151,7 @@ def test_retention_job_with_fake_clock(tmp_path):
         rollup.compact(store)
 
         def windows() -> dict[int, int]:
-            return {w: len(store.signals(w, 0, 10 ** 11, service="svc", route="*", limit=100))
+            return {w: len(store.rollups.signals(w, 0, 10 ** 11, service="svc", route="*", limit=100))
                     for w in rollup.WINDOWS.values()}
 
         assert windows() == {60: 1, 300: 1, 3600: 1, 86_400: 1}
@@ -177,7 +177,7 @@ def test_retention_keeps_what_is_inside_the_window(tmp_path):
         _ingest_direct(store, "old", DAY0 + 30, clock.time())        # 23h59m ago
         deleted = rollup.run_retention(store, clock.time())
         assert deleted["1m"] == 0
-        assert len(store.signals(60, 0, 10 ** 11, service="svc", route="*", limit=10)) == 1
+        assert len(store.rollups.signals(60, 0, 10 ** 11, service="svc", route="*", limit=10)) == 1
         clock.advance(60)
         assert rollup.run_retention(store, clock.time())["1m"] == 2    # the route and total rows
     finally:

@@ -39,7 +39,7 @@ def make_slo(**kw: Any) -> SLO:
 
 
 def add_slo(store: Store, s: SLO, now: float = 0.0) -> None:
-    assert store.insert_slo(s.id, s.service, s.to_doc(), "api", now)
+    assert store.slos.insert_slo(s.id, s.service, s.to_doc(), "api", now)
 
 
 def feed(store: Store, start: float, minutes: int, per_minute: int, bad_per_minute: float,
@@ -63,7 +63,7 @@ def feed(store: Store, start: float, minutes: int, per_minute: int, bad_per_minu
     rows = [(win, bs, service, route, n, 0, e5, rl, 0, 0, 0.0, 0.0, 0, 0)
             for (win, bs), (n, e5, rl) in sums.items()]
     with store.transaction():
-        store.add_buckets(rows)
+        store.rollups.add_buckets(rows)
 
 
 @asynccontextmanager

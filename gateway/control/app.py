@@ -111,7 +111,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
         app[EVALUATOR] = Evaluator(db.store)
 
         async def record(row: dict[str, object]) -> None:
-            await db.call(db.store.add_delivery, **row)
+            await db.call(db.store.deliveries.add_delivery, **row)
 
         notifier = Notifier(tuple(cfg.notifications or ()), record, clock.time)
         app[NOTIFIER] = notifier

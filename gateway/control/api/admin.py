@@ -26,7 +26,7 @@ async def audit(request: web.Request) -> web.Response:
     q = request.query
     since = parse_time("since", q["since"]) if "since" in q else None
     rows = await request.app[DB].call(
-        request.app[DB].store.audit_entries, since=since, actor=q.get("actor") or None,
+        request.app[DB].store.audit.entries, since=since, actor=q.get("actor") or None,
         action=q.get("action") or None, limit=query_limit(request, 100, 1000))
     return json_response({"entries": rows})
 
@@ -46,7 +46,7 @@ async def _reason(request: web.Request) -> str:
 
 def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[str, int]:
     deleted = rollup.run_retention(store, now)
-    store.audit(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
+    store.audit.record(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
     return deleted
 
 

@@ -80,11 +80,11 @@ async def get_costs(request: web.Request) -> web.Response:
 
 def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor: str,
                  reason: str) -> dict[str, Any]:
-    n = store.add_charges([(r["key"], r["service"], r["cost_type"], r["category"], r["start"],
+    n = store.costs.add_charges([(r["key"], r["service"], r["cost_type"], r["category"], r["start"],
                             r["end"], r["micros"], r["description"], now, actor)
                            for r in records])
     total = sum(r["micros"] for r in records)
-    store.audit(actor, "import", "costs", reason,
+    store.audit.record(actor, "import", "costs", reason,
                 {"records": len(records), "imported": n, "billed": bm.money(total)}, at=now)
     return {"imported": n, "skipped": len(records) - n, "billed": bm.money(total)}
 
@@ -114,7 +114,7 @@ def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
             "total_usage_micros": total_usage,
             "overall_utilization": bm.percent(total_usage, total_budget * bm.MICROS_PER_CENT),
             "directives": directives,
-            "alerts": [alert_doc(a) for a in store.budget_alerts(None, 100)],
+            "alerts": [alert_doc(a) for a in store.budgets.budget_alerts(None, 100)],
             "alert_delivery": "alerts"}     # also raised in /v1/alerts and notified
 
 
@@ -129,12 +129,12 @@ async def list_budgets(request: web.Request) -> web.Response:
 def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, actor: str,
                  reason: str) -> dict[str, Any] | None:
     with store.transaction():
-        bid = store.insert_budget(spec.name, spec_json(spec), "api", None, now)
+        bid = store.budgets.insert_budget(spec.name, spec_json(spec), "api", None, now)
         if bid is None:
             return None
-        store.audit(actor, "create", f"budget:{bid}", reason, {"budget": spec.to_doc()}, at=now)
+        store.audit.record(actor, "create", f"budget:{bid}", reason, {"budget": spec.to_doc()}, at=now)
     finops.evaluate(store, now)
-    row = store.budget(bid)
+    row = store.budgets.budget(bid)
     assert row is not None
     return finops.view(store, row, now, alerts=True)
 
@@ -142,7 +142,7 @@ def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, act
 def _evaluated_view(store: Any, finops: Any, bid: int, now: float) -> web.Response:
     """After a change to budget `bid`: evaluate every budget again and answer its fresh view."""
     finops.evaluate(store, now)
-    new = store.budget(bid)
+    new = store.budgets.budget(bid)
     assert new is not None
     return json_response(finops.view(store, new, now, alerts=True))
 
@@ -175,7 +175,7 @@ async def get_budget(request: web.Request) -> web.Response:
     bid = _budget_id(request)
 
     def run() -> dict[str, Any] | None:
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is None:
             return None
         finops.evaluate(store, now)
@@ -193,7 +193,7 @@ async def update_budget(request: web.Request) -> web.Response:
     reason = _reason(doc)
 
     def run() -> web.Response:
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is None:
             return problem(404, f"no budget {bid}")
         before = spec_of(row)
@@ -202,8 +202,8 @@ async def update_budget(request: web.Request) -> web.Response:
             return problem(400, errors[0], errors=errors)
         try:
             with store.transaction():
-                store.update_budget(bid, spec.name, spec_json(spec), now)
-                store.audit(actor, "update", f"budget:{bid}", reason,
+                store.budgets.update_budget(bid, spec.name, spec_json(spec), now)
+                store.audit.record(actor, "update", f"budget:{bid}", reason,
                             {"before": before.to_doc(), "after": spec.to_doc()}, at=now)
         except sqlite3.IntegrityError:
             return problem(409, f"a budget named {spec.name!r} exists already")
@@ -219,12 +219,12 @@ async def delete_budget(request: web.Request) -> web.Response:
     reason = _reason(await _body(request)) if request.can_read_body else ""
 
     def run() -> bool:
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is None:
             return False
         with store.transaction():
-            store.delete_budget(bid)
-            store.audit(actor, "delete", f"budget:{bid}", reason,
+            store.budgets.delete_budget(bid)
+            store.audit.record(actor, "delete", f"budget:{bid}", reason,
                         {"budget": spec_of(row).to_doc()}, at=now)
         finops.evaluate(store, now)
         return True
@@ -262,7 +262,7 @@ async def set_override(request: web.Request) -> web.Response:
         raise control_app.BadParam("reason", "an emergency override needs a reason")
 
     def run() -> web.Response:
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is None:
             return problem(404, f"no budget {bid}")
         spec = spec_of(row)
@@ -270,8 +270,8 @@ async def set_override(request: web.Request) -> web.Response:
             return problem(400, f"amount_cents: an override must be higher than the budget "
                                  f"({spec.amount_cents}); lower the budget with PUT instead")
         with store.transaction():
-            store.set_budget_override(bid, cents, expires, reason, now)
-            store.audit(actor, "override", f"budget:{bid}", reason,
+            store.budgets.set_budget_override(bid, cents, expires, reason, now)
+            store.audit.record(actor, "override", f"budget:{bid}", reason,
                         {"amount_cents": cents, "expires_at": expires,
                          "budget_amount_cents": spec.amount_cents}, at=now)
         return _evaluated_view(store, finops, bid, now)
@@ -286,12 +286,12 @@ async def clear_override(request: web.Request) -> web.Response:
     reason = _reason(await _body(request)) if request.can_read_body else ""
 
     def run() -> web.Response:
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is None:
             return problem(404, f"no budget {bid}")
         with store.transaction():
-            store.set_budget_override(bid, None, None, None, now)
-            store.audit(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)
+            store.budgets.set_budget_override(bid, None, None, None, now)
+            store.audit.record(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)
         return _evaluated_view(store, finops, bid, now)
 
     return await _run_and_publish(request, db, run)

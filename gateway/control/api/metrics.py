@@ -113,7 +113,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     # read on the database thread: a scrape never waits on the store's lock in the event loop
-    m.pending.set(await request.app[DB].call(request.app[DB].store.pending_count))
+    m.pending.set(await request.app[DB].call(request.app[DB].store.rollups.pending_count))
     m.slos.update(await request.app[DB].call(reports, request.app[DB].store,
                                              request.app[CLOCK].time()))
     body = generate_latest(m.registry)

@@ -103,7 +103,7 @@ def _slo_row_doc(row: dict[str, Any]) -> dict[str, Any]:
 
 @requires("slos:read")
 async def list_slos(request: web.Request) -> web.Response:
-    rows = await _db(request, _store(request).slo_docs)
+    rows = await _db(request, _store(request).slos.slo_docs)
     service = request.query.get("service")
     return json_response({"slos": [_slo_row_doc(r) for r in rows
                            if service is None or r["service"] == service]})
@@ -111,7 +111,7 @@ async def list_slos(request: web.Request) -> web.Response:
 
 @requires("slos:read")
 async def get_slo(request: web.Request) -> web.Response:
-    row = await _db(request, _store(request).slo_doc, request.match_info["id"])
+    row = await _db(request, _store(request).slos.slo_doc, request.match_info["id"])
     if row is None:
         return problem(404, f"no SLO {request.match_info['id']!r}")
     return json_response(_slo_row_doc(row))
@@ -127,10 +127,10 @@ def _parse_body_slo(body: dict[str, Any]) -> tuple[slo_mod.SLO | None, list[str]
 def _create_slo_sync(store: Store, s: slo_mod.SLO, actor: str, reason: str, now: float
                      ) -> dict[str, Any] | None:
     with store.transaction():
-        if not store.insert_slo(s.id, s.service, s.to_doc(), "api", now):
+        if not store.slos.insert_slo(s.id, s.service, s.to_doc(), "api", now):
             return None
-        store.audit(actor, "create", f"slo/{s.id}", reason, s.to_doc(), at=now)
-    return store.slo_doc(s.id)
+        store.audit.record(actor, "create", f"slo/{s.id}", reason, s.to_doc(), at=now)
+    return store.slos.slo_doc(s.id)
 
 
 @requires("slos:write")
@@ -149,15 +149,15 @@ async def create_slo(request: web.Request) -> web.Response:
 def _update_slo_sync(store: Store, slo_id: str, s: slo_mod.SLO, actor: str, reason: str,
                      now: float) -> tuple[int, Any]:
     with store.transaction():
-        row = store.slo_doc(slo_id)
+        row = store.slos.slo_doc(slo_id)
         if row is None:
             return 404, f"no SLO {slo_id!r}"
         if row["source"] == "config":
             return 409, f"SLO {slo_id!r} is defined in control.yaml: change it there"
-        store.update_slo(slo_id, s.service, s.to_doc(), now)
-        store.audit(actor, "update", f"slo/{slo_id}", reason,
+        store.slos.update_slo(slo_id, s.service, s.to_doc(), now)
+        store.audit.record(actor, "update", f"slo/{slo_id}", reason,
                     {"before": row["doc"], "after": s.to_doc()}, at=now)
-    return 200, store.slo_doc(slo_id)
+    return 200, store.slos.slo_doc(slo_id)
 
 
 @requires("slos:write")
@@ -181,16 +181,16 @@ async def update_slo(request: web.Request) -> web.Response:
 def _delete_slo_sync(store: Store, slo_id: str, actor: str, reason: str, now: float
                      ) -> tuple[int, Any]:
     with store.transaction():
-        row = store.slo_doc(slo_id)
+        row = store.slos.slo_doc(slo_id)
         if row is None:
             return 404, f"no SLO {slo_id!r}"
         if row["source"] == "config":
             return 409, f"SLO {slo_id!r} is defined in control.yaml: remove it there"
-        store.delete_slo(slo_id)
-        store.audit(actor, "delete", f"slo/{slo_id}", reason, row["doc"], at=now)
+        store.slos.delete_slo(slo_id)
+        store.audit.record(actor, "delete", f"slo/{slo_id}", reason, row["doc"], at=now)
         events = []
         for tier in slo_mod.TIERS:
-            alert = store.open_slo_alert(f"{slo_id}:{tier}")
+            alert = store.alerts.open_slo_alert(f"{slo_id}:{tier}")
             if alert is not None:
                 events.append(alerts.resolve(store, alert, actor, "SLO deleted", now))
     return 200, events
@@ -231,7 +231,7 @@ async def error_budgets(request: web.Request) -> web.Response:
 
 
 def _gate_sync(store: Store, now: float, service: str) -> tuple[list[Any], list[Any]]:
-    return _budgets_sync(store, now, service), store.incidents(active=True, service=service,
+    return _budgets_sync(store, now, service), store.incidents.query(active=True, service=service,
                                                                limit=1000)
 
 
@@ -259,7 +259,7 @@ async def list_alerts(request: web.Request) -> web.Response:
     status = q.get("status") or None
     if status is not None and status not in alerts.STATUSES:
         raise BadParam("status", f"must be one of {', '.join(alerts.STATUSES)}, got {status!r}")
-    rows = await _db(request, _store(request).slo_alerts, status=status,
+    rows = await _db(request, _store(request).alerts.slo_alerts, status=status,
                      service=q.get("service") or None, open_only=_flag(request, "open"),
                      limit=query_limit(request, 100, 1000))
     return json_response({"alerts": [alerts.doc(a) for a in rows]})
@@ -268,7 +268,7 @@ async def list_alerts(request: web.Request) -> web.Response:
 def _service_error_rate(store: Store, service: str, now: float) -> float:
     requests, e5xx, _ = 0, 0, 0
     for win_s, first, end in slo_mod.plan(*slo_mod.burn_window(now, 300), now):
-        r, e, _l = store.sli_sums(win_s, service, "*", first, end)
+        r, e, _l = store.rollups.sli_sums(win_s, service, "*", first, end)
         requests, e5xx = requests + r, e5xx + e
     return e5xx / requests if requests else 0.0
 
@@ -277,7 +277,7 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
                        ) -> tuple[int, dict[str, Any], Event | None]:
     with store.transaction():
         key = body["dedup_key"]
-        existing = store.open_slo_alert(key)
+        existing = store.alerts.open_slo_alert(key)
         if existing is not None:
             return 200, existing, None
         alert = alerts.raise_alert(
@@ -285,7 +285,7 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
             severity=body["severity"], title=body["title"], description=body["description"],
             labels={"alertname": body["alertname"], **body["labels"]}, details={}, now=now,
             slo_id=body.get("slo_id"))
-        store.audit(actor, "create", f"alert/{alert['id']}", body.get("reason", ""),
+        store.audit.record(actor, "create", f"alert/{alert['id']}", body.get("reason", ""),
                     {"dedup_key": key, "severity": body["severity"]}, at=now)
         incident = None
         if body["severity"] == "page":
@@ -294,7 +294,7 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
                 store, alert, cause=body["cause"],
                 severity=body["incident_severity"] or slo_mod.incident_severity(rate),
                 context={"error_rate_5m": rate, "manual": True}, now=now, actor=actor)
-    return 201, store.slo_alert(alert["id"]) or alert, Event("firing", store.slo_alert(
+    return 201, store.alerts.slo_alert(alert["id"]) or alert, Event("firing", store.alerts.slo_alert(
         alert["id"]) or alert, incident)
 
 
@@ -365,7 +365,7 @@ async def ack_alert(request: web.Request) -> web.Response:
 
 def _resolve_alert_sync(store: Store, alert_id: int, actor: str, reason: str, now: float
                         ) -> Event:
-    alert = store.slo_alert(alert_id)
+    alert = store.alerts.slo_alert(alert_id)
     if alert is None:
         raise AlertError(404, f"no alert {alert_id}")
     if alert["status"] == "resolved":
@@ -388,7 +388,7 @@ async def resolve_alert(request: web.Request) -> web.Response:
 
 @requires("alerts:read")
 async def deliveries(request: web.Request) -> web.Response:
-    rows = await _db(request, _store(request).deliveries, query_limit(request, 100, 1000))
+    rows = await _db(request, _store(request).deliveries.recent, query_limit(request, 100, 1000))
     return json_response({"deliveries": rows})
 
 
@@ -406,7 +406,7 @@ async def list_incidents(request: web.Request) -> web.Response:
     now, store, limit = _now(request), _store(request), query_limit(request, 100, 1000)
 
     def work() -> list[dict[str, Any]]:
-        return [incidents.doc(store, i, now) for i in store.incidents(
+        return [incidents.doc(store, i, now) for i in store.incidents.query(
             active=active, status=status, service=q.get("service") or None, limit=limit)]
 
     return json_response({"incidents": await _db(request, work)})
@@ -418,7 +418,7 @@ async def get_incident(request: web.Request) -> web.Response:
     incident_id = request.match_info["id"]
 
     def work() -> dict[str, Any] | None:
-        inc = store.incident(incident_id)
+        inc = store.incidents.incident(incident_id)
         return None if inc is None else incidents.doc(store, inc, now, timeline=True)
 
     out = await _db(request, work)
@@ -551,9 +551,9 @@ async def evaluate_now(request: web.Request) -> web.Response:
 
 
 def sync_config_slos(store: Store, slos: tuple[slo_mod.SLO, ...], now: float) -> None:
-    changes = store.sync_config_slos({s.id: (s.service, s.to_doc()) for s in slos}, now)
+    changes = store.slos.sync_config_slos({s.id: (s.service, s.to_doc()) for s in slos}, now)
     if any(changes.values()):
-        store.audit("control.yaml", "sync", "slos", "SLOs as code", changes, at=now)
+        store.audit.record("control.yaml", "sync", "slos", "SLOs as code", changes, at=now)
 
 
 def routes(app: web.Application) -> None:

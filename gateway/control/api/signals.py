@@ -71,7 +71,7 @@ def _signal_row(r: dict[str, Any]) -> dict[str, Any]:
 def _signals_sync(store: Store, win: int, since: float, until: float, service: str | None,
                   route: str) -> list[dict[str, Any]]:
     rollup.compact(store)
-    rows = store.signals(win, since, until, service=service, route=route,
+    rows = store.rollups.signals(win, since, until, service=service, route=route,
                          limit=MAX_SIGNAL_ROWS + 1)
     return [_signal_row(r) for r in rows]
 
@@ -88,7 +88,7 @@ async def signals(request: web.Request) -> web.Response:
            "route": route, "truncated": truncated, "rows": rows[:MAX_SIGNAL_ROWS]}
     if service is not None:
         # the service page's overload protection block: retries, concurrency limits, shedding
-        raw = await request.app[DB].call(request.app[DB].store.overload_counts, win, since,
+        raw = await request.app[DB].call(request.app[DB].store.overload.overload_counts, win, since,
                                          until, service)
         doc["overload"] = health.overload(raw)
     return json_response(doc)
@@ -97,13 +97,13 @@ async def signals(request: web.Request) -> web.Response:
 def _overview_sync(store: Store, now: float) -> dict[str, Any]:
     rollup.compact(store)
     win = health.windows(now)
-    rows_now = store.service_buckets(60, win["since"], win["until"])
-    rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
-    rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
-    return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
-                           store.service_upstreams(), win, now,
+    rows_now = store.rollups.service_buckets(60, win["since"], win["until"])
+    rows_traffic = store.rollups.service_buckets(60, win["traffic_since"], win["traffic_until"])
+    rows_base = store.rollups.service_buckets(60, win["baseline_since"], win["baseline_until"])
+    return health.overview(rows_now, rows_traffic, rows_base, store.fleet.upstream_states(),
+                           store.fleet.service_upstreams(), win, now,
                            incidents=[incidents.summary(i)
-                                      for i in store.incidents(active=True, limit=100)])
+                                      for i in store.incidents.query(active=True, limit=100)])
 
 
 @requires("health:read")
@@ -117,7 +117,7 @@ async def overview(request: web.Request) -> web.Response:
 async def limits(request: web.Request) -> web.Response:
     name, win, since, until = _window(request)
     policy = request.query.get("policy") or None
-    rows = await request.app[DB].call(request.app[DB].store.limit_counts, win, since, until,
+    rows = await request.app[DB].call(request.app[DB].store.rollups.limit_counts, win, since, until,
                                       policy)
     return json_response({"window": name, "since": since, "until": until, "rows": rows})
 
@@ -128,10 +128,10 @@ async def breakers(request: web.Request) -> web.Response:
     now = request.app[CLOCK].time()
     since = parse_time("since", request.query["since"]) if "since" in request.query \
         else now - 86_400
-    states = await request.app[DB].call(store.upstream_states)
-    transitions = await request.app[DB].call(store.breaker_transitions, since,
+    states = await request.app[DB].call(store.fleet.upstream_states)
+    transitions = await request.app[DB].call(store.fleet.breaker_transitions, since,
                                              query_limit(request, 100, 1000))
-    gateways = await request.app[DB].call(store.gateways)
+    gateways = await request.app[DB].call(store.fleet.gateways)
     return json_response({"breakers": states, "transitions": transitions, "gateways": gateways})
 
 

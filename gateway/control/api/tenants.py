@@ -130,7 +130,7 @@ async def put_tenant(request: web.Request) -> web.Response:
         store = db.store
         with store.transaction():
             store.tenants.set_plan(tenant, plan, actor, now)
-            store.audit(actor, "update", f"tenant/{tenant}", reason, {"plan": plan}, at=now)
+            store.audit.record(actor, "update", f"tenant/{tenant}", reason, {"plan": plan}, at=now)
         return _get_sync(store, tenant, now)
 
     return control_app.json_response(await db.call(run))
@@ -188,7 +188,7 @@ async def post_quotas(request: web.Request) -> web.Response:
         store = db.store
         with store.transaction():
             oid = store.tenants.add_override(tenant, o, reason, actor, now)
-            store.audit(actor, "create", f"tenant/{tenant}/quotas/{oid}", reason,
+            store.audit.record(actor, "create", f"tenant/{tenant}/quotas/{oid}", reason,
                         {k: v for k, v in o.items() if v is not None}, at=now)
         return oid, _get_sync(store, tenant, now)
 

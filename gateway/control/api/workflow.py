@@ -75,9 +75,9 @@ async def list_items_of_incident(request: web.Request) -> web.Response:
     incident_id = request.match_info["id"]
 
     def work() -> list[dict[str, Any]] | None:
-        if store.incident(incident_id) is None:
+        if store.incidents.incident(incident_id) is None:
             return None
-        return [actionitems.doc(i, now) for i in store.action_items(incident_id=incident_id)]
+        return [actionitems.doc(i, now) for i in store.incidents.action_items(incident_id=incident_id)]
 
     out = await _run(request, work)
     if out is None:
@@ -109,7 +109,7 @@ async def list_items(request: web.Request) -> web.Response:
         raise BadParam("overdue", f"must be true or false, got {overdue!r}")
     now = request.app[CLOCK].time()
     store: Store = request.app[DB].store
-    rows = await _run(request, lambda: store.action_items(
+    rows = await _run(request, lambda: store.incidents.action_items(
         status="open" if overdue == "true" else status,
         due_before=now if overdue == "true" else None, limit=query_limit(request, 1000, 10_000)))
     owner = q.get("owner")
@@ -170,7 +170,7 @@ async def slo_history(request: web.Request) -> web.Response:
     slo_id = request.match_info["id"]
 
     def work() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        return store.slo_doc(slo_id), store.slo_history(slo_id=slo_id, kind=kind, since=since,
+        return store.slos.slo_doc(slo_id), store.slos.slo_history(slo_id=slo_id, kind=kind, since=since,
                                                         until=until)
 
     row, rows = await _run(request, work)

@@ -81,23 +81,23 @@ def create(store: Store, incident_id: str, body: dict[str, Any], actor: str, rea
            now: float) -> dict[str, Any]:
     fields = parse(body)
     with store.transaction():
-        if store.incident(incident_id) is None:
+        if store.incidents.incident(incident_id) is None:
             raise IncidentError(404, f"no incident {incident_id!r}")
-        item_id = store.insert_action_item({**fields, "incident_id": incident_id,
+        item_id = store.incidents.insert_action_item({**fields, "incident_id": incident_id,
                                             "status": "open", "created_at": now,
                                             "created_by": actor, "updated_at": now})
-        store.add_timeline(incident_id, now, "action_item", actor,
+        store.incidents.add_timeline(incident_id, now, "action_item", actor,
                            f"action item {item_id} for {fields['owner']}: "
                            f"{fields['description']}", {"action_item_id": item_id})
-        store.audit(actor, "create", f"action_item/{item_id}", reason,
+        store.audit.record(actor, "create", f"action_item/{item_id}", reason,
                     {"incident_id": incident_id, **fields}, at=now)
-    item = store.action_item(item_id)
+    item = store.incidents.action_item(item_id)
     assert item is not None
     return item
 
 
 def _get(store: Store, item_id: int) -> dict[str, Any]:
-    item = store.action_item(item_id)
+    item = store.incidents.action_item(item_id)
     if item is None:
         raise IncidentError(404, f"no action item {item_id}")
     return item
@@ -115,8 +115,8 @@ def update(store: Store, item_id: int, body: dict[str, Any], actor: str, reason:
             if "due_at" in changes and changes["due_at"] > now:
                 events += _resolve_overdue(store, item, actor, "due date moved", now)
                 changes["overdue_alert_id"] = None
-            store.update_action_item(item_id, {**changes, "updated_at": now})
-            store.audit(actor, "update", f"action_item/{item_id}", reason,
+            store.incidents.update_action_item(item_id, {**changes, "updated_at": now})
+            store.audit.record(actor, "update", f"action_item/{item_id}", reason,
                         {k: [item[k], v] for k, v in changes.items()}, at=now)
     return _get(store, item_id), events
 
@@ -127,12 +127,12 @@ def complete(store: Store, item_id: int, actor: str, reason: str, now: float
         item = _get(store, item_id)
         if item["status"] == "done":
             raise IncidentError(409, f"status: action item {item_id} is done already")
-        store.update_action_item(item_id, {"status": "done", "completed_at": now,
+        store.incidents.update_action_item(item_id, {"status": "done", "completed_at": now,
                                            "updated_at": now})
-        store.add_timeline(item["incident_id"], now, "action_item", actor,
+        store.incidents.add_timeline(item["incident_id"], now, "action_item", actor,
                            f"action item {item_id} done: {item['description']}",
                            {"action_item_id": item_id})
-        store.audit(actor, "complete", f"action_item/{item_id}", reason, {}, at=now)
+        store.audit.record(actor, "complete", f"action_item/{item_id}", reason, {}, at=now)
         events = _resolve_overdue(store, item, actor, "action item done", now)
     return _get(store, item_id), events
 
@@ -141,7 +141,7 @@ def _resolve_overdue(store: Store, item: dict[str, Any], actor: str, why: str, n
                      ) -> list[Event]:
     if item["overdue_alert_id"] is None:
         return []
-    alert = store.slo_alert(item["overdue_alert_id"])
+    alert = store.alerts.slo_alert(item["overdue_alert_id"])
     if alert is None or alert["status"] == "resolved":
         return []
     return [alerts.resolve(store, alert, actor, why, now)]

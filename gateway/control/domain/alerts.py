@@ -59,12 +59,12 @@ def raise_alert(store: Store, *, dedup_key: str, source: str, service: str, seve
                 now: float, slo_id: str | None = None) -> dict[str, Any]:
     """Insert a new firing alert and return it (the caller checked dedup and cooldown)."""
     labels = {**labels, "severity": severity, "service": service}
-    alert_id = store.insert_slo_alert({
+    alert_id = store.alerts.insert_slo_alert({
         "dedup_key": dedup_key, "source": source, "slo_id": slo_id, "service": service,
         "severity": severity, "status": "firing", "title": title, "description": description,
         "labels": labels, "details": details, "fingerprint": fingerprint(labels),
         "started_at": now, "updated_at": now})
-    alert = store.slo_alert(alert_id)
+    alert = store.alerts.slo_alert(alert_id)
     assert alert is not None
     return alert
 
@@ -72,20 +72,20 @@ def raise_alert(store: Store, *, dedup_key: str, source: str, service: str, seve
 def acknowledge(store: Store, alert_id: int, actor: str, reason: str, now: float
                 ) -> dict[str, Any]:
     with store.transaction():
-        alert = store.slo_alert(alert_id)
+        alert = store.alerts.slo_alert(alert_id)
         if alert is None:
             raise AlertError(404, f"no alert {alert_id}")
         if alert["status"] != "firing":
             raise AlertError(409, f"alert {alert_id} is {alert['status']}, not firing")
-        store.update_slo_alert(alert_id, {"status": "acknowledged", "acknowledged_at": now,
+        store.alerts.update_slo_alert(alert_id, {"status": "acknowledged", "acknowledged_at": now,
                                           "acknowledged_by": actor, "updated_at": now})
-        store.audit(actor, "ack", f"alert/{alert_id}", reason, {"dedup_key": alert["dedup_key"]},
+        store.audit.record(actor, "ack", f"alert/{alert_id}", reason, {"dedup_key": alert["dedup_key"]},
                     at=now)
         if alert["incident_id"]:
-            store.add_timeline(alert["incident_id"], now, "alert", actor,
+            store.incidents.add_timeline(alert["incident_id"], now, "alert", actor,
                                f"alert {alert_id} acknowledged: {alert['title']}",
                                {"alert_id": alert_id})
-    out = store.slo_alert(alert_id)
+    out = store.alerts.slo_alert(alert_id)
     assert out is not None
     return out
 
@@ -94,14 +94,14 @@ def resolve(store: Store, alert: dict[str, Any], actor: str, reason: str, now: f
             ) -> Event:
     """Resolve an open alert (by the evaluator or by hand); audited; timeline of its incident."""
     with store.transaction():
-        store.update_slo_alert(alert["id"], {"status": "resolved", "resolved_at": now,
+        store.alerts.update_slo_alert(alert["id"], {"status": "resolved", "resolved_at": now,
                                              "updated_at": now})
-        store.audit(actor, "resolve", f"alert/{alert['id']}", reason,
+        store.audit.record(actor, "resolve", f"alert/{alert['id']}", reason,
                     {"dedup_key": alert["dedup_key"]}, at=now)
         if alert["incident_id"]:
-            store.add_timeline(alert["incident_id"], now, "alert", actor,
+            store.incidents.add_timeline(alert["incident_id"], now, "alert", actor,
                                f"alert {alert['id']} resolved: {alert['title']}",
                                {"alert_id": alert["id"]})
-    out = store.slo_alert(alert["id"])
+    out = store.alerts.slo_alert(alert["id"])
     assert out is not None
     return Event("resolved", out)

@@ -251,8 +251,8 @@ def attribute(store: Store, batch: Batch, models: dict[str, CostModel]) -> int:
                 sums[(s.service, s.route, unit, price)] += q
     rows = [(svc, bucket, route, UNITS[unit][0], unit, price, q)
             for (svc, route, unit, price), q in sums.items()]
-    store.add_cost_usage(rows)
-    store.note_cost_services([(svc, int(batch.interval_start)) for svc in seen])
+    store.costs.add_cost_usage(rows)
+    store.costs.note_cost_services([(svc, int(batch.interval_start)) for svc in seen])
     return len(rows)
 
 
@@ -298,7 +298,7 @@ def pieces(store: Store, models: dict[str, CostModel], since: int, until: int,
     fixed monthly fees) accrued up to min(until, now), cut at the local midnights of `cut_days`
     (a time zone) when given."""
     out: list[Piece] = []
-    for svc, bstart, route, cost_type, unit, price, qty in store.cost_usage(since, until, service):
+    for svc, bstart, route, cost_type, unit, price, qty in store.costs.cost_usage(since, until, service):
         micros = row_micros(unit, price, qty)
         if micros:
             out.append(Piece(svc, route, cost_type, bstart, micros))
@@ -306,10 +306,10 @@ def pieces(store: Store, models: dict[str, CostModel], since: int, until: int,
     if horizon <= since:
         return out
     cuts = bm.day_boundaries(since, horizon, cut_days) if cut_days else []
-    for svc, cost_type, ps, pe, micros in store.charges(since, horizon, service):
+    for svc, cost_type, ps, pe, micros in store.costs.charges(since, horizon, service):
         for at, v in _cut_span(micros, ps, pe, since, horizon, cuts):
             out.append(Piece(svc, NO_ROUTE, cost_type, at, v))
-    first_seen = store.cost_services()
+    first_seen = store.costs.cost_services()
     for svc, model in models.items():
         if not model.fixed_monthly_micros or svc == bm.ALL_SERVICES:
             continue
@@ -512,7 +512,7 @@ class FinOps:
             "updated_at": row["updated_at"],
         }
         if alerts:
-            doc["alerts"] = [alert_doc(a) for a in store.budget_alerts(row["id"], 50)]
+            doc["alerts"] = [alert_doc(a) for a in store.budgets.budget_alerts(row["id"], 50)]
         return doc
 
     def evaluate(self, store: Store, now: float
@@ -520,7 +520,7 @@ class FinOps:
         """(budget views, directives); records each newly crossed threshold once per period."""
         views = []
         reject: dict[str, dict[str, Any]] = {}
-        for row in store.budgets():
+        for row in store.budgets.all():
             v = self.view(store, row, now)
             views.append(v)
             spec = spec_of(row)
@@ -533,7 +533,7 @@ class FinOps:
                 for t in thresholds:
                     if not bm.reached(spend, amount, t):
                         break           # sorted ascending
-                    new_id = store.add_budget_alert(
+                    new_id = store.budgets.add_budget_alert(
                         row["id"], spec.name, spec.service, v["period_start"], v["period_end"],
                         kind, str(t), bm.severity(t), spend, amount, now)
                     if new_id is not None:
@@ -609,16 +609,16 @@ def sync_config_budgets(store: Store, specs: list[BudgetSpec], now: float) -> No
     for spec in specs:
         text = spec_json(spec)
         h = hashlib.sha256(text.encode()).hexdigest()[:16]
-        bid = store.budget_id_by_name(spec.name)
+        bid = store.budgets.budget_id_by_name(spec.name)
         if bid is None:
-            new = store.insert_budget(spec.name, text, "config", h, now)
-            store.audit("config", "create", f"budget:{new}", "control.yaml",
+            new = store.budgets.insert_budget(spec.name, text, "config", h, now)
+            store.audit.record("config", "create", f"budget:{new}", "control.yaml",
                         {"budget": spec.to_doc()}, at=now)
             continue
-        row = store.budget(bid)
+        row = store.budgets.budget(bid)
         if row is not None and row["config_hash"] != h:
-            store.update_budget(bid, spec.name, text, now, config_hash=h)
-            store.audit("config", "update", f"budget:{bid}", "control.yaml changed",
+            store.budgets.update_budget(bid, spec.name, text, now, config_hash=h)
+            store.audit.record("config", "update", f"budget:{bid}", "control.yaml changed",
                         {"budget": spec.to_doc()}, at=now)
 
 

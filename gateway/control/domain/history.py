@@ -56,20 +56,20 @@ def close_periods(store: Store, s: SLO, created_at: float, now: float, counts: C
     """Record every period of `s` closed by `now` and not yet recorded; return how many."""
     floor = max(created_at, now - BACKFILL_S)
     written = 0
-    last = store.last_slo_history(s.id, "day")
+    last = store.slos.last_slo_history(s.id, "day")
     day_end = (last + DAY_S) if last is not None else (math.floor(floor / DAY_S) + 1) * DAY_S
     while day_end <= now:
         start = window_start(s, day_end)
-        written += store.add_slo_history(row(s, "day", start, day_end,
+        written += store.slos.add_slo_history(row(s, "day", start, day_end,
                                              counts(start, day_end), now))
         day_end += DAY_S
     if s.calendar:
-        last = store.last_slo_history(s.id, "period")
+        last = store.slos.last_slo_history(s.id, "period")
         start, end = slo_mod.period(s, last if last is not None else floor)
         if last is None and start < floor:        # the first period: only a whole one
             start, end = slo_mod.period(s, end)
         while end <= now:
-            written += store.add_slo_history(row(s, "period", start, end, counts(start, end),
+            written += store.slos.add_slo_history(row(s, "period", start, end, counts(start, end),
                                                  now))
             start, end = slo_mod.period(s, end)
     return written

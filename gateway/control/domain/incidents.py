@@ -83,9 +83,9 @@ def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
     out["response_due_at"] = (auto_level(inc["severity"], inc["created_at"], now)[1]
                               if inc["status"] == "investigating" else None)
     out["postmortem_required"] = inc["severity"] in POSTMORTEM_REQUIRED
-    out["alert_ids"] = store.alert_ids_of_incident(inc["id"])
+    out["alert_ids"] = store.alerts.alert_ids_of_incident(inc["id"])
     if timeline:
-        out["timeline"] = store.timeline(inc["id"])
+        out["timeline"] = store.incidents.timeline(inc["id"])
     return out
 
 
@@ -96,7 +96,7 @@ def summary(inc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get(store: Store, incident_id: str) -> dict[str, Any]:
-    inc = store.incident(incident_id)
+    inc = store.incidents.incident(incident_id)
     if inc is None:
         raise IncidentError(404, f"no incident {incident_id!r}")
     return inc
@@ -107,14 +107,14 @@ def declare(store: Store, *, title: str, description: str, severity: str,
             now: float, cause: str = "manual") -> dict[str, Any]:
     year = datetime.fromtimestamp(now, UTC).year
     with store.transaction():
-        incident_id = store.insert_incident(year, {
+        incident_id = store.incidents.insert_incident(year, {
             "title": title, "description": description, "severity": severity,
             "affected_service": affected_service, "cause": cause, "context": context,
             "status": "investigating", "escalation_level": 0, "created_at": now,
             "created_by": actor, "postmortem": None, "breaker_cursor": 0, "updated_at": now})
-        store.add_timeline(incident_id, now, "status", actor,
+        store.incidents.add_timeline(incident_id, now, "status", actor,
                            f"declared {severity}: {title}", {"status": "investigating"})
-        store.audit(actor, "create", f"incident/{incident_id}", reason,
+        store.audit.record(actor, "create", f"incident/{incident_id}", reason,
                     {"severity": severity, "affected_service": affected_service,
                      "cause": cause}, at=now)
     return _get(store, incident_id)
@@ -129,10 +129,10 @@ def _transition(store: Store, incident_id: str, to: str, allowed_from: tuple[str
             raise IncidentError(409, f"status: incident {incident_id} is {inc['status']}; "
                                      f"cannot go to {to}")
         fields = {"status": to, f"{to}_at": now, "updated_at": now, **(extra or {})}
-        store.update_incident(incident_id, fields)
+        store.incidents.update_incident(incident_id, fields)
         note = f"{inc['status']} -> {to}" + (f": {reason}" if reason else "")
-        store.add_timeline(incident_id, now, "status", actor, note, {"status": to})
-        store.audit(actor, action or to.removesuffix("d").removesuffix("e"),
+        store.incidents.add_timeline(incident_id, now, "status", actor, note, {"status": to})
+        store.audit.record(actor, action or to.removesuffix("d").removesuffix("e"),
                     f"incident/{incident_id}", reason, {"from": inc["status"], "to": to}, at=now)
     return _get(store, incident_id)
 
@@ -193,10 +193,10 @@ def record_postmortem(store: Store, incident_id: str, body: Any, actor: str, rea
         required = inc["severity"] in POSTMORTEM_REQUIRED
         record = {"required": required, "status": "completed", "due_at": old.get("due_at"),
                   "completed_at": now, "completed_by": actor, **pm}
-        store.update_incident(incident_id, {"postmortem": record, "updated_at": now})
-        store.add_timeline(incident_id, now, "postmortem", actor, "post-mortem recorded",
+        store.incidents.update_incident(incident_id, {"postmortem": record, "updated_at": now})
+        store.incidents.add_timeline(incident_id, now, "postmortem", actor, "post-mortem recorded",
                            {"summary": pm["summary"]})
-        store.audit(actor, "postmortem", f"incident/{incident_id}", reason, {}, at=now)
+        store.audit.record(actor, "postmortem", f"incident/{incident_id}", reason, {}, at=now)
     return _get(store, incident_id)
 
 
@@ -212,12 +212,12 @@ def escalate(store: Store, incident_id: str, actor: str, reason: str, now: float
         if severity is not None and severity != inc["severity"]:
             fields["severity"] = severity
             text += f", severity {inc['severity']} -> {severity}"
-        store.update_incident(incident_id, fields)
-        store.add_timeline(incident_id, now, "escalation", actor,
+        store.incidents.update_incident(incident_id, fields)
+        store.incidents.add_timeline(incident_id, now, "escalation", actor,
                            text + (f": {reason}" if reason else ""),
                            {"escalation_level": level, "severity": fields.get("severity",
                                                                               inc["severity"])})
-        store.audit(actor, "escalate", f"incident/{incident_id}", reason,
+        store.audit.record(actor, "escalate", f"incident/{incident_id}", reason,
                     {"escalation_level": level, "severity": fields.get("severity",
                                                                        inc["severity"])}, at=now)
     return _get(store, incident_id)
@@ -227,15 +227,15 @@ def raise_severity(store: Store, incident_id: str, severity: str, why: str, now:
                    actor: str = "evaluator") -> bool:
     """Make an open incident more severe (never less) as its page alert keeps firing."""
     with store.transaction():
-        inc = store.incident(incident_id)
+        inc = store.incidents.incident(incident_id)
         if inc is None or inc["status"] == "resolved" or \
                 SEVERITIES.index(severity) >= SEVERITIES.index(inc["severity"]):
             return False
-        store.update_incident(incident_id, {"severity": severity, "updated_at": now})
-        store.add_timeline(incident_id, now, "severity", actor,
+        store.incidents.update_incident(incident_id, {"severity": severity, "updated_at": now})
+        store.incidents.add_timeline(incident_id, now, "severity", actor,
                            f"severity {inc['severity']} -> {severity}: {why}",
                            {"severity": severity})
-        store.audit(actor, "update", f"incident/{incident_id}", why,
+        store.audit.record(actor, "update", f"incident/{incident_id}", why,
                     {"severity": [inc["severity"], severity]}, at=now)
     return True
 
@@ -247,9 +247,9 @@ def add_note(store: Store, incident_id: str, text: Any, actor: str, now: float
                                  "characters)")
     with store.transaction():
         _get(store, incident_id)
-        store.add_timeline(incident_id, now, "note", actor, text)
-        store.update_incident(incident_id, {"updated_at": now})
-        store.audit(actor, "note", f"incident/{incident_id}", "", {"text": text[:200]}, at=now)
+        store.incidents.add_timeline(incident_id, now, "note", actor, text)
+        store.incidents.update_incident(incident_id, {"updated_at": now})
+        store.audit.record(actor, "note", f"incident/{incident_id}", "", {"text": text[:200]}, at=now)
     return _get(store, incident_id)
 
 
@@ -259,14 +259,14 @@ def on_page_alert(store: Store, alert: dict[str, Any], *, cause: str, severity: 
     """Open an incident for a page alert, or join the open one of the same service and cause;
     link the alert. Returns the incident."""
     with store.transaction():
-        inc = store.open_incident_for(alert["service"], cause)
+        inc = store.incidents.open_incident_for(alert["service"], cause)
         if inc is None:
             inc = declare(store, title=alert["title"], description=alert["description"],
                           severity=severity, affected_service=alert["service"],
                           context={**context, "alert_id": alert["id"]}, actor=actor,
                           reason=f"page alert {alert['id']}", now=now, cause=cause)
-        store.update_slo_alert(alert["id"], {"incident_id": inc["id"]})
-        store.add_timeline(inc["id"], now, "alert", actor,
+        store.alerts.update_slo_alert(alert["id"], {"incident_id": inc["id"]})
+        store.incidents.add_timeline(inc["id"], now, "alert", actor,
                            f"alert {alert['id']} ({alert['severity']}) firing: {alert['title']}",
                            {"alert_id": alert["id"], "severity": alert["severity"]})
     return inc
@@ -283,33 +283,33 @@ def tick(store: Store, now: float) -> list[str]:
     incidents escalated."""
     escalated = []
     upstreams_of: dict[str, list[str]] = {}
-    for service, upstream in store.service_upstreams():
+    for service, upstream in store.fleet.service_upstreams():
         upstreams_of.setdefault(service, []).append(upstream)
-    for inc in store.incidents(active=True, limit=1000):
+    for inc in store.incidents.query(active=True, limit=1000):
         with store.transaction():
             if inc["status"] == "investigating":
                 level, _next = auto_level(inc["severity"], inc["created_at"], now)
                 if level > inc["escalation_level"]:
-                    store.update_incident(inc["id"], {"escalation_level": level,
+                    store.incidents.update_incident(inc["id"], {"escalation_level": level,
                                                       "updated_at": now})
-                    store.add_timeline(
+                    store.incidents.add_timeline(
                         inc["id"], now, "escalation", "evaluator",
                         f"escalated to level {level}: not acknowledged within the "
                         f"{inc['severity']} response time", {"escalation_level": level})
-                    store.audit("evaluator", "escalate", f"incident/{inc['id']}",
+                    store.audit.record("evaluator", "escalate", f"incident/{inc['id']}",
                                 "response time passed", {"escalation_level": level}, at=now)
                     escalated.append(inc["id"])
-            openings = [o for o in store.breaker_openings_after(
+            openings = [o for o in store.fleet.breaker_openings_after(
                 inc["breaker_cursor"], upstreams_of.get(inc["affected_service"], []))
                 if o["at"] >= inc["created_at"] - BREAKER_LOOKBACK_S]
             for o in openings:
-                store.add_timeline(inc["id"], o["at"], "breaker", o["gateway_id"],
+                store.incidents.add_timeline(inc["id"], o["at"], "breaker", o["gateway_id"],
                                    f"circuit breaker of {o['upstream']} opened "
                                    f"({o['from_state']} -> open): {o['reason']}",
                                    {"upstream": o["upstream"], "gateway_id": o["gateway_id"]})
-            cursor = store.last_transition_id()
+            cursor = store.fleet.last_transition_id()
             if cursor != inc["breaker_cursor"]:
-                store.update_incident(inc["id"], {"breaker_cursor": cursor})
+                store.incidents.update_incident(inc["id"], {"breaker_cursor": cursor})
     return escalated
 
 
@@ -358,11 +358,11 @@ def assign(store: Store, incident_id: str, assigned_to: Any, actor: str, reason:
         before = inc.get("assigned_to")
         if before == who:
             return inc
-        store.update_incident(incident_id, {"assigned_to": who, "updated_at": now})
+        store.incidents.update_incident(incident_id, {"assigned_to": who, "updated_at": now})
         text = f"assigned to {who}" if who else "unassigned"
-        store.add_timeline(incident_id, now, "assignment", actor,
+        store.incidents.add_timeline(incident_id, now, "assignment", actor,
                            text + (f": {reason}" if reason else ""),
                            {"assigned_to": who, "before": before})
-        store.audit(actor, "assign", f"incident/{incident_id}", reason,
+        store.audit.record(actor, "assign", f"incident/{incident_id}", reason,
                     {"assigned_to": [before, who]}, at=now)
     return _get(store, incident_id)

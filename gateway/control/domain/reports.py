@@ -44,7 +44,7 @@ def _mean(values: list[float]) -> float | None:
 
 def report(store: Store, service: str, period: str, at: float, now: float) -> dict[str, Any]:
     since, until = period_bounds(period, at)
-    incs = [i for i in store.incidents(service=service, limit=MAX_INCIDENTS)
+    incs = [i for i in store.incidents.query(service=service, limit=MAX_INCIDENTS)
             if since <= i["created_at"] < until]
     by_sev = {sev: 0 for sev in incidents_mod.SEVERITIES}
     by_status = {st: 0 for st in incidents_mod.STATUSES}
@@ -53,14 +53,14 @@ def report(store: Store, service: str, period: str, at: float, now: float) -> di
         by_status[i["status"]] = by_status.get(i["status"], 0) + 1
     tta = [i["acknowledged_at"] - i["created_at"] for i in incs if i["acknowledged_at"]]
     ttr = [i["resolved_at"] - i["created_at"] for i in incs if i["resolved_at"]]
-    items = [a for i in incs for a in store.action_items(incident_id=i["id"])]
+    items = [a for i in incs for a in store.incidents.action_items(incident_id=i["id"])]
     slos = []
-    for row in store.slo_docs():
+    for row in store.slos.slo_docs():
         if row["service"] != service:
             continue
-        days = store.slo_history(slo_id=row["id"], kind="day", since=since, until=until)
+        days = store.slos.slo_history(slo_id=row["id"], kind="day", since=since, until=until)
         met = sum(1 for d in days if d["met"])
-        whole = [p for p in store.slo_history(slo_id=row["id"], kind="period", since=since,
+        whole = [p for p in store.slos.slo_history(slo_id=row["id"], kind="period", since=since,
                                               until=until)
                  if p["period_start"] == since and p["period_end"] == until]
         slos.append({

@@ -121,28 +121,28 @@ def apply(store: Store, batch: Batch, received_at: float) -> bool:
             shed_rows.append((win, bs, service, route, reason, n))
 
     with store.transaction():
-        if not store.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
+        if not store.rollups.insert_batch(batch.batch_id, batch.gateway_id, batch.seq, t0,
                                   batch.interval_end, received_at):
             return False
-        store.add_buckets(rows)
-        store.add_local_counts(local_rows)
-        store.add_pending_hists(pending)
-        store.add_limit_counts(limit_rows)
-        store.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
+        store.rollups.add_buckets(rows)
+        store.rollups.add_local_counts(local_rows)
+        store.rollups.add_pending_hists(pending)
+        store.rollups.add_limit_counts(limit_rows)
+        store.fleet.report_upstreams([(batch.gateway_id, u.upstream, u.breaker_state,
                                  u.pool_in_use_max, u.pool_max, batch.interval_end)
                                 for u in batch.upstreams])
-        store.add_retry_counts(retry_rows)
-        store.add_shed_counts(shed_rows)
-        store.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
+        store.overload.add_retry_counts(retry_rows)
+        store.overload.add_shed_counts(shed_rows)
+        store.fleet.report_concurrency([(batch.gateway_id, u.upstream, u.concurrency_limit,
                                    int(u.concurrency_saturated), batch.interval_end)
                                   for u in batch.upstreams])
-        store.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
-        store.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
+        store.fleet.link_service_upstreams([(svc, up, batch.interval_end) for svc, up in links])
+        store.fleet.add_transitions([(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
                                 t.reason) for t in batch.breaker_transitions])
-        store.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
+        store.fleet.report_gateway(batch.gateway_id, batch.seq, batch.interval_end, sat.cpu_percent,
                              lag_ms, sat.inflight_max, sat.rss_bytes)
         # the interval tells the silent-gateway check (followups.py) when to worry
-        store.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
+        store.fleet.note_gateway_interval(batch.gateway_id, batch.interval_end - batch.interval_start,
                                     batch.interval_end)
     return True
 
@@ -158,8 +158,8 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
     while max_chunks is None or chunks < max_chunks:
         chunks += 1
         with store.transaction():
-            store.lock_compaction()     # replicas: one folds a chunk at a time, never twice
-            pending = store.pending_hists(chunk)
+            store.rollups.lock_compaction()     # replicas: one folds a chunk at a time, never twice
+            pending = store.rollups.pending_hists(chunk)
             if not pending:
                 return done
             per_key: dict[tuple[int, str, str], Any] = {}
@@ -178,13 +178,13 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
                     targets[(win, bs, service, TOTAL)].append(h)
             updates = []
             for key, parts in targets.items():
-                acc = histogram.decode_trusted(store.bucket_hist(key))
+                acc = histogram.decode_trusted(store.rollups.bucket_hist(key))
                 for h in parts:
                     acc.add(h)
                 p50, p95, p99 = histogram.percentiles(acc)
                 updates.append((histogram.encode(acc), p50, p95, p99) + key)
-            store.set_bucket_hists(updates)
-            store.delete_pending([row[0] for row in pending])
+            store.rollups.set_bucket_hists(updates)
+            store.rollups.delete_pending([row[0] for row in pending])
         done += len(pending)
         if len(pending) < chunk:
             break
@@ -196,9 +196,9 @@ def run_retention(store: Store, now: float) -> dict[str, int]:
     compact(store)
     deleted: dict[str, int] = {}
     for name, win in WINDOWS.items():
-        deleted[name] = store.delete_buckets_before(win, now - RETENTION_S[win])
-    deleted["batch_ids"] = store.delete_batches_before(now - BATCH_ID_RETENTION_S)
-    deleted["reports"] = store.delete_reports_before(now - REPORT_RETENTION_S)
+        deleted[name] = store.rollups.delete_buckets_before(win, now - RETENTION_S[win])
+    deleted["batch_ids"] = store.rollups.delete_batches_before(now - BATCH_ID_RETENTION_S)
+    deleted["reports"] = store.fleet.delete_reports_before(now - REPORT_RETENTION_S)
     if any(deleted.values()):
         log.info("retention", extra={"deleted": deleted})
     return deleted

@@ -25,7 +25,7 @@ SHED_TTL_S = 300.0
 def directives(store: Store, now: float) -> dict[str, Any]:
     """The `shed_services` directive for an ingest answer (empty when nothing burns)."""
     shed: dict[str, dict[str, Any]] = {}
-    for alert in store.slo_alerts(open_only=True, limit=1000):
+    for alert in store.alerts.slo_alerts(open_only=True, limit=1000):
         if alert.get("source") != "slo" or alert.get("severity") != "page":
             continue
         service = alert.get("service")

@@ -18,7 +18,7 @@ log = logging.getLogger("gateway.control.evaluator")
 
 def load_slos(store: Store) -> list[SLO]:
     out = []
-    for row in store.slo_docs():
+    for row in store.slos.slo_docs():
         try:
             out.append(slo_mod.slo_from_doc(row["doc"]))
         except ValueError:
@@ -49,13 +49,13 @@ class Counter:
     def _piece(self, win_s: int, first: int, end: float) -> Counts:
         s = self.slo
         if s.sli == "availability":
-            requests, e5xx, limited = self.store.sli_sums(win_s, s.service, self.route, first,
+            requests, e5xx, limited = self.store.rollups.sli_sums(win_s, s.service, self.route, first,
                                                           end)
             return Counts(requests, e5xx + (limited if s.count_429 else 0))
         assert s.threshold_ms is not None
         threshold_us = s.threshold_ms * 1000.0
         total = bad = 0
-        for bucket_start, blob in self.store.sli_hists(win_s, s.service, self.route, first, end):
+        for bucket_start, blob in self.store.rollups.sli_hists(win_s, s.service, self.route, first, end):
             key = (win_s, bucket_start)
             cached = self._hist_cache.get(key)
             if cached is None:

@@ -64,7 +64,7 @@ class Evaluator:
             except Exception:
                 log.exception("follow-up check failed", extra={"check": check.__name__})
         for incident_id in incidents.tick(self.store, now):
-            inc = self.store.incident(incident_id)
+            inc = self.store.incidents.incident(incident_id)
             if inc is not None:
                 events.append(incidents.event("escalated", inc))
         self.passes += 1
@@ -75,7 +75,7 @@ class Evaluator:
         """The SLO's closed periods into its history; error-budget consumption alerts of the
         current period."""
         counter = Counter(self.store, s, now)
-        row = self.store.slo_doc(s.id)
+        row = self.store.slos.slo_doc(s.id)
         history.close_periods(self.store, s, row["created_at"] if row else now, now,
                               counter.counts)
         start, end = followups.consumption_period(s, now)
@@ -93,7 +93,7 @@ class Evaluator:
                 continue
             key = f"{s.id}:{tier}"
             firing = [r for r in tier_rules if r["firing"]]
-            current = self.store.open_slo_alert(key)
+            current = self.store.alerts.open_slo_alert(key)
             if current is not None:
                 details = dict(current["details"])
                 details["rules"] = tier_rules
@@ -102,11 +102,11 @@ class Evaluator:
                 details["max_burn"] = max([details.get("max_burn", 0.0)] +
                                           [r["short_burn"] for r in firing])
                 if not firing and all(r["short_clear"] for r in tier_rules):
-                    self.store.update_slo_alert(current["id"], {"details": details})
+                    self.store.alerts.update_slo_alert(current["id"], {"details": details})
                     events.append(alerts.resolve(self.store, current, ACTOR,
                                                  "burn rate back under the threshold", now))
                 else:
-                    self.store.update_slo_alert(current["id"], {"details": details,
+                    self.store.alerts.update_slo_alert(current["id"], {"details": details,
                                                                 "updated_at": now})
                     if firing and current["incident_id"]:
                         incidents.raise_severity(
@@ -116,9 +116,9 @@ class Evaluator:
                 continue
             if not firing:
                 continue
-            if tier == "ticket" and self.store.open_slo_alert(f"{s.id}:page") is not None:
+            if tier == "ticket" and self.store.alerts.open_slo_alert(f"{s.id}:page") is not None:
                 continue
-            last = self.store.last_resolved_at(key)
+            last = self.store.alerts.last_resolved_at(key)
             if last is not None and now - last < s.cooldown_s:
                 continue
             events.extend(self._raise(s, tier, tier_rules, firing, windows, now))
@@ -150,7 +150,7 @@ class Evaluator:
                                        service=s.service, severity=tier, title=title,
                                        description=description, labels=labels, details=details,
                                        now=now, slo_id=s.id)
-            self.store.audit(ACTOR, "create", f"alert/{alert['id']}", "burn-rate rule fired",
+            self.store.audit.record(ACTOR, "create", f"alert/{alert['id']}", "burn-rate rule fired",
                              {"dedup_key": alert["dedup_key"],
                               "rules": details["fired_rules"]}, at=now)
             incident = None
@@ -160,7 +160,7 @@ class Evaluator:
                     severity=slo_mod.incident_severity(error_rate_5m),
                     context={"slo": s.id, "error_rate_5m": error_rate_5m,
                              "burn_rates": details["burn_rates"]}, now=now)
-        alert = self.store.slo_alert(alert["id"]) or alert
+        alert = self.store.alerts.slo_alert(alert["id"]) or alert
         out = [Event("firing", alert, incident)]
         if incident is not None and incidents.opened_by(incident, alert):
             out.append(incidents.event("opened", incident))

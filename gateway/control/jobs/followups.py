@@ -53,7 +53,7 @@ def budget_consumption(store: Store, s: SLO, counts: Counts, start: float, end: 
     resolve those of earlier periods or superseded."""
     events: list[Event] = []
     current = {_key(s, pct, start) for pct in s.budget_alerts}
-    for old in store.open_alerts_with_prefix(f"{s.id}:budget"):
+    for old in store.alerts.open_alerts_with_prefix(f"{s.id}:budget"):
         if old["dedup_key"] not in current:
             events.append(alerts.resolve(store, old, ACTOR, "SLO period ended", now))
     if not s.budget_alerts or counts.total < max(1, s.min_events):
@@ -63,9 +63,9 @@ def budget_consumption(store: Store, s: SLO, counts: Counts, start: float, end: 
     if not reached:
         return events
     pct = reached[-1]                      # the highest reached: lower ones are implied
-    if any(store.any_alert(_key(s, p, start)) for p in s.budget_alerts if p >= pct):
+    if any(store.alerts.any_alert(_key(s, p, start)) for p in s.budget_alerts if p >= pct):
         return events                      # raised already in this period
-    if pct >= PAGE_AT_PCT and store.open_slo_alert(f"{s.id}:page") is not None:
+    if pct >= PAGE_AT_PCT and store.alerts.open_slo_alert(f"{s.id}:page") is not None:
         return events                      # the burn-rate page covers it; raised once it clears
     key = _key(s, pct, start)
     with store.transaction():
@@ -82,10 +82,10 @@ def budget_consumption(store: Store, s: SLO, counts: Counts, start: float, end: 
             details={"consumed_fraction": b.consumed_fraction, "period_start": start,
                      "period_end": end, "threshold_pct": pct},
             now=now, slo_id=s.id)
-        store.audit(ACTOR, "create", f"alert/{alert['id']}",
+        store.audit.record(ACTOR, "create", f"alert/{alert['id']}",
                     f"{pct:g} % of the error budget consumed", {"dedup_key": key}, at=now)
         for lower in s.budget_alerts:
-            prev = store.open_slo_alert(_key(s, lower, start)) if lower < pct else None
+            prev = store.alerts.open_slo_alert(_key(s, lower, start)) if lower < pct else None
             if prev is not None:
                 events.append(alerts.resolve(store, prev, ACTOR,
                                              f"superseded by the {pct:g} % alert", now))
@@ -101,15 +101,15 @@ def silent_gateways(store: Store, now: float) -> list[Event]:
     """Alert on gateways silent for SILENT_INTERVALS ship intervals; resolve on their return."""
     events: list[Event] = []
     seen: set[str] = set()
-    for gateway_id, last_seen, interval_s in store.gateway_intervals():
+    for gateway_id, last_seen, interval_s in store.fleet.gateway_intervals():
         seen.add(gateway_id)
         if not interval_s or interval_s <= 0:
             continue
         key = f"{SILENT_PREFIX}{gateway_id}"
-        open_alert = store.open_slo_alert(key)
+        open_alert = store.alerts.open_slo_alert(key)
         silent_s = now - last_seen
         if silent_s > SILENT_INTERVALS * interval_s:
-            started = store.last_started_at(key)
+            started = store.alerts.last_started_at(key)
             if open_alert is None and (started is None or started <= last_seen):
                 # (once per silence: one resolved by hand, e.g. for a gateway taken out of
                 # service, is not raised again until the gateway has reported in between)
@@ -124,13 +124,13 @@ def silent_gateways(store: Store, now: float) -> list[Event]:
                         labels={"alertname": "GatewaySilent", "gateway_id": gateway_id},
                         details={"last_seen": last_seen, "interval_s": interval_s},
                         now=now)
-                    store.audit(ACTOR, "create", f"alert/{alert['id']}",
+                    store.audit.record(ACTOR, "create", f"alert/{alert['id']}",
                                 "gateway stopped reporting", {"dedup_key": key}, at=now)
                 events.append(Event("firing", alert))
         elif open_alert is not None:
             events.append(alerts.resolve(store, open_alert, ACTOR, "gateway reporting again",
                                          now))
-    for old in store.open_alerts_with_prefix(SILENT_PREFIX):
+    for old in store.alerts.open_alerts_with_prefix(SILENT_PREFIX):
         if old["dedup_key"].removeprefix(SILENT_PREFIX) not in seen:
             events.append(alerts.resolve(store, old, ACTOR, "gateway forgotten (retention)",
                                          now))
@@ -140,10 +140,10 @@ def silent_gateways(store: Store, now: float) -> list[Event]:
 def overdue_action_items(store: Store, now: float) -> list[Event]:
     """One alert per action item that is open past its due date."""
     events: list[Event] = []
-    for item in store.action_items(status="open", due_before=now):
+    for item in store.incidents.action_items(status="open", due_before=now):
         if item["overdue_alert_id"] is not None:
             continue
-        inc = store.incident(item["incident_id"])
+        inc = store.incidents.incident(item["incident_id"])
         service = inc["affected_service"] if inc else SILENT_SERVICE
         key = f"action-item:{item['id']}:overdue"
         with store.transaction():
@@ -157,11 +157,11 @@ def overdue_action_items(store: Store, now: float) -> list[Event]:
                 labels={"alertname": "ActionItemOverdue", "incident_id": item["incident_id"],
                         "owner": item["owner"], "priority": item["priority"]},
                 details={"action_item_id": item["id"], "due_at": item["due_at"]}, now=now)
-            store.update_action_item(item["id"], {"overdue_alert_id": alert["id"]})
-            store.add_timeline(item["incident_id"], now, "action_item", ACTOR,
+            store.incidents.update_action_item(item["id"], {"overdue_alert_id": alert["id"]})
+            store.incidents.add_timeline(item["incident_id"], now, "action_item", ACTOR,
                                f"action item {item['id']} overdue: {item['description']}",
                                {"action_item_id": item["id"], "alert_id": alert["id"]})
-            store.audit(ACTOR, "create", f"alert/{alert['id']}", "action item overdue",
+            store.audit.record(ACTOR, "create", f"alert/{alert['id']}", "action item overdue",
                         {"dedup_key": key}, at=now)
         events.append(Event("firing", alert))
     return events

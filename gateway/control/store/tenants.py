@@ -3,25 +3,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from gateway.control.store.core import Store
+from gateway.control.store.repository import Repository
 
 
-class TenantRepo:
+class TenantRepo(Repository):
     """Tenant rows on the control plane's Store (called on the database thread)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.store._lock:
-            return self.store._db.execute(sql, args).fetchall()
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        with self.store._lock:
-            return int(self.store._db.execute(sql, args).rowcount)
+        with self._lock:
+            return int(self._db.execute(sql, args).rowcount)
 
     def set_plan(self, tenant: str, plan: str, actor: str, now: float) -> None:
         self._exec("INSERT INTO tenants(tenant_id, plan, updated_at, actor) VALUES (?, ?, ?, ?) "
@@ -34,8 +30,8 @@ class TenantRepo:
 
     def add_override(self, tenant: str, o: dict[str, Any], reason: str, actor: str,
                      now: float) -> int:
-        with self.store._lock:
-            cur = self.store._db.execute(
+        with self._lock:
+            cur = self._db.execute(
                 "INSERT INTO tenant_overrides(tenant_id, qps, burst, daily_quota, monthly_quota, "
                 "effective_date, expires_at, reason, actor, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -61,8 +57,8 @@ class TenantRepo:
 
     def add_usage(self, rows: list[tuple[str, str, str, str, int, int, int, float]]) -> None:
         """(tenant, kind, window id, plan, limit, admitted, rejected, now): counts add up."""
-        with self.store._lock:
-            self.store._db.executemany(
+        with self._lock:
+            self._db.executemany(
                 "INSERT INTO tenant_usage(tenant_id, kind, window_id, plan, quota_limit, "
                 "admitted, rejected, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(tenant_id, kind, window_id) DO UPDATE SET "
@@ -95,7 +91,7 @@ class TenantRepo:
 
     def prune(self, before: float) -> int:
         """Forget usage and alert rows last touched before `before` (retention)."""
-        with self.store.transaction():
+        with self.transaction():
             n = self._exec("DELETE FROM tenant_usage WHERE updated_at < ?", (before,))
             n += self._exec("DELETE FROM tenant_alerts WHERE created_at < ?", (before,))
         return n
