@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control.api.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
 from gateway.control.domain import slo as slo_mod
 from gateway.control.jobs.evaluator import Evaluator
 from gateway.control.store import Store

@@ -9,7 +9,7 @@ import time
 import pytest
 from aiohttp import web
 
-from gateway.control.api.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
 from gateway.control.config import load_text
 from gateway.control.jobs.notify import Target, parse_notifications
 from gateway.control.web import NOTIFIER

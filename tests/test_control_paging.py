@@ -19,7 +19,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from gateway.control.api.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
 from gateway.control.config import load_text
 from gateway.control.jobs import mail
 from gateway.control.jobs.notify import Target

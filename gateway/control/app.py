@@ -19,7 +19,7 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /healthz, GET /metrics                 no auth
   GET  /, /static/...                         the dashboard (api/dashboard.py), no auth
   /v1/slos, /v1/error-budgets, /v1/deploy-gate, /v1/alerts, /v1/incidents, /v1/admin/evaluate
-                                  SLOs, budgets, alerts, incidents: api/reliability.py
+                                  api/slos.py, api/alerts.py, api/incidents.py, api/admin.py
   /v1/costs, /v1/budgets: api/costs.py; /v1/tenants: api/tenants.py
 
 SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
@@ -41,11 +41,13 @@ from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
 from gateway.control.api import (
     admin,
+    alerts,
     dashboard,
+    incidents,
     ingest,
     metrics,
-    reliability,
     signals,
+    slos,
     workflow,
 )
 from gateway.control.api import costs as costs_api
@@ -107,7 +109,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
         """control.yaml's budgets and SLOs into the store, the notifier, the periodic jobs."""
         db = app[DB]
         await db.call(sync_config_budgets, db.store, budget_specs, clock.time())
-        await db.call(reliability.sync_config_slos, db.store, cfg.slos, clock.time())
+        await db.call(slos.sync_config_slos, db.store, cfg.slos, clock.time())
         app[EVALUATOR] = Evaluator(db.store)
 
         async def record(row: dict[str, object]) -> None:
@@ -127,7 +129,7 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
             asyncio.create_task(tenants.housekeeping(
                 db, clock, lambda: publish_queued(app, app[BOOK]))),
             asyncio.create_task(evaluation_loop(
-                db, evaluation_interval_s, lambda: reliability.run_evaluation(app)),
+                db, evaluation_interval_s, lambda: admin.run_evaluation(app)),
                 name="slo-evaluator"),
         ]
         try:
@@ -144,12 +146,14 @@ def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
     dashboard.routes(app)          # GET /, /static/..., /v1/me
     costs_api.routes(app)          # /v1/costs, /v1/budgets[/{id}]
     tenants_api.routes(app)        # /v1/tenants[/{id}[/quotas]]
-    workflow.routes(app)           # assignment, action items, reports, SLO history: before
-    reliability.routes(app)        # /v1/slos, /v1/error-budgets, /v1/deploy-gate, /v1/alerts, ...
+    workflow.routes(app)           # assignment, action items, reports, SLO history: before slos
+    slos.routes(app)               # /v1/slos, /v1/error-budgets, /v1/deploy-gate
+    alerts.routes(app)             # /v1/alerts, /v1/notifications/deliveries
+    incidents.routes(app)          # /v1/incidents[/{id}[/{action}]]
     metrics.routes(app)            # /healthz, /metrics
     ingest.routes(app)             # POST /v1/ingest
     signals.routes(app)            # /v1/signals, /v1/health/overview, /v1/limits, /v1/breakers
-    admin.routes(app)              # /v1/audit, /v1/admin/retention/run
+    admin.routes(app)              # /v1/audit, /v1/admin/retention/run, /v1/admin/evaluate
     return app
 
 

@@ -23,7 +23,7 @@ from gateway.control.config import ControlConfig
 from gateway.control.domain.alerts import Event
 from gateway.control.domain.costs import FinOps
 from gateway.control.domain.tenants import TenantBook
-from gateway.control.store import Database
+from gateway.control.store import Database, Store
 from gateway.control.store.database import UnstorableText
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_body
 
@@ -197,3 +197,34 @@ def query_limit(request: web.Request, default: int, maximum: int) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= maximum:
         raise BadParam("limit", f"must be an integer from 1 to {maximum}, got {raw!r}")
     return int(raw)
+
+
+def request_actor(request: web.Request) -> str:
+    """The authenticated caller's name (the audit log's actor)."""
+    return request[PRINCIPAL].name
+
+
+def request_time(request: web.Request) -> float:
+    return request.app[CLOCK].time()
+
+
+def request_store(request: web.Request) -> Store:
+    return request.app[DB].store
+
+
+async def on_db(request: web.Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on the database thread."""
+    return await request.app[DB].call(fn, *args, **kwargs)
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    """A true/false query parameter (false without it)."""
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise BadParam(name, f"must be true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
+def invalid(errors: list[str]) -> web.Response:
+    """One 400 problem listing a body's `path: message` errors (the first as its detail)."""
+    return problem(400, errors[0], errors=errors[:50])

@@ -12,7 +12,7 @@ incidents.py, actionitems.py, reports.py and history.py):
                                                             month) &at=<a time in the period>
   GET   /v1/slos/{id}/history              slos:read        ?kind=day|period&since=&until=
 
-Registered before the incident routes of reliability.py, whose `/v1/incidents/{id}/{action}`
+Registered before the incident routes of incidents.py, whose `/v1/incidents/{id}/{action}`
 would otherwise take the first three paths.
 """
 
