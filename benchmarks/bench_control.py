@@ -30,8 +30,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.control import histogram, rollup
-from gateway.control.ingest import parse_batch
+from gateway.control.domain import histogram, rollup
+from gateway.control.domain.ingest import parse_batch
 from gateway.control.store import Store
 from tests.conftest import free_port, wait_port
 
@@ -177,8 +177,8 @@ def populate(path: Path | str, now: float) -> None:
                                  2.0, 10, 1))
                     hist_rows.append((enc, p50, p95, p99, win, bs, f"service-{svc}", route))
             with store.transaction():
-                store.add_buckets(rows)
-                store.set_bucket_hists(hist_rows)
+                store.rollups.add_buckets(rows)
+                store.rollups.set_bucket_hists(hist_rows)
     store.close()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.control import budgets as bm
+from gateway.control.domain import budgets as bm
 from tests.conftest import free_port, wait_port
 from tests.harness import GatewayProcess, gateway_yaml, write_config
 

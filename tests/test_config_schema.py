@@ -25,6 +25,7 @@ from gateway import config as gw_config
 from gateway import schema as schema_mod
 from gateway import validation
 from gateway.control import config as cp_config
+from gateway.control.domain import budgets, costs
 from gateway.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -411,7 +412,6 @@ def test_every_mapping_the_loader_checks_is_in_the_schema_with_the_same_keys(
 
 def test_budget_and_cost_model_keys_are_the_schemas():
     """The two control-plane mappings checked without validation.mapping."""
-    from gateway.control import budgets, costs
     root = published("control")
     budget = _schema_at(root, "budgets[0]")[0]
     assert set(budget["properties"]) == budgets.BUDGET_KEYS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.control.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of

@@ -122,7 +122,7 @@ async def test_retention_run_is_audited_and_audit_filters(tmp_path):
             assert resp.status == 200
             assert set((await resp.json())["deleted"]) >= {"1m", "5m", "1h", "1d"}
         clock.advance(10)
-        store_of(app).audit("ops-bot", "reset", "breaker/payments", "manual reset",
+        store_of(app).audit.record("ops-bot", "reset", "breaker/payments", "manual reset",
                             {"by": "test"})
         status, doc = await get(s, url, "/v1/audit")
         assert status == 200

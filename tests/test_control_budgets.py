@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from gateway.control import budgets as bm
+from gateway.control.domain import budgets as bm
 
 
 def ts(*args: int, tz: str = "UTC") -> int:

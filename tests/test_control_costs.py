@@ -8,8 +8,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.control import budgets as bm
-from gateway.control import costs
+from gateway.control.domain import budgets as bm
+from gateway.control.domain import costs
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_support import (
@@ -155,7 +155,7 @@ async def test_import_validation_idempotency_and_roles(tmp_path):
         assert (await call(s, "GET", url, "/v1/costs", role="reader"))[0] == 403
         st, err = await call(s, "GET", url, "/v1/costs", group_by="week")
         assert st == 400 and "group_by" in err["detail"]
-        audit = store_of(app).audit_entries(action="import")
+        audit = store_of(app).audit.entries(action="import")
         assert audit[-1]["actor"] == "admin-user" and audit[-1]["reason"] == "invoice 42"
 
 
@@ -229,7 +229,7 @@ async def test_budget_crud_report_and_audit(tmp_path):
         assert (await call(s, "DELETE", url, f"/v1/budgets/{allb['id']}"))[0] == 204
         assert (await call(s, "DELETE", url, f"/v1/budgets/{allb['id']}"))[0] == 404
         actions = [(e["action"], e["target"]) for e in
-                   store_of(app).audit_entries(actor="admin-user")]
+                   store_of(app).audit.entries(actor="admin-user")]
         assert actions == [("delete", f"budget:{allb['id']}"), ("update", f"budget:{b['id']}"),
                            ("create", f"budget:{allb['id']}"), ("create", f"budget:{b['id']}")]
 
@@ -292,7 +292,7 @@ async def test_emergency_override_and_its_expiry(tmp_path):
         assert "svc" in r["directives"]["reject_services"]
         _, v = await call(s, "GET", url, f"/v1/budgets/{b['id']}")
         assert v["effective_amount_cents"] == 1 and not v["override"]["active"]
-        entry = store_of(app).audit_entries(action="override")[0]
+        entry = store_of(app).audit.entries(action="override")[0]
         assert entry["reason"] == "launch day" and entry["details"]["amount_cents"] == 50
 
 
@@ -319,7 +319,7 @@ async def test_config_budgets_are_synced_at_startup(tmp_path):
 
 def _usage(store: Store, t: int, service: str, micros: int) -> None:
     with store.transaction():
-        store.add_cost_usage([(service, t - t % 900, "r", "api_calls", "request", "0.000001",
+        store.costs.add_cost_usage([(service, t - t % 900, "r", "api_calls", "request", "0.000001",
                                micros)])
 
 
@@ -331,25 +331,25 @@ def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
     spec, _ = bm.parse_budget({"name": "d", "service": "svc", "period": "daily",
                                "amount_cents": 100, "forecast_thresholds": [1.0]})
     assert spec is not None
-    bid = store.insert_budget("d", costs._spec_json(spec), "api", None, clock.time())
+    bid = store.budgets.insert_budget("d", costs.spec_json(spec), "api", None, clock.time())
     finops = costs.FinOps(models)
     _usage(store, DAY0 + 3_600, "svc", 850_000)            # 85 % at noon: forecast 170 %
     finops.evaluate(store, clock.time())
     finops.evaluate(store, clock.time())
-    got = {(a["kind"], a["threshold"], a["severity"]) for a in store.budget_alerts(bid)}
+    got = {(a["kind"], a["threshold"], a["severity"]) for a in store.budgets.budget_alerts(bid)}
     assert got == {("actual", "0.8", "info"), ("forecast", "1", "critical")}
-    fc = next(a for a in store.budget_alerts(bid) if a["kind"] == "forecast")
+    fc = next(a for a in store.budgets.budget_alerts(bid) if a["kind"] == "forecast")
     assert fc["spend_micros"] == 1_700_000                # 850 000 * 24 h / 12 h
     store.close()
 
     store = Store(path, clock=clock)                       # a restart: a new process state
     finops = costs.FinOps(models)
     finops.evaluate(store, clock.time())
-    assert len(store.budget_alerts(bid)) == 2
+    assert len(store.budgets.budget_alerts(bid)) == 2
     _usage(store, DAY0 + 7_200, "svc", 200_000)            # 105 %
     clock.advance(60)
     finops.evaluate(store, clock.time())
-    assert sorted(a["threshold"] for a in store.budget_alerts(bid)
+    assert sorted(a["threshold"] for a in store.budgets.budget_alerts(bid)
                   if a["kind"] == "actual") == ["0.8", "0.9", "1"]
     store.close()
 
@@ -358,14 +358,14 @@ def test_threshold_alerts_once_per_period_across_restarts(tmp_path):
     _usage(store, DAY0 + 86_400 + 3_600, "svc", 950_000)
     costs.FinOps(models).evaluate(store, clock.time())
     costs.FinOps(models).evaluate(store, clock.time())
-    today = [a for a in store.budget_alerts(bid) if a["period_start"] == DAY0 + 86_400]
+    today = [a for a in store.budgets.budget_alerts(bid) if a["period_start"] == DAY0 + 86_400]
     assert sorted((a["kind"], a["threshold"]) for a in today) == [
         ("actual", "0.8"), ("actual", "0.9"), ("forecast", "1")]
     store.close()
 
 
 def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
-    from gateway.control import store as store_mod
+    from gateway.control.store import core as store_mod
     v2 = (2, ["CREATE TABLE other_feature (id INTEGER PRIMARY KEY)"])
     # (later migrations may build on 2's tables: only 1 and 3 here)
     original = [m for m in store_mod.MIGRATIONS if m[0] in (1, 3)]
@@ -376,7 +376,7 @@ def test_migrations_apply_in_either_order(tmp_path, monkeypatch):
     s = Store(tmp_path / "m.db")                           # ... then 2 lands
     assert s.schema_version() == max(v for v, _ in store_mod.MIGRATIONS)
     assert s._db.execute("SELECT COUNT(*) FROM other_feature").fetchone()[0] == 0
-    assert s.budgets() == []
+    assert s.budgets.all() == []
     s.close()
 
 

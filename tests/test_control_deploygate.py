@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.control.deploygate import decide
-from gateway.control.slo import GateTiers
+from gateway.control.domain.deploygate import decide
+from gateway.control.domain.slo import GateTiers
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of

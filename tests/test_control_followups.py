@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control import slo as slo_mod
-from gateway.control.evaluator import Evaluator
-from gateway.control.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
+from gateway.control.domain import slo as slo_mod
+from gateway.control.jobs.evaluator import Evaluator
 from gateway.control.store import Store
 from gateway.validation import Errors
 from tests.fakes import FakeClock
@@ -23,7 +23,7 @@ DEC1 = datetime(2023, 12, 1, tzinfo=UTC).timestamp()
 
 
 def budget_alerts(store: Store) -> list[dict]:
-    return [a for a in reversed(store.slo_alerts(limit=1000)) if a["source"] == "budget"]
+    return [a for a in reversed(store.alerts.slo_alerts(limit=1000)) if a["source"] == "budget"]
 
 
 def test_consumption_alerts_at_50_and_90_percent_once_per_period(tmp_path):
@@ -53,10 +53,10 @@ def test_consumption_alerts_at_50_and_90_percent_once_per_period(tmp_path):
         clock.advance(10 * MIN)
         ev.evaluate(clock.time())
         # the burn-rate page of this outage is open: the consumption page waits for it
-        assert store.open_slo_alert("api-availability:page") is not None
+        assert store.alerts.open_slo_alert("api-availability:page") is not None
         assert [a["labels"]["threshold"] for a in budget_alerts(store)] == ["50%"]
         events = []
-        while store.open_slo_alert("api-availability:page") is not None:
+        while store.alerts.open_slo_alert("api-availability:page") is not None:
             clock.advance(10 * MIN)
             events += ev.evaluate(clock.time())
         fifty, ninety = budget_alerts(store)
@@ -80,7 +80,7 @@ def test_consumption_alerts_at_50_and_90_percent_once_per_period(tmp_path):
         *_, dec = budget_alerts(store)
         assert dec["dedup_key"] == f"api-availability:budget50:{int(DEC1)}"
         assert dec["status"] == "firing"
-        assert [e["action"] for e in store.audit_entries(actor="evaluator", limit=100)
+        assert [e["action"] for e in store.audit.entries(actor="evaluator", limit=100)
                 if e["target"] == f"alert/{dec['id']}"] == ["create"]
     finally:
         store.close()
@@ -163,4 +163,4 @@ async def test_a_gateway_that_stops_reporting_raises_an_alert_until_it_is_back(t
         await run_evaluation(app)
         assert [a["status"] for a in await silent()
                 if a["labels"]["gateway_id"] == "gw-b"] == ["firing", "resolved"]
-        assert store_of(app).gateway_intervals()[1][2] == 5.0
+        assert store_of(app).fleet.gateway_intervals()[1][2] == 5.0

@@ -8,11 +8,11 @@ import asyncio
 import orjson
 import pytest
 
-from gateway.control import rollup
-from gateway.control.app import INGEST
-from gateway.control.groupcommit import GroupCommit
-from gateway.control.ingest import parse_batch
+from gateway.control.domain import rollup
+from gateway.control.domain.ingest import parse_batch
 from gateway.control.store import Store
+from gateway.control.store.groupcommit import GroupCommit
+from gateway.control.web import INGEST
 from tests.fakes import FakeClock
 from tests.test_control_support import (
     DAY0,
@@ -108,13 +108,13 @@ def test_apply_many_writes_what_one_by_one_writes_and_counts_a_replay_once(tmp_p
             rollup.compact(store)
         for win in rollup.WINDOWS.values():
             for route in ("*", "r1", "r2"):
-                got = grouped.signals(win, T - 86_400, T + 86_400, service=None, route=route,
+                got = grouped.rollups.signals(win, T - 86_400, T + 86_400, service=None, route=route,
                                       limit=1000)
-                want = single.signals(win, T - 86_400, T + 86_400, service=None, route=route,
+                want = single.rollups.signals(win, T - 86_400, T + 86_400, service=None, route=route,
                                       limit=1000)
                 assert got == want and got, (win, route)
-            assert grouped.limit_counts(win, T - 86_400, T + 86_400, None) == \
-                single.limit_counts(win, T - 86_400, T + 86_400, None)
+            assert grouped.rollups.limit_counts(win, T - 86_400, T + 86_400, None) == \
+                single.rollups.limit_counts(win, T - 86_400, T + 86_400, None)
         assert grouped.table_counts() == single.table_counts()
     finally:
         grouped.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.control import health
+from gateway.control.domain import health
 from tests.fakes import FakeClock
 from tests.test_control_support import DAY0, batch, control_plane, get, ingest, series
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control import incidents
-from gateway.control.reliability import run_evaluation
+from gateway.control.api.admin import run_evaluation
+from gateway.control.domain import incidents
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, HOUR, MIN, call, slo_plane
 from tests.test_control_support import batch, ingest, series

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.control.database import UnstorableText
 from gateway.control.store import Store
+from gateway.control.store.database import UnstorableText
 from tests.fakes import FakeClock
 from tests.test_control_support import (
     DAY0,

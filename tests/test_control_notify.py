@@ -9,9 +9,10 @@ import time
 import pytest
 from aiohttp import web
 
+from gateway.control.api.admin import run_evaluation
 from gateway.control.config import load_text
-from gateway.control.notify import Target, parse_notifications
-from gateway.control.reliability import NOTIFIER, run_evaluation
+from gateway.control.jobs.notify import Target, parse_notifications
+from gateway.control.web import NOTIFIER
 from gateway.errors import ConfigError
 from gateway.validation import Errors
 from tests.conftest import free_port

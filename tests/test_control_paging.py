@@ -19,10 +19,11 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from gateway.control import mail
+from gateway.control.api.admin import run_evaluation
 from gateway.control.config import load_text
-from gateway.control.notify import Target
-from gateway.control.reliability import NOTIFIER, run_evaluation
+from gateway.control.jobs import mail
+from gateway.control.jobs.notify import Target
+from gateway.control.web import NOTIFIER
 from gateway.errors import ConfigError
 from tests.conftest import free_port
 from tests.fakes import FakeClock

@@ -10,8 +10,8 @@ import zlib
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from gateway.control import histogram, rollup
-from gateway.control.ingest import parse_batch
+from gateway.control.domain import histogram, rollup
+from gateway.control.domain.ingest import parse_batch
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_support import (
@@ -216,7 +216,7 @@ def test_retention_job_with_fake_clock(tmp_path):
         rollup.compact(store)
 
         def windows() -> dict[int, int]:
-            return {w: len(store.signals(w, 0, 10 ** 11, service="svc", route="*", limit=100))
+            return {w: len(store.rollups.signals(w, 0, 10 ** 11, service="svc", route="*", limit=100))
                     for w in rollup.WINDOWS.values()}
 
         assert windows() == {60: 1, 300: 1, 3600: 1, 86_400: 1}
@@ -242,7 +242,7 @@ def test_retention_keeps_what_is_inside_the_window(tmp_path):
         _ingest_direct(store, "old", DAY0 + 30, clock.time())        # 23h59m ago
         deleted = rollup.run_retention(store, clock.time())
         assert deleted["1m"] == 0
-        assert len(store.signals(60, 0, 10 ** 11, service="svc", route="*", limit=10)) == 1
+        assert len(store.rollups.signals(60, 0, 10 ** 11, service="svc", route="*", limit=10)) == 1
         clock.advance(60)
         assert rollup.run_retention(store, clock.time())["1m"] == 2    # the route and total rows
     finally:
@@ -251,7 +251,7 @@ def test_retention_keeps_what_is_inside_the_window(tmp_path):
 
 def test_migrations_are_versioned_and_idempotent(tmp_path):
     path = tmp_path / "c.db"
-    from gateway.control.store import MIGRATIONS, SCHEMA_VERSION  # 1 + later features' ones
+    from gateway.control.store import MIGRATIONS, SCHEMA_VERSION
     s1 = Store(path)
     assert s1.schema_version() == SCHEMA_VERSION == max(v for v, _ in MIGRATIONS)
     s1.close()

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control import slo as slo_mod
 from gateway.control.config import load_text
-from gateway.control.evaluator import Counter, budget_report
-from gateway.control.slo import Counts
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import Counts
+from gateway.control.domain.sloreport import Counter, budget_report
 from gateway.control.store import Store
 from gateway.errors import ConfigError
 from tests.fakes import FakeClock
@@ -124,9 +124,9 @@ def test_plan_counts_like_the_minute_buckets(tmp_path, span):
         feed(store, start + day * DAY, 24 * 60, 100, 0.37 + day * 0.11)
     now = DAY0 + 17 * MIN + 25
     first = -(-(now - span) // 60) * 60
-    total, bad = store.sli_sums(60, "svc", "*", first, now)[:2]
+    total, bad = store.rollups.sli_sums(60, "svc", "*", first, now)[:2]
     pieces = slo_mod.plan(now - span, now, now, retention={w: 10 * DAY for w in slo_mod.LEVELS})
-    sums = [store.sli_sums(w, "svc", "*", a, b) for w, a, b in pieces]
+    sums = [store.rollups.sli_sums(w, "svc", "*", a, b) for w, a, b in pieces]
     assert (sum(x[0] for x in sums), sum(x[1] for x in sums)) == (total, bad)
     assert len(pieces) <= 7
     # with the real retention (minutes kept 1 day) an older edge is rounded to 5 minutes
@@ -145,7 +145,7 @@ def test_plan_prefers_coarse_buckets():
 
 
 def test_latency_good_events_are_exact_at_hdr_resolution():
-    from gateway.control import histogram
+    from gateway.control.domain import histogram
     h = histogram.new()
     for v, n in ((1_000, 50), (120_000, 40), (499_000, 5), (500_000, 3), (900_000, 2)):
         for _ in range(n):

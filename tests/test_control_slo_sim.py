@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.control.evaluator import Evaluator, budget_report
+from gateway.control.domain.sloreport import budget_report
+from gateway.control.jobs.evaluator import Evaluator
 from gateway.control.store import Store
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, HOUR, MIN, add_slo, feed, make_slo
@@ -35,7 +36,7 @@ class Sim:
                     self.events.append((self.clock.time(), e.kind, e.alert))
 
     def alerts(self, tier: str | None = None) -> list[dict]:
-        return [a for a in reversed(self.store.slo_alerts(limit=1000))
+        return [a for a in reversed(self.store.alerts.slo_alerts(limit=1000))
                 if tier is None or a["severity"] == tier]
 
     def close(self) -> None:
@@ -68,11 +69,11 @@ def test_full_outage_pages_within_minutes_and_opens_a_sev1(sims):
     assert page["started_at"] <= t0 + 2 * MIN                 # at the first evaluations
     assert "1h/5m" in page["details"]["fired_rules"]
     assert sim.alerts("ticket") == []                         # the page covers it
-    inc = sim.store.incident(page["incident_id"])
+    inc = sim.store.incidents.incident(page["incident_id"])
     assert inc["affected_service"] == "svc" and inc["cause"] == "slo-availability"
     # the 5-minute error rate went past 50 % as the outage went on: SEV-1
     assert inc["severity"] == "SEV-1"
-    kinds = [e["kind"] for e in sim.store.timeline(inc["id"])]
+    kinds = [e["kind"] for e in sim.store.incidents.timeline(inc["id"])]
     assert kinds[:2] == ["status", "alert"] and "severity" in kinds
 
 
@@ -89,9 +90,9 @@ def test_one_percent_fires_the_6x_page_not_the_14x(sims):
     # the 6h burn passes 6 once 60 % of the 6h window is at 1 %: 3 h 36 min in
     assert t0 + 3.6 * HOUR < page["started_at"] <= t0 + 3.6 * HOUR + 5 * MIN
     assert sim.alerts("ticket") == []                            # inhibited by the open page
-    inc = sim.store.incident(page["incident_id"])
+    inc = sim.store.incidents.incident(page["incident_id"])
     assert inc["severity"] == "SEV-4"                            # 1 % errors: SEV-4
-    assert len(sim.store.incidents(limit=100)) == 1
+    assert len(sim.store.incidents.query(limit=100)) == 1
 
 
 def test_slow_burn_raises_a_ticket_after_long_enough_and_never_a_page(sims):
@@ -113,7 +114,7 @@ def test_slow_burn_raises_a_ticket_after_long_enough_and_never_a_page(sims):
     (ticket,) = sim.alerts("ticket")                             # resolved once 6h clears
     assert ticket["status"] == "resolved"
     assert t0 + 4 * DAY + 2.5 * HOUR <= ticket["resolved_at"] <= t0 + 4 * DAY + 3.5 * HOUR
-    assert sim.store.incidents(limit=10) == []                   # tickets open no incident
+    assert sim.store.incidents.query(limit=10) == []                   # tickets open no incident
 
 
 def test_a_spike_under_min_events_raises_nothing(sims):
@@ -121,7 +122,7 @@ def test_a_spike_under_min_events_raises_nothing(sims):
     quiet = sims(t0, min_events=100)
     feed(quiet.store, t0 + 10 * MIN, 1, 40, 40)                  # 40 requests, all failing
     quiet.run(t0 + 2 * HOUR, MIN)
-    assert quiet.alerts() == [] and quiet.store.incidents() == []
+    assert quiet.alerts() == [] and quiet.store.incidents.query() == []
     eager = sims(t0, min_events=10)                              # the guard is what held it
     feed(eager.store, t0 + 10 * MIN, 1, 40, 40)
     eager.run(t0 + 2 * HOUR, MIN)
@@ -150,9 +151,9 @@ def test_alerts_dedup_resolve_themselves_and_respect_the_cooldown(sims):
     assert {a["severity"] for _t, _k, a in sim.events} == {"page", "ticket"}
     # a second outage inside the cooldown (1 h after the resolution) raises nothing ...
     t1 = page["resolved_at"] + 20 * MIN
-    from gateway.control import rollup
+    from gateway.control.domain import rollup
     with sim.store.transaction():                                # turn those minutes into errors
-        sim.store.add_buckets([(w, rollup.bucket_start(t1 + i * MIN, w), "svc", "*", 0, 0, 100,
+        sim.store.rollups.add_buckets([(w, rollup.bucket_start(t1 + i * MIN, w), "svc", "*", 0, 0, 100,
                                 0, 0, 0, 0.0, 0.0, 0, 0)
                                for i in range(5) for w in rollup.WINDOWS.values()])
     sim.run(t0 + 2 * HOUR + 30 * MIN, MIN)
@@ -223,7 +224,7 @@ def test_a_simulated_month(tmp_path):
     assert page["resolved_at"] <= outage + 15 * MIN + HOUR
     assert leak + DAY < ticket["started_at"] < leak + 2 * DAY
     assert ticket["resolved_at"] < leak + 3 * DAY + 6 * HOUR
-    (inc,) = sim.store.incidents(limit=10)
+    (inc,) = sim.store.incidents.query(limit=10)
     assert inc["id"].startswith("INC-2023-") and inc["severity"] == "SEV-1"
     assert inc["escalation_level"] >= 1                  # nobody acknowledged it in 15 minutes
     b = budget_report(sim.store, sim.slo, sim.clock.time())

@@ -12,11 +12,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.control import rollup
-from gateway.control import slo as slo_mod
 from gateway.control.app import create_app
-from gateway.control.notify import Target
-from gateway.control.slo import SLO
+from gateway.control.domain import rollup
+from gateway.control.domain import slo as slo_mod
+from gateway.control.domain.slo import SLO
+from gateway.control.jobs.notify import Target
 from gateway.control.store import Store
 from gateway.validation import Errors
 from tests.test_control_support import DAY0, auth, control_config, running
@@ -39,7 +39,7 @@ def make_slo(**kw: Any) -> SLO:
 
 
 def add_slo(store: Store, s: SLO, now: float = 0.0) -> None:
-    assert store.insert_slo(s.id, s.service, s.to_doc(), "api", now)
+    assert store.slos.insert_slo(s.id, s.service, s.to_doc(), "api", now)
 
 
 def feed(store: Store, start: float, minutes: int, per_minute: int, bad_per_minute: float,
@@ -63,7 +63,7 @@ def feed(store: Store, start: float, minutes: int, per_minute: int, bad_per_minu
     rows = [(win, bs, service, route, n, 0, e5, rl, 0, 0, 0.0, 0.0, 0, 0)
             for (win, bs), (n, e5, rl) in sums.items()]
     with store.transaction():
-        store.add_buckets(rows)
+        store.rollups.add_buckets(rows)
 
 
 @asynccontextmanager

@@ -8,7 +8,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.control import slo as slo_mod
+from gateway.control.domain import slo as slo_mod
 from tests.fakes import FakeClock
 from tests.test_control_slo_support import DAY, DAY0, MIN, add_slo, call, feed, make_slo, slo_plane
 from tests.test_control_support import store_of

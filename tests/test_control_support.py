@@ -15,9 +15,10 @@ import orjson
 from aiohttp import web
 from hdrh.histogram import HdrHistogram
 
-from gateway.control.app import DB, create_app
+from gateway.control.app import create_app
 from gateway.control.config import ControlConfig, TokenConfig
 from gateway.control.store import Store
+from gateway.control.web import DB
 
 DAY0 = 1_700_006_400            # a UTC midnight: bucket arithmetic is easy to read
 TOKENS = {"admin": "admin-token-0123456789", "monitor": "monitor-token-0123456789",

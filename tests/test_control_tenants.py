@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from gateway.control.notify import Target
-from gateway.control.reliability import NOTIFIER
+from gateway.control.jobs.notify import Target
+from gateway.control.web import NOTIFIER
 from tests.fakes import FakeClock
 from tests.test_control_notify import Receiver
 from tests.test_control_slo_support import call, slo_plane
@@ -130,7 +130,7 @@ async def test_usage_per_window_and_the_80_percent_alert_once_per_window(tmp_pat
 
 
 async def test_usage_rows_are_pruned_after_retention(tmp_path):
-    from gateway.control.tenants import TenantRepo
+    from gateway.control.store.tenants import TenantRepo
     from tests.test_control_support import store_of
     clock = FakeClock(wall=T0)
     async with slo_plane(tmp_path, clock) as (url, s, app):

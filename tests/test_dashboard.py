@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gateway.control import dashboard
+from gateway.control.api import dashboard
 from gateway.control.auth import ACCESS
 from tests.fakes import FakeClock
 from tests.test_control_support import DAY0, TOKENS, auth, control_plane

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from gateway.config import ControlPlaneConfig
-from gateway.control import rollup
 from gateway.control.app import create_app
+from gateway.control.domain import rollup
 from gateway.shipper import Shipper
 from tests.conftest import free_port
 from tests.fakes import FakeClock
@@ -71,7 +71,7 @@ def make_shipper(url: str, tmp_path: Path, clock: FakeClock, snap: Callable[[], 
 def total_requests(app: web.Application) -> int:
     store = store_of(app)
     rollup.compact(store)
-    rows = store.signals(86_400, 0, 10 ** 11, service="svc", route="*", limit=10)
+    rows = store.rollups.signals(86_400, 0, 10 ** 11, service="svc", route="*", limit=10)
     return sum(r["request_count"] for r in rows)
 
 
@@ -348,6 +348,6 @@ async def test_real_signals_snapshots_round_trip(tmp_path):
         assert results["success"] == 1, results
         store = store_of(app)
         rollup.compact(store)
-        row = store.signals(60, 0, 10 ** 11, service="svc", route="r1", limit=10)[0]
+        row = store.rollups.signals(60, 0, 10 ** 11, service="svc", route="r1", limit=10)[0]
         assert row["request_count"] == 500 and row["error_count_5xx"] == 50
         assert row["p99_us"] / 1000 == pytest.approx(49.5, rel=0.02)

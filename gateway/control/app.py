@@ -1,4 +1,6 @@
-"""The control plane HTTP service: aiohttp app (`create_app`) and the blocking entry point (`run`).
+"""The control plane HTTP service, wiring only: `create_app` puts the handlers of api/ on one
+aiohttp app, opens the store at startup and runs the jobs of jobs/; `run` is the blocking entry
+point.
 
 Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
 
@@ -11,12 +13,14 @@ Endpoints (auth: `Authorization: Bearer <token>`; roles per `auth.ACCESS`):
   GET  /v1/limits                 limits     limit decisions per policy and bucket
   GET  /v1/breakers               breakers   breaker states as last reported + recent transitions
   GET  /v1/audit                  audit      the audit log (admin)
-  POST /v1/admin/retention/run    admin      run the retention job now (audited)
+  POST /v1/admin/retention/run    admin      run the retention job now (audited; 409 on a
+                                             replica that does not hold its lock)
   GET  /v1/me                     (any)      the caller's name, role and permissions
   GET  /healthz, GET /metrics                 no auth
-  GET  /, /static/...                         the dashboard (see dashboard.py), no auth
+  GET  /, /static/...                         the dashboard (api/dashboard.py), no auth
   /v1/slos, /v1/error-budgets, /v1/deploy-gate, /v1/alerts, /v1/incidents, /v1/admin/evaluate
-                                  SLOs, budgets, alerts, incidents: see reliability.py
+                                  api/slos.py, api/alerts.py, api/incidents.py, api/admin.py
+  /v1/costs, /v1/budgets: api/costs.py; /v1/tenants: api/tenants.py
 
 SQLite work (including ingest parsing, which is CPU-bound) runs on one worker thread so the event
 loop stays responsive and the store sees one caller at a time.
@@ -26,510 +30,140 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from functools import partial
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import orjson
+import uvloop
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import split_hostport
-from gateway.control import (  # costs: budgets, directives; shedding: page alerts
-    costs,
+from gateway.control.api import (
+    admin,
+    alerts,
     dashboard,
-    health,
-    rollup,
-    shedding,
-    slometrics,
+    incidents,
+    ingest,
+    metrics,
+    signals,
+    slos,
+    workflow,
 )
-from gateway.control import tenants as tenant_book  # tenant usage, 80 % alerts, tenant table
-from gateway.control.auth import Authenticator, Principal, allowed
+from gateway.control.api import costs as costs_api
+from gateway.control.api import tenants as tenants_api
+from gateway.control.auth import Authenticator
 from gateway.control.config import ControlConfig, load
-from gateway.control.database import JobLock, UnstorableText
-from gateway.control.groupcommit import GroupCommit
-from gateway.control.ingest import Batch, IngestError, parse_batch, read_body
-from gateway.control.store import Store
-from gateway.errors import PROBLEM_CONTENT_TYPE, ConfigError, problem_body
+from gateway.control.domain import costs, rollup
+from gateway.control.domain.costs import sync_config_budgets
+from gateway.control.domain.ingest import Batch
+from gateway.control.domain.tenants import TenantBook
+from gateway.control.jobs import compaction, finops, tenants
+from gateway.control.jobs.evaluator import Evaluator, evaluation_loop
+from gateway.control.jobs.notify import Notifier
+from gateway.control.jobs.schedule import every
+from gateway.control.store import Database, Store
+from gateway.control.store.groupcommit import GroupCommit
+from gateway.control.web import (
+    AUTH,
+    BOOK,
+    CLOCK,
+    CONFIG,
+    DB,
+    EVALUATOR,
+    FINOPS,
+    INGEST,
+    NOTIFIER,
+    middleware,
+    publish_queued,
+)
+from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.control")
-
-T = TypeVar("T")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-MAX_SIGNAL_ROWS = 100_000
-DEFAULT_SPAN_BUCKETS = 60      # default since = until - 60 buckets (1m: the last hour)
-INGEST_RESULTS = ("accepted", "duplicate", "invalid", "too_large", "unsupported", "error")
-
-
-class Database:
-    """The Store behind a single worker thread: `await db.call(fn, store, ...)`."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-db")
-        self.jobs = JobLock(store.path)   # replicas on PostgreSQL: one runs each job
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
-
-    async def leads(self, job: str) -> bool:
-        """Whether this replica runs background `job` now (always, on SQLite)."""
-        return await self.call(self.jobs.holds, job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.jobs.close()
-        self.store.close()
-
-
-class Metrics:
-    """The control plane's own Prometheus metrics, in a registry of its own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.batches = Counter("control_ingest_batches_total", "Ingest requests by result",
-                               ["result"], registry=self.registry)
-        for result in INGEST_RESULTS:
-            self.batches.labels(result)
-        self.duration = Histogram("control_ingest_duration_seconds",
-                                  "Time to read, validate and store one ingest batch",
-                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
-                                  registry=self.registry)
-        self.series = Counter("control_ingest_series_total", "Series rows accepted",
-                              registry=self.registry)
-        self.pending = Gauge("control_pending_histograms",
-                             "Ingested histograms not yet merged into rollups",
-                             registry=self.registry)
-        # SLO gauges (slometrics.py), refreshed by each scrape
-        self.slos = slometrics.SloCollector()
-        self.registry.register(self.slos)
-
-
-CONFIG = web.AppKey("config", ControlConfig)
-CLOCK = web.AppKey("clock", Clock)
-DB = web.AppKey("db", Database)
-AUTH = web.AppKey("auth", Authenticator)
-METRICS = web.AppKey("metrics", Metrics)
-INGEST = web.AppKey("ingest", GroupCommit)
-PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors, auth
-
-
-def problem(status: int, detail: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="control"'} if status == 401 else None
-    return web.Response(status=status, body=problem_body(status, detail, **extra),
-                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)
-
-
-def requires(permission: str) -> Callable[[Handler], Handler]:
-    """Mark a handler with the permission (see auth.ACCESS) a caller's role must hold."""
-    def mark(handler: Handler) -> Handler:
-        handler.permission = permission  # type: ignore[attr-defined]
-        return handler
-    return mark
-
-
-class BadParam(Exception):
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """A write request's JSON object body ({} without one), with its optional `reason` (a
-    string of at most 2000 characters, kept in the audit log) checked."""
-    if not request.can_read_body:
-        return {}
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    if not isinstance(doc, dict):
-        raise BadParam("body", "must be a JSON object")
-    reason = doc.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return doc
-
-
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    permission = getattr(handler, "permission", None)
-    if permission is not None or request.path.startswith("/v1/") or request.path == "/v1":
-        principal = request.app[AUTH].authenticate(request.headers.get("Authorization"))
-        if principal is None:
-            return problem(401, "a valid bearer token is required")
-        if permission is not None and not allowed(principal, permission):
-            return problem(403, f"role {principal.role!r} may not do this ({permission})")
-        request[PRINCIPAL] = principal
-    try:
-        return await handler(request)
-    except (BadParam, UnstorableText) as exc:
-        return problem(400, str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return problem(exc.status, exc.reason)
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return problem(500, "internal error")
-
-
-MAX_ROW_ID = 2 ** 63 - 1      # SQLite's INTEGER (and PostgreSQL's bigint) ceiling
-
-
-def path_id(request: web.Request, what: str, name: str = "id") -> int:
-    """The integer row id in the path, for every `{id}` route of an integer-keyed resource.
-    Anything that cannot name a row (not ASCII digits, or beyond a signed 64-bit integer, which
-    the database driver would refuse with an error) is a 404 problem naming the id, never a
-    500."""
-    raw = request.match_info[name]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ROW_ID:
-        raise web.HTTPNotFound(reason=f"no {what} {raw[:64]!r}")
-    return int(raw)
-
-
-def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
-
-
-def parse_time(name: str, value: str) -> float:
-    """Unix seconds or ISO-8601 (naive means UTC)."""
-    try:
-        t = float(value)
-    except ValueError:
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
-        except ValueError:
-            raise BadParam(name, f"must be unix seconds or ISO-8601, got {value!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return dt.timestamp()
-    if not math.isfinite(t):
-        raise BadParam(name, f"must be a finite number, got {value!r}")
-    return t
-
-
-def _window(request: web.Request) -> tuple[str, int, float, float]:
-    q = request.query
-    name = q.get("window", "1m")
-    if name not in rollup.WINDOWS:
-        raise BadParam("window", f"must be one of {', '.join(rollup.WINDOWS)}, got {name!r}")
-    win = rollup.WINDOWS[name]
-    now = request.app[CLOCK].time()
-    until = parse_time("until", q["until"]) if "until" in q else now + win
-    since = (parse_time("since", q["since"]) if "since" in q
-             else rollup.bucket_start(now, win) - (DEFAULT_SPAN_BUCKETS - 1) * win)
-    if since > until:
-        raise BadParam("since", "must not be after until")
-    return name, win, since, until
-
-
-def _limit(request: web.Request, default: int, maximum: int) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
-        raise BadParam("limit", f"must be an integer from 1 to {maximum}, got {raw!r}")
-    return int(raw)
-
-
-# ---------------------------------------------------------------------------------------------
-# Handlers
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    m = request.app[METRICS]
-    # read on the database thread: a scrape never waits on the store's lock in the event loop
-    m.pending.set(await request.app[DB].call(request.app[DB].store.pending_count))
-    m.slos.update(await request.app[DB].call(slometrics.reports, request.app[DB].store,
-                                             request.app[CLOCK].time()))
-    body = generate_latest(m.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def _ingest_group(store: Store, batches: list[Batch], now: float,
-                  finops: costs.FinOps | None = None, book: tenant_book.TenantBook | None = None
-                  ) -> list[tuple[bool, dict[str, Any]]]:
-    """Store a group of batches in one transaction; per batch (stored, directives)."""
-    # --- Costs and budgets: metered in the batches' transaction (a replay is never
-    # billed twice); then the budgets are evaluated and the gateways' directives returned.
-    with store.transaction():
-        stored = rollup.apply_many(store, batches, now)
-        for batch, ok in zip(batches, stored, strict=True):
-            if ok and finops is not None:
-                finops.attribute(store, batch)
-            if ok and book is not None:
-                book.record(store, batch, now)
-    directives = finops.directives(store, now) if finops is not None else {}
-    if book is not None:
-        directives = {**directives, **book.directives(store, now)}
-    directives = {**directives, **shedding.directives(store, now)}  # open page alerts
-    return [(ok, directives) for ok in stored]
-
-
-@requires("ingest")
-async def ingest(request: web.Request) -> web.Response:
-    app = request.app
-    m = app[METRICS]
-    started = time.perf_counter()
-    try:
-        body = await read_body(request)
-        # parsed beside the database thread; written with whatever else arrived meanwhile
-        batch = await asyncio.get_running_loop().run_in_executor(
-            None, partial(parse_batch, body, now=app[CLOCK].time()))
-        stored, directives = await app[INGEST].submit(batch)
-    except IngestError as exc:
-        result = {400: "invalid", 413: "too_large", 415: "unsupported"}.get(exc.status, "invalid")
-        m.batches.labels(result).inc()
-        resp = problem(exc.status, exc.errors[0] if exc.errors else "invalid batch",
-                       errors=exc.errors[:50])
-        # (A too-large body is not closed on at once: aiohttp's lingering close reads and
-        # discards the rest for up to 10 s so that the client gets this answer, not a reset.)
-        return resp
-    except Exception:
-        m.batches.labels("error").inc()
-        raise
-    m.duration.observe(time.perf_counter() - started)
-    m.batches.labels("accepted" if stored else "duplicate").inc()
-    if stored:
-        m.series.inc(len(batch.series))
-    return _json({"accepted": True, "duplicate": not stored, "batch_id": batch.batch_id,
-                  "directives": directives})
-
-
-def _signal_row(r: dict[str, Any]) -> dict[str, Any]:
-    # Error rates and latencies are of the admitted requests (forwarded or tried to be); what
-    # the gateway answered itself is counted apart (rate_limited, local_answers).
-    n = r["request_count"]
-    admitted = n - r["local_count"]
-    e4xx = r["error_count_4xx"] - r["local_4xx"]
-    e5xx = r["error_count_5xx"] - r["local_5xx"]
-    return {
-        "bucket_start": r["bucket_start"],
-        "service": r["service"],
-        "route": r["route"],
-        "request_count": n,
-        "admitted_count": admitted,
-        "error_count_4xx": e4xx,
-        "error_count_5xx": e5xx,
-        "error_rate": e5xx / admitted if admitted else 0.0,
-        "4xx_rate": e4xx / admitted if admitted else 0.0,
-        "rate_limited": r["rate_limited"],
-        "local_answers": {"count": r["local_count"], "4xx": r["local_4xx"],
-                          "5xx": r["local_5xx"]},
-        "latency_p50_ms": None if r["p50_us"] is None else r["p50_us"] / 1000.0,
-        "latency_p95_ms": None if r["p95_us"] is None else r["p95_us"] / 1000.0,
-        "latency_p99_ms": None if r["p99_us"] is None else r["p99_us"] / 1000.0,
-        "saturation": {"cpu_percent": r["cpu_percent"], "loop_lag_ms": r["loop_lag_ms"],
-                       "inflight_max": r["inflight_max"], "rss_bytes": r["rss_bytes"]},
-        "bytes_in": r["bytes_in"],
-        "bytes_out": r["bytes_out"],
-    }
-
-
-def _signals_sync(store: Store, win: int, since: float, until: float, service: str | None,
-                  route: str) -> list[dict[str, Any]]:
-    rollup.compact(store)
-    rows = store.signals(win, since, until, service=service, route=route,
-                         limit=MAX_SIGNAL_ROWS + 1)
-    return [_signal_row(r) for r in rows]
-
-
-@requires("signals:read")
-async def signals(request: web.Request) -> web.Response:
-    name, win, since, until = _window(request)
-    service = request.query.get("service") or None
-    route = request.query.get("route") or rollup.TOTAL
-    rows = await request.app[DB].call(_signals_sync, request.app[DB].store, win, since, until,
-                                      service, route)
-    truncated = len(rows) > MAX_SIGNAL_ROWS
-    doc = {"window": name, "since": since, "until": until, "service": service,
-           "route": route, "truncated": truncated, "rows": rows[:MAX_SIGNAL_ROWS]}
-    if service is not None:
-        # the service page's overload protection block: retries, concurrency limits, shedding
-        raw = await request.app[DB].call(request.app[DB].store.overload_counts, win, since,
-                                         until, service)
-        doc["overload"] = health.overload(raw)
-    return _json(doc)
-
-
-def _overview_sync(store: Store, now: float) -> dict[str, Any]:
-    rollup.compact(store)
-    win = health.windows(now)
-    rows_now = store.service_buckets(60, win["since"], win["until"])
-    rows_traffic = store.service_buckets(60, win["traffic_since"], win["traffic_until"])
-    rows_base = store.service_buckets(60, win["baseline_since"], win["baseline_until"])
-    from gateway.control import incidents  # the active incidents
-    return health.overview(rows_now, rows_traffic, rows_base, store.upstream_states(),
-                           store.service_upstreams(), win, now,
-                           incidents=[incidents.summary(i)
-                                      for i in store.incidents(active=True, limit=100)])
-
-
-@requires("health:read")
-async def overview(request: web.Request) -> web.Response:
-    now = request.app[CLOCK].time()
-    doc = await request.app[DB].call(_overview_sync, request.app[DB].store, now)
-    return _json(doc)
-
-
-@requires("limits:read")
-async def limits(request: web.Request) -> web.Response:
-    name, win, since, until = _window(request)
-    policy = request.query.get("policy") or None
-    rows = await request.app[DB].call(request.app[DB].store.limit_counts, win, since, until,
-                                      policy)
-    return _json({"window": name, "since": since, "until": until, "rows": rows})
-
-
-@requires("breakers:read")
-async def breakers(request: web.Request) -> web.Response:
-    store = request.app[DB].store
-    now = request.app[CLOCK].time()
-    since = parse_time("since", request.query["since"]) if "since" in request.query \
-        else now - 86_400
-    states = await request.app[DB].call(store.upstream_states)
-    transitions = await request.app[DB].call(store.breaker_transitions, since,
-                                             _limit(request, 100, 1000))
-    gateways = await request.app[DB].call(store.gateways)
-    return _json({"breakers": states, "transitions": transitions, "gateways": gateways})
-
-
-@requires("audit:read")
-async def audit(request: web.Request) -> web.Response:
-    q = request.query
-    since = parse_time("since", q["since"]) if "since" in q else None
-    rows = await request.app[DB].call(
-        request.app[DB].store.audit_entries, since=since, actor=q.get("actor") or None,
-        action=q.get("action") or None, limit=_limit(request, 100, 1000))
-    return _json({"entries": rows})
-
-
-async def _reason(request: web.Request) -> str:
-    if not request.can_read_body:
-        return ""
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    reason = doc.get("reason", "") if isinstance(doc, dict) else None
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return reason
-
-
-def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[str, int]:
-    deleted = rollup.run_retention(store, now)
-    store.audit(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
-    return deleted
-
-
-@requires("admin:write")
-async def retention_run(request: web.Request) -> web.Response:
-    principal: Principal = request[PRINCIPAL]
-    reason = await _reason(request)
-    now = request.app[CLOCK].time()
-    deleted = await request.app[DB].call(_retention_sync, request.app[DB].store, now,
-                                         principal.name, reason)
-    return _json({"deleted": deleted})
-
-
-# ---------------------------------------------------------------------------------------------
-# Application
 
 
 def create_app(cfg: ControlConfig, *, clock: Clock = SYSTEM_CLOCK,
                compact_interval_s: float = 2.0,
                retention_interval_s: float = 900.0,
-               evaluation_interval_s: float = 5.0) -> web.Application:
+               evaluation_interval_s: float = 5.0,
+               budget_interval_s: float = 15.0) -> web.Application:
     """The control plane application. Opens (and migrates) the database at startup."""
     app = web.Application(middlewares=[middleware], client_max_size=1024 ** 2)
     app[CONFIG] = cfg
     app[CLOCK] = clock
     app[AUTH] = Authenticator(cfg.tokens)
+    finops_, budget_specs = costs.from_config(cfg.cost_models, cfg.budgets)
+    app[FINOPS] = finops_                      # metered and evaluated at ingest too
+    app[BOOK] = TenantBook()                   # tenant usage, 80 % alerts, tenant table
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = Database(Store(cfg.database, clock=clock))
         app[DB] = db
-        app[METRICS] = Metrics()
+        app[metrics.METRICS] = metrics.Metrics()
 
         async def write(batches: list[Batch]) -> list[tuple[bool, dict[str, Any]]]:
-            return await db.call(_ingest_group, db.store, batches, clock.time(),
-                                 app.get(costs.FINOPS), app.get(tenant_book.BOOK))
+            return await db.call(ingest.ingest_group, db.store, batches, clock.time(),
+                                 app.get(FINOPS), app.get(BOOK))
         app[INGEST] = GroupCommit(write)
-        async def compact_in_steps() -> None:
-            if not await db.leads("compaction"):
-                return
-            # one chunk per executor call: ingest requests queue in between, not behind it all
-            while await db.call(rollup.compact, db.store, max_chunks=1) >= rollup.CHUNK:
-                pass
+        try:
+            yield
+        finally:
+            try:
+                await db.call(rollup.compact, db.store)
+            finally:
+                db.close()
 
-        async def retention() -> None:
-            if await db.leads("retention"):
-                await db.call(rollup.run_retention, db.store, clock.time())
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        """control.yaml's budgets and SLOs into the store, the notifier, the periodic jobs."""
+        db = app[DB]
+        await db.call(sync_config_budgets, db.store, budget_specs, clock.time())
+        await db.call(slos.sync_config_slos, db.store, cfg.slos, clock.time())
+        app[EVALUATOR] = Evaluator(db.store)
 
-        jobs = [asyncio.create_task(_every(compact_interval_s, "compact", compact_in_steps)),
-                asyncio.create_task(_every(retention_interval_s, "retention", retention))]
+        async def record(row: dict[str, object]) -> None:
+            await db.call(db.store.deliveries.add_delivery, **row)
+
+        notifier = Notifier(tuple(cfg.notifications or ()), record, clock.time)
+        app[NOTIFIER] = notifier
+        await notifier.start()
+        jobs = [
+            asyncio.create_task(every(compact_interval_s, "compact",
+                                      lambda: compaction.compact_in_steps(db))),
+            asyncio.create_task(every(retention_interval_s, "retention",
+                                      lambda: compaction.retention(db, clock))),
+            asyncio.create_task(finops.evaluate_budgets(
+                db, clock, finops_, budget_interval_s,
+                lambda: publish_queued(app, app[FINOPS]))),
+            asyncio.create_task(tenants.housekeeping(
+                db, clock, lambda: publish_queued(app, app[BOOK]))),
+            asyncio.create_task(evaluation_loop(
+                db, evaluation_interval_s, lambda: admin.run_evaluation(app)),
+                name="slo-evaluator"),
+        ]
         try:
             yield
         finally:
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-            try:
-                await db.call(rollup.compact, db.store)
-            finally:
-                db.close()
+            publish_queued(app, app[BOOK])
+            await notifier.stop()
 
     app.cleanup_ctx.append(database)
-    dashboard.setup(app)                       # GET /, /static/..., /v1/me
-    costs.setup(app)                           # /v1/costs, /v1/budgets[/{id}]
-    tenant_book.setup(app)                     # /v1/tenants[/{id}[/quotas]]
-    # --- SLOs, alerts, incidents: /v1/slos, /v1/error-budgets, /v1/deploy-gate,
-    # /v1/alerts, /v1/incidents; the evaluator and notifier tasks. (Imported here: it imports
-    # this module.)
-    from gateway.control.reliability import slo_routes
-    from gateway.control.workflow import setup as workflow_routes
-    workflow_routes(app)      # assignment, action items, reports, SLO history: before slo_routes
-    slo_routes(app, cfg, clock=clock, evaluation_interval_s=evaluation_interval_s)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/ingest", ingest)
-    app.router.add_get("/v1/signals", signals)
-    app.router.add_get("/v1/health/overview", overview)
-    app.router.add_get("/v1/limits", limits)
-    app.router.add_get("/v1/breakers", breakers)
-    app.router.add_get("/v1/audit", audit)
-    app.router.add_post("/v1/admin/retention/run", retention_run)
+    app.cleanup_ctx.append(background)
+    dashboard.routes(app)          # GET /, /static/..., /v1/me
+    costs_api.routes(app)          # /v1/costs, /v1/budgets[/{id}]
+    tenants_api.routes(app)        # /v1/tenants[/{id}[/quotas]]
+    workflow.routes(app)           # assignment, action items, reports, SLO history: before slos
+    slos.routes(app)               # /v1/slos, /v1/error-budgets, /v1/deploy-gate
+    alerts.routes(app)             # /v1/alerts, /v1/notifications/deliveries
+    incidents.routes(app)          # /v1/incidents[/{id}[/{action}]]
+    metrics.routes(app)            # /healthz, /metrics
+    ingest.routes(app)             # POST /v1/ingest
+    signals.routes(app)            # /v1/signals, /v1/health/overview, /v1/limits, /v1/breakers
+    admin.routes(app)              # /v1/audit, /v1/admin/retention/run, /v1/admin/evaluate
     return app
-
-
-async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[Any]]) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await job()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("periodic job failed", extra={"job": name})
 
 
 async def serve(cfg: ControlConfig, stop: asyncio.Event) -> None:
@@ -560,8 +194,6 @@ def run(config_path: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 2
-    import uvloop
-
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -29,8 +29,12 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.control.database import is_postgresql
+import psycopg
+
+from gateway.control.config import load
 from gateway.control.store import SCHEMA_VERSION
+from gateway.control.store.database import is_postgresql
+from gateway.errors import ConfigError
 
 
 class BackupError(Exception):
@@ -139,7 +143,6 @@ def _sqlite_version(db: sqlite3.Connection) -> int:
 
 
 def _pg_require_empty(url: str) -> None:
-    import psycopg
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
             row = conn.execute("SELECT COUNT(*) FROM information_schema.tables "
@@ -186,8 +189,6 @@ def _safe(url: str) -> str:
 
 def run(command: str, config_path: str, path: str) -> int:
     """`gateway control-db backup|restore --config control.yaml PATH`: 0 ok, 2 refused/failed."""
-    from gateway.control.config import load
-    from gateway.errors import ConfigError
     try:
         cfg = load(config_path)
     except ConfigError as exc:

@@ -19,7 +19,10 @@ from urllib.parse import urlsplit
 
 from gateway import validation as valid
 from gateway.config import load_document, parse_listen, read_text
-from gateway.control.database import is_postgresql
+from gateway.control.domain.costs import check_config as check_costs
+from gateway.control.domain.slo import parse_slos
+from gateway.control.jobs.notify import parse_notifications
+from gateway.control.store.database import is_postgresql
 from gateway.errors import ConfigError
 
 ROLES = ("admin", "monitor", "reader", "gateway")
@@ -155,12 +158,9 @@ def parse_control_config(doc: Any, *, source: str = "", raw: bytes = b"") -> Con
         if key in m:
             kw[key] = _list_or_mapping(m[key], key, errs)
     # --- Costs and budgets: deep validation of cost_models and budgets
-    from gateway.control.costs import check_config as _check_costs
-    _check_costs(m, errs)
+    check_costs(m, errs)
     # --- SLOs and notifications: full validation (slo.py, notify.py), replacing the
     # shallow checks above when those passed (so an error is never reported twice)
-    from gateway.control.notify import parse_notifications
-    from gateway.control.slo import parse_slos
     if "slos" in m and kw.get("slos") is not None:
         kw["slos"] = parse_slos(m["slos"], "slos", errs)
     if "notifications" in m and kw.get("notifications") is not None:

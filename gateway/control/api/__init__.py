@@ -1,0 +1,1 @@
+"""HTTP handlers per resource; each module exposes `routes(app)`. Imports web, domain and store."""

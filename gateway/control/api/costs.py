@@ -1,0 +1,311 @@
+"""HTTP API of costs and budgets: /v1/costs (report, FOCUS-style import) and /v1/budgets
+(CRUD, emergency overrides). The maths and the evaluator are domain/costs.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+
+from gateway.control import web as control_app
+from gateway.control.domain import budgets as bm
+from gateway.control.domain.budgets import BudgetSpec
+from gateway.control.domain.costs import (
+    GROUP_BY,
+    FinOps,
+    alert_doc,
+    cost_report,
+    parse_charges,
+    spec_json,
+    spec_of,
+)
+from gateway.control.store import Store
+from gateway.control.web import FINOPS, json_response, problem, requires
+
+T = TypeVar("T")
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise control_app.BadParam("body", "must be JSON") from None
+
+
+def _reason(doc: Any) -> str:
+    reason = doc.pop("reason", "") if isinstance(doc, dict) else ""
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise control_app.BadParam("reason", "must be a string of at most 2000 characters")
+    return reason
+
+
+def _ctx(request: web.Request) -> tuple[Any, Store, FinOps, float, str]:
+    app = request.app
+    db = app[control_app.DB]
+    return db, db.store, app[FINOPS], app[control_app.CLOCK].time(), \
+        request[control_app.PRINCIPAL].name
+
+
+def _budget_id(request: web.Request) -> int:
+    return control_app.path_id(request, "budget")
+
+
+@requires("costs:read")
+async def get_costs(request: web.Request) -> web.Response:
+    q = request.query
+    db, store, finops, now, _ = _ctx(request)
+    tz = q.get("tz") or q.get("timezone") or "UTC"
+    try:
+        bm.zone(tz)
+    except ValueError as exc:
+        raise control_app.BadParam("tz", str(exc)) from None
+    group_by = q.get("group_by") or None
+    if group_by is not None and group_by not in GROUP_BY:
+        raise control_app.BadParam("group_by", f"must be one of {', '.join(GROUP_BY)}")
+    until = int(control_app.parse_time("to", q["to"])) if "to" in q else int(now)
+    since = (int(control_app.parse_time("from", q["from"])) if "from" in q
+             else bm.period_bounds("monthly", now, tz)[0])
+    if since > until:
+        raise control_app.BadParam("from", "must not be after to")
+    if until - since > 400 * 86_400:
+        raise control_app.BadParam("to", "the window may span at most 400 days")
+    service = q.get("service") or None
+    doc = await db.call(cost_report, store, finops.models, since, until, service, group_by, tz,
+                        now)
+    return json_response(doc)
+
+
+def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor: str,
+                 reason: str) -> dict[str, Any]:
+    n = store.costs.add_charges([(r["key"], r["service"], r["cost_type"], r["category"], r["start"],
+                            r["end"], r["micros"], r["description"], now, actor)
+                           for r in records])
+    total = sum(r["micros"] for r in records)
+    store.audit.record(actor, "import", "costs", reason,
+                {"records": len(records), "imported": n, "billed": bm.money(total)}, at=now)
+    return {"imported": n, "skipped": len(records) - n, "billed": bm.money(total)}
+
+
+@requires("costs:write")
+async def post_costs(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    doc = await _body(request)
+    reason = _reason(doc) if isinstance(doc, dict) else ""
+    records, errors = parse_charges(doc)
+    if errors:
+        return problem(400, errors[0], errors=errors[:50])
+    result = await db.call(_import_sync, store, records, now, actor, reason)
+    await db.call(finops.evaluate, store, now)
+    control_app.publish_queued(request.app, request.app[FINOPS])
+    return json_response(result, 201)
+
+
+def _report_sync(store: Store, finops: FinOps, now: float) -> dict[str, Any]:
+    views, directives = finops.evaluate(store, now)
+    views.sort(key=lambda v: (-v["utilization_percent"], v["name"]))
+    total_budget = sum(v["effective_amount_cents"] for v in views)
+    total_usage = sum(v["current_usage_micros"] for v in views)
+    return {"budgets": views,
+            "total_budget_cents": total_budget,
+            "total_usage_cents": bm.cents_of_micros(total_usage),
+            "total_usage_micros": total_usage,
+            "overall_utilization": bm.percent(total_usage, total_budget * bm.MICROS_PER_CENT),
+            "directives": directives,
+            "alerts": [alert_doc(a) for a in store.budgets.budget_alerts(None, 100)],
+            "alert_delivery": "alerts"}     # also raised in /v1/alerts and notified
+
+
+@requires("budgets:read")
+async def list_budgets(request: web.Request) -> web.Response:
+    db, store, finops, now, _ = _ctx(request)
+    doc = await db.call(_report_sync, store, finops, now)
+    control_app.publish_queued(request.app, request.app[FINOPS])
+    return json_response(doc)
+
+
+def _create_sync(store: Store, finops: FinOps, spec: BudgetSpec, now: float, actor: str,
+                 reason: str) -> dict[str, Any] | None:
+    with store.transaction():
+        bid = store.budgets.insert_budget(spec.name, spec_json(spec), "api", None, now)
+        if bid is None:
+            return None
+        store.audit.record(actor, "create", f"budget:{bid}", reason, {"budget": spec.to_doc()}, at=now)
+    finops.evaluate(store, now)
+    row = store.budgets.budget(bid)
+    assert row is not None
+    return finops.view(store, row, now, alerts=True)
+
+
+def _evaluated_view(store: Any, finops: Any, bid: int, now: float) -> web.Response:
+    """After a change to budget `bid`: evaluate every budget again and answer its fresh view."""
+    finops.evaluate(store, now)
+    new = store.budgets.budget(bid)
+    assert new is not None
+    return json_response(finops.view(store, new, now, alerts=True))
+
+
+async def _run_and_publish(request: web.Request, db: Any, run: Callable[[], T]) -> T:
+    """Run a change on the database thread, then hand any alerts it raised to the notifier."""
+    resp = await db.call(run)
+    control_app.publish_queued(request.app, request.app[FINOPS])
+    return resp
+
+
+@requires("budgets:write")
+async def create_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    doc = await _body(request)
+    reason = _reason(doc)
+    spec, errors = bm.parse_budget(doc)
+    if spec is None:
+        return problem(400, errors[0], errors=errors)
+    view = await db.call(_create_sync, store, finops, spec, now, actor, reason)
+    control_app.publish_queued(request.app, request.app[FINOPS])
+    if view is None:
+        return problem(409, f"a budget named {spec.name!r} exists already")
+    return json_response(view, 201)
+
+
+@requires("budgets:read")
+async def get_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, _ = _ctx(request)
+    bid = _budget_id(request)
+
+    def run() -> dict[str, Any] | None:
+        row = store.budgets.budget(bid)
+        if row is None:
+            return None
+        finops.evaluate(store, now)
+        return finops.view(store, row, now, alerts=True)
+
+    view = await db.call(run)
+    return json_response(view) if view is not None else problem(404, f"no budget {bid}")
+
+
+@requires("budgets:write")
+async def update_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    doc = await _body(request)
+    reason = _reason(doc)
+
+    def run() -> web.Response:
+        row = store.budgets.budget(bid)
+        if row is None:
+            return problem(404, f"no budget {bid}")
+        before = spec_of(row)
+        spec, errors = bm.parse_budget(doc, base=before)
+        if spec is None:
+            return problem(400, errors[0], errors=errors)
+        try:
+            with store.transaction():
+                store.budgets.update_budget(bid, spec.name, spec_json(spec), now)
+                store.audit.record(actor, "update", f"budget:{bid}", reason,
+                            {"before": before.to_doc(), "after": spec.to_doc()}, at=now)
+        except sqlite3.IntegrityError:
+            return problem(409, f"a budget named {spec.name!r} exists already")
+        return _evaluated_view(store, finops, bid, now)
+
+    return await _run_and_publish(request, db, run)
+
+
+@requires("budgets:write")
+async def delete_budget(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    reason = _reason(await _body(request)) if request.can_read_body else ""
+
+    def run() -> bool:
+        row = store.budgets.budget(bid)
+        if row is None:
+            return False
+        with store.transaction():
+            store.budgets.delete_budget(bid)
+            store.audit.record(actor, "delete", f"budget:{bid}", reason,
+                        {"budget": spec_of(row).to_doc()}, at=now)
+        finops.evaluate(store, now)
+        return True
+
+    if not await db.call(run):
+        return problem(404, f"no budget {bid}")
+    return web.Response(status=204)
+
+
+@requires("budgets:write")
+async def set_override(request: web.Request) -> web.Response:
+    """POST /v1/budgets/{id}/override {amount_cents, expires_at | duration_s, reason}: a
+    temporary higher amount (emergency override), audited; it lapses by itself at expires_at."""
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    doc = await _body(request)
+    if not isinstance(doc, dict):
+        raise control_app.BadParam("body", "must be an object")
+    reason = _reason(doc)
+    cents = doc.get("amount_cents")
+    if isinstance(cents, bool) or not isinstance(cents, int) or \
+            not 0 < cents <= bm.MAX_AMOUNT_CENTS:
+        raise control_app.BadParam("amount_cents", "must be a positive integer number of cents")
+    if "expires_at" in doc:
+        expires = control_app.parse_time("expires_at", str(doc["expires_at"]))
+    elif isinstance(doc.get("duration_s"), (int, float)) and not isinstance(
+            doc.get("duration_s"), bool) and 0 < doc["duration_s"] <= 400 * 86_400:
+        expires = now + float(doc["duration_s"])
+    else:
+        raise control_app.BadParam("expires_at", "expires_at (time) or duration_s "
+                                                 "(seconds, > 0) is required")
+    if expires <= now:
+        raise control_app.BadParam("expires_at", "must be in the future")
+    if not reason:
+        raise control_app.BadParam("reason", "an emergency override needs a reason")
+
+    def run() -> web.Response:
+        row = store.budgets.budget(bid)
+        if row is None:
+            return problem(404, f"no budget {bid}")
+        spec = spec_of(row)
+        if cents <= spec.amount_cents:
+            return problem(400, f"amount_cents: an override must be higher than the budget "
+                                 f"({spec.amount_cents}); lower the budget with PUT instead")
+        with store.transaction():
+            store.budgets.set_budget_override(bid, cents, expires, reason, now)
+            store.audit.record(actor, "override", f"budget:{bid}", reason,
+                        {"amount_cents": cents, "expires_at": expires,
+                         "budget_amount_cents": spec.amount_cents}, at=now)
+        return _evaluated_view(store, finops, bid, now)
+
+    return await _run_and_publish(request, db, run)
+
+
+@requires("budgets:write")
+async def clear_override(request: web.Request) -> web.Response:
+    db, store, finops, now, actor = _ctx(request)
+    bid = _budget_id(request)
+    reason = _reason(await _body(request)) if request.can_read_body else ""
+
+    def run() -> web.Response:
+        row = store.budgets.budget(bid)
+        if row is None:
+            return problem(404, f"no budget {bid}")
+        with store.transaction():
+            store.budgets.set_budget_override(bid, None, None, None, now)
+            store.audit.record(actor, "delete", f"budget:{bid}/override", reason, {}, at=now)
+        return _evaluated_view(store, finops, bid, now)
+
+    return await _run_and_publish(request, db, run)
+
+
+def routes(app: web.Application) -> None:
+    """/v1/costs and /v1/budgets[/{id}[/override]] (`app[FINOPS]` is set by the wiring)."""
+    r = app.router
+    r.add_get("/v1/costs", get_costs)
+    r.add_post("/v1/costs", post_costs)
+    r.add_get("/v1/budgets", list_budgets)
+    r.add_post("/v1/budgets", create_budget)
+    r.add_get("/v1/budgets/{id}", get_budget)
+    r.add_put("/v1/budgets/{id}", update_budget)
+    r.add_delete("/v1/budgets/{id}", delete_budget)
+    r.add_post("/v1/budgets/{id}/override", set_override)
+    r.add_delete("/v1/budgets/{id}/override", clear_override)
