@@ -122,21 +122,21 @@ def test_a_write_refused_inside_the_pipeline_rolls_the_whole_batch_back(tmp_path
         row = (60, int(T), "svc", "r\x00x", 1, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0)
         if control_backend == "sqlite":
             with store.transaction():
-                assert store.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
+                assert store.rollups.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
                 with store.pipeline():
-                    store.add_buckets([row])
+                    store.rollups.add_buckets([row])
             assert store.table_counts()["batches"] == 1
             return
         with pytest.raises(UnstorableText), store.transaction():
-            assert store.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
+            assert store.rollups.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
             with store.pipeline():
-                store.add_buckets([row[:3] + ("fine",) + row[4:]])
-                store.add_buckets([row])
+                store.rollups.add_buckets([row[:3] + ("fine",) + row[4:]])
+                store.rollups.add_buckets([row])
         assert store.table_counts()["batches"] == 0 and store.table_counts()["buckets"] == 0
         with store.transaction():
-            assert store.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
+            assert store.rollups.insert_batches([("b1", "gw1", 1, T, T + 10, T + 10)]) == {"b1"}
             with store.pipeline():
-                store.add_buckets([row[:3] + ("fine",) + row[4:]])
+                store.rollups.add_buckets([row[:3] + ("fine",) + row[4:]])
         assert store.table_counts()["batches"] == 1 and store.table_counts()["buckets"] == 1
     finally:
         store.close()
