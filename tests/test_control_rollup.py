@@ -116,6 +116,7 @@ def test_check_counts_what_hdrh_decodes_and_refuses_what_it_should():
             histogram.check(encoded)
         with pytest.raises(histogram.HistogramError):
             histogram.decode(encoded)
+        assert histogram.check(histogram.encode(small)) == 2    # nothing left behind
 
 
 def test_add_encoded_merges_exactly_as_hdrh_does():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.control.domain import histogram
@@ -102,7 +103,12 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
             return stored
         rows: list[BucketRow] = [
             (k[0], k[1], k[2], k[3], int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]),
-             int(a[5]), a[6], a[7], int(a[8]), int(a[9])) for k, a in sums.items()]
+             int(a[5]), a[6], a[7], int(a[8]), int(a[9]))
+            for k, a in _spread(sums, _add_rows).items()]
+        local = _spread(local, _add_lists)
+        limit_sums = _spread(limit_sums, _add_ints)
+        retry_sums = _spread(retry_sums, _add_ints)
+        shed_sums = _spread(shed_sums, _add_ints)
         with store.pipeline():     # the writes below read nothing back
             store.rollups.add_buckets(rows)
             store.rollups.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
@@ -142,8 +148,7 @@ def _merged(pending: list[tuple[int, str, str, str]]) -> list[tuple[int, str, st
             out.append((b1m, service, route, texts[0]))
             continue
         acc = histogram.new()
-        for text in texts:
-            histogram.add_encoded(acc, text)
+        histogram.add_all_encoded(acc, texts)
         out.append((b1m, service, route, histogram.encode(acc).decode("ascii")))
     return out
 
@@ -154,18 +159,27 @@ def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
          retry_sums: dict[tuple[int, int, str, str], int],
          shed_sums: dict[tuple[int, int, str, str, str], int],
          pending: list[tuple[int, str, str, str]], links: dict[tuple[str, str], float]) -> None:
-    """Add one batch's counts to the group's sums, per window and bucket."""
-    t0 = batch.interval_start
+    """Add one batch's counts to the group's sums per 1m bucket (keys start with 60, b1m):
+    `_spread` adds them to the larger windows once for the whole group."""
     sat = batch.saturation
     lag_ms = sat.loop_lag_max_s * 1000.0
-    # Sum the batch per (service, route) and per service first, then spread over the windows.
-    own: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
-    own_local: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    b1m = bucket_start(t0, 60)
+    b1m = bucket_start(batch.interval_start, 60)
     for s in batch.series:
         e4, e5, rl = classify(s.code)
-        for key in ((s.service, s.route), (s.service, TOTAL)):
-            acc = own[key]
+        for key in ((60, b1m, s.service, s.route), (60, b1m, s.service, TOTAL)):
+            acc = sums.get(key)
+            if acc is None:
+                acc = sums[key] = [0, 0, 0, 0, 0, 0, sat.cpu_percent, lag_ms, sat.inflight_max,
+                                   sat.rss_bytes]
+            else:   # saturation: the highest any gateway reported in the bucket
+                if sat.cpu_percent > acc[6]:
+                    acc[6] = sat.cpu_percent
+                if lag_ms > acc[7]:
+                    acc[7] = lag_ms
+                if sat.inflight_max > acc[8]:
+                    acc[8] = sat.inflight_max
+                if sat.rss_bytes > acc[9]:
+                    acc[9] = sat.rss_bytes
             acc[0] += s.count
             acc[1] += e4 * s.count
             acc[2] += e5 * s.count
@@ -173,52 +187,50 @@ def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
             acc[4] += s.bytes_in
             acc[5] += s.bytes_out
             if s.local:
-                loc = own_local[key]
+                loc = local[key]
                 loc[0] += s.count
                 loc[1] += e4 * s.count
                 loc[2] += e5 * s.count
+                # overload protection's refusals per route, from the series' `local` reason
+                if s.local in SHED_REASONS and key[3] != TOTAL:
+                    shed_sums[(60, b1m, s.service, s.route, s.local)] += s.count
         if s.hist_total and not s.local:
             pending.append((b1m, s.service, s.route, s.latency_us_hdr))
         if s.upstream != "-":
             links[(s.service, s.upstream)] = max(links.get((s.service, s.upstream), 0.0),
                                                  batch.interval_end)
-    limits: dict[tuple[str, str], int] = defaultdict(int)
     for lim in batch.limits:
-        limits[(lim.policy, lim.decision)] += lim.count
-    # Overload protection: retries per upstream, and the refusals of shedding and concurrency
-    # limits per route, read from the series' `local` reason (older gateways ship those too).
-    retries: dict[tuple[str, str], int] = defaultdict(int)
+        limit_sums[(60, b1m, lim.policy, lim.decision)] += lim.count
     for u in batch.upstreams:
         for result, n in u.retries:
-            retries[(u.upstream, result)] += n
-    shed: dict[tuple[str, str, str], int] = defaultdict(int)
-    for s in batch.series:
-        if s.local in SHED_REASONS:
-            shed[(s.service, s.route, s.local)] += s.count
+            retry_sums[(60, b1m, u.upstream, result)] += n
+
+
+def _spread(minutes: dict[Any, Any], merge: Callable[[Any, Any], Any]) -> dict[Any, Any]:
+    """Per-minute sums (keys (60, b1m, ...)) plus the same for every larger window, whose bucket
+    of a minute is the one holding its start (windows are multiples of a minute)."""
+    out = dict(minutes)
     for win in WINDOWS.values():
-        bs = bucket_start(t0, win)
-        for (service, route), a in own.items():
-            bkey = (win, bs, service, route)
-            row = sums.get(bkey)
-            if row is None:
-                sums[bkey] = [*a, sat.cpu_percent, lag_ms, sat.inflight_max, sat.rss_bytes]
-            else:
-                for i in range(6):
-                    row[i] += a[i]
-                row[6] = max(row[6], sat.cpu_percent)
-                row[7] = max(row[7], lag_ms)
-                row[8] = max(row[8], sat.inflight_max)
-                row[9] = max(row[9], sat.rss_bytes)
-        for (service, route), lc in own_local.items():
-            loc = local[(win, bs, service, route)]
-            for i in range(3):
-                loc[i] += lc[i]
-        for (policy, decision), n in limits.items():
-            limit_sums[(win, bs, policy, decision)] += n
-        for (upstream, result), n in retries.items():
-            retry_sums[(win, bs, upstream, result)] += n
-        for (service, route, reason), n in shed.items():
-            shed_sums[(win, bs, service, route, reason)] += n
+        if win == 60:
+            continue
+        for key, value in minutes.items():
+            wkey = (win, bucket_start(key[1], win), *key[2:])
+            have = out.get(wkey)
+            out[wkey] = value if have is None else merge(have, value)
+    return out
+
+
+def _add_rows(a: list[Any], b: list[Any]) -> list[Any]:
+    return [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5],
+            max(a[6], b[6]), max(a[7], b[7]), max(a[8], b[8]), max(a[9], b[9])]
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def _add_ints(a: int, b: int) -> int:
+    return a + b
 
 
 def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) -> int:
