@@ -176,6 +176,32 @@ class GatewayProcess:
         return code
 
 
+class ControlProcess(subprocess.Popen[bytes]):
+    """The real `gateway control` on a free 127.0.0.1 port, its SQLite file in `tmp_path`, the
+    tokens `t-admin` (admin) and `t-ingest` (gateway), and `extra` YAML (slos, budgets, ...).
+    A Popen: stop it with terminate()/wait() as any child; start it again on the same port and
+    database with `ControlProcess(tmp_path, extra, port=stopped.port)`."""
+
+    def __init__(self, tmp_path: Path, extra: str = "", *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = tmp_path / "control.yaml"
+        config.write_text(f'listen: "127.0.0.1:{self.port}"\n'
+                          f'database: "{tmp_path / "control.db"}"\n'
+                          "tokens:\n"
+                          "  - {name: admin, role: admin, token: t-admin}\n"
+                          "  - {name: gw, role: gateway, token: t-ingest}\n" + extra)
+        super().__init__([sys.executable, "-m", "gateway", "control", "--config", str(config)],
+                         stderr=subprocess.DEVNULL)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.terminate()
+        self.wait(timeout=15)
+
+
 def write_config(tmp_path: Path, text: str, name: str = "gateway.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.control.domain import budgets as bm
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, gateway_yaml, write_config
+from tests.harness import ControlProcess, GatewayProcess, gateway_yaml, write_config
 
 ADMIN = {"Authorization": "Bearer t-admin"}
 INTERVAL = 0.5
@@ -27,20 +27,12 @@ SLACK = 0.15         # one request's round trip and process scheduling on a busy
 @pytest.mark.timeout(60)
 async def test_budget_exhaustion_rejects_within_two_ship_intervals_and_raising_lifts(
         tmp_path: Path) -> None:
-    cport = free_port()
-    control_cfg = tmp_path / "control.yaml"
-    control_cfg.write_text(
-        f'listen: "127.0.0.1:{cport}"\n'
-        f'database: "{tmp_path / "control.db"}"\n'
-        "tokens:\n"
-        "  - {name: admin, role: admin, token: t-admin}\n"
-        "  - {name: gw, role: gateway, token: t-ingest}\n"
+    control = ControlProcess(tmp_path, (
         "cost_models:\n"
         "  svc: {per_request: 0.001}\n"
         "budgets:\n"
-        "  - {name: tiny, service: svc, period: monthly, amount_cents: 1, enforce: true}\n")
-    control = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                str(control_cfg)], stderr=subprocess.DEVNULL)
+        "  - {name: tiny, service: svc, period: monthly, amount_cents: 1, enforce: true}\n"))
+    cport = control.port
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
                                  f"127.0.0.1:{up_port}"], stderr=subprocess.DEVNULL)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, write_config
+from tests.harness import ControlProcess, GatewayProcess, write_config
 from tests.scripted import Answer, ScriptedUpstream, Seen
 
 ADMIN = {"Authorization": "Bearer t-admin"}
@@ -53,16 +51,8 @@ async def test_retries_concurrency_limit_and_refusals_arrive_in_the_control_plan
         return Answer(503 if next(flaky) % 2 == 0 else 200)
     up = ScriptedUpstream(script)
     await up.start()
-    cport = free_port()
-    control_cfg = tmp_path / "control.yaml"
-    control_cfg.write_text(
-        f'listen: "127.0.0.1:{cport}"\n'
-        f'database: "{tmp_path / "control.db"}"\n'
-        "tokens:\n"
-        "  - {name: admin, role: admin, token: t-admin}\n"
-        "  - {name: gw, role: gateway, token: t-ingest}\n")
-    control = subprocess.Popen([sys.executable, "-m", "gateway", "control",  # noqa: ASYNC220
-                                "--config", str(control_cfg)], stderr=subprocess.DEVNULL)
+    control = ControlProcess(tmp_path)
+    cport = control.port
     port, admin = free_port(), free_port()
     gw = GatewayProcess(write_config(tmp_path, gateway_config(up.urls()[0], port, admin, cport,
                                                               tmp_path / "spool")), port, admin)

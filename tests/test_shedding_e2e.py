@@ -11,8 +11,6 @@ clear.)"""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, write_config
+from tests.harness import ControlProcess, GatewayProcess, write_config
 from tests.scripted import Answer, ScriptedUpstream, Seen
 
 ADMIN = {"Authorization": "Bearer t-admin"}
@@ -54,19 +52,11 @@ async def test_a_burning_budget_sheds_the_low_route_and_spares_the_critical_one(
         return Answer(500 if seen.path.startswith("/reports") else 200)
     up = ScriptedUpstream(script)
     await up.start()
-    cport = free_port()
-    control_cfg = tmp_path / "control.yaml"
-    control_cfg.write_text(
-        f'listen: "127.0.0.1:{cport}"\n'
-        f'database: "{tmp_path / "control.db"}"\n'
-        "tokens:\n"
-        "  - {name: admin, role: admin, token: t-admin}\n"
-        "  - {name: gw, role: gateway, token: t-ingest}\n"
+    control = ControlProcess(tmp_path, (
         "slos:\n"
         "  - {name: svc-availability, service: svc, objective: 99.9, window: 30d,"
-        " min_events: 20}\n")
-    control = subprocess.Popen([sys.executable, "-m", "gateway", "control",  # noqa: ASYNC220
-                                "--config", str(control_cfg)], stderr=subprocess.DEVNULL)
+        " min_events: 20}\n"))
+    cport = control.port
     port, admin = free_port(), free_port()
     gw = GatewayProcess(write_config(tmp_path, gateway_config(up.urls()[0], port, admin, cport,
                                                               tmp_path / "spool")), port, admin)

@@ -13,37 +13,9 @@ import pytest
 from hdrh.histogram import HdrHistogram
 
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, gateway_yaml, write_config
+from tests.harness import ControlProcess, GatewayProcess, gateway_yaml, write_config
 
 ADMIN = {"Authorization": "Bearer t-admin"}
-
-
-class ControlProcess:
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.path = tmp_path / "control.yaml"
-        self.path.write_text(
-            f'listen: "127.0.0.1:{self.port}"\n'
-            f'database: "{tmp_path / "control.db"}"\n'
-            "tokens:\n"
-            "  - {name: admin, role: admin, token: t-admin}\n"
-            "  - {name: gw, role: gateway, token: t-ingest}\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                      str(self.path)], stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-            self.proc = None
 
 
 async def route_rows(session: aiohttp.ClientSession, control: ControlProcess) -> list[dict]:
@@ -75,7 +47,7 @@ async def wait_for_count(session: aiohttp.ClientSession, control: ControlProcess
 @pytest.mark.timeout(90)
 async def test_counts_are_exact_through_a_control_plane_outage(tmp_path: Path) -> None:
     control = ControlProcess(tmp_path)
-    control.start()
+    wait_port(control.port)
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
                                  f"127.0.0.1:{up_port}"], stderr=subprocess.DEVNULL)
@@ -112,7 +84,8 @@ async def test_counts_are_exact_through_a_control_plane_outage(tmp_path: Path) -
             await asyncio.sleep(3 * interval)   # ... batches are spooled meanwhile
             spooled = list((tmp_path / "spool").glob("*"))
             assert spooled, "nothing was spooled while the control plane was down"
-            control.start()
+            control = ControlProcess(tmp_path, port=control.port)
+            wait_port(control.port)
             assert await wait_for_count(session, control, n + m, within_s=15) == n + m
             await asyncio.sleep(3 * interval)   # and nothing arrives twice afterwards
             assert await request_count(session, control) == n + m

@@ -5,8 +5,6 @@ on its timeline) and notifies a webhook receiver; the deploy gate then says no."
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, gateway_yaml, write_config
+from tests.harness import ControlProcess, GatewayProcess, gateway_yaml, write_config
 from tests.test_control_support import running
 
 ADMIN = {"Authorization": "Bearer t-admin"}
@@ -45,21 +43,13 @@ async def test_failing_upstream_pages_and_opens_an_incident(tmp_path: Path) -> N
     rx = web.Application()
     rx.router.add_post("/hook", hook)
     async with running(rx) as hook_url:
-        cport = free_port()
-        control_cfg = tmp_path / "control.yaml"
-        control_cfg.write_text(
-            f'listen: "127.0.0.1:{cport}"\n'
-            f'database: "{tmp_path / "control.db"}"\n'
-            "tokens:\n"
-            "  - {name: admin, role: admin, token: t-admin}\n"
-            "  - {name: gw, role: gateway, token: t-ingest}\n"
+        control = ControlProcess(tmp_path, (
             "slos:\n"
             "  - {name: svc-availability, service: svc, objective: 99.9, window: 30d,"
             " min_events: 20}\n"
             "notifications:\n"
-            f"  - {{name: oncall, url: '{hook_url}/hook', min_severity: page, backoff_s: 0.1}}\n")
-        control = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                    str(control_cfg)], stderr=subprocess.DEVNULL)
+            f"  - {{name: oncall, url: '{hook_url}/hook', min_severity: page, backoff_s: 0.1}}\n"))
+        cport = control.port
         dead = free_port()                                # nothing listens: 502, then 503s
         port, admin = free_port(), free_port()
         text = gateway_yaml([f"http://127.0.0.1:{dead}"], listen=f"127.0.0.1:{port}",

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port, wait_port
-from tests.harness import GatewayProcess, gateway_yaml, write_config
+from tests.harness import ControlProcess, GatewayProcess, gateway_yaml, write_config
 
 ADMIN = {"Authorization": "Bearer t-admin"}
 INTERVAL = 0.5
@@ -27,16 +27,8 @@ SLACK = 0.2
 @pytest.mark.timeout(90)
 async def test_future_override_applies_within_two_intervals_and_survives_control_outage(
         tmp_path: Path) -> None:
-    cport = free_port()
-    control_cfg = tmp_path / "control.yaml"
-    control_cfg.write_text(
-        f'listen: "127.0.0.1:{cport}"\n'
-        f'database: "{tmp_path / "control.db"}"\n'
-        "tokens:\n"
-        "  - {name: admin, role: admin, token: t-admin}\n"
-        "  - {name: gw, role: gateway, token: t-ingest}\n")
-    control = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                str(control_cfg)], stderr=subprocess.DEVNULL)
+    control = ControlProcess(tmp_path)
+    cport = control.port
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
                                  f"127.0.0.1:{up_port}"], stderr=subprocess.DEVNULL)
@@ -93,8 +85,7 @@ async def test_future_override_applies_within_two_intervals_and_survives_control
             assert results.count(200) == 10, results
             print(f"override applied {t_lift - effective:.3f}s after its effective date")
         # usage reached the control plane while it ran
-        control = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
-                                    str(control_cfg)], stderr=subprocess.DEVNULL)
+        control = ControlProcess(tmp_path, port=cport)
         wait_port(cport)
         async with aiohttp.ClientSession() as s:
             deadline = time.monotonic() + 10
