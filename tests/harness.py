@@ -176,30 +176,37 @@ class GatewayProcess:
         return code
 
 
-class ControlProcess(subprocess.Popen[bytes]):
-    """The real `gateway control` on a free 127.0.0.1 port, its SQLite file in `tmp_path`, the
-    tokens `t-admin` (admin) and `t-ingest` (gateway), and `extra` YAML (slos, budgets, ...).
-    A Popen: stop it with terminate()/wait() as any child; start it again on the same port and
-    database with `ControlProcess(tmp_path, extra, port=stopped.port)`."""
+class ControlProcess:
+    """The real `gateway control` on a free 127.0.0.1 port: its config (`path`) is written at
+    once, its SQLite file in the same directory, the tokens `t-admin` (admin) and `t-ingest`
+    (gateway), and `extra` YAML (slos, budgets, ...); `start()` runs it (again after `stop()`,
+    on the same port and database)."""
 
-    def __init__(self, tmp_path: Path, extra: str = "", *, port: int | None = None) -> None:
-        self.port = port or free_port()
-        config = tmp_path / "control.yaml"
-        config.write_text(f'listen: "127.0.0.1:{self.port}"\n'
-                          f'database: "{tmp_path / "control.db"}"\n'
-                          "tokens:\n"
-                          "  - {name: admin, role: admin, token: t-admin}\n"
-                          "  - {name: gw, role: gateway, token: t-ingest}\n" + extra)
-        super().__init__([sys.executable, "-m", "gateway", "control", "--config", str(config)],
-                         stderr=subprocess.DEVNULL)
+    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+        self.port = free_port()
+        self.path = tmp_path / "control.yaml"
+        self.path.write_text(f'listen: "127.0.0.1:{self.port}"\n'
+                             f'database: "{tmp_path / "control.db"}"\n'
+                             "tokens:\n"
+                             "  - {name: admin, role: admin, token: t-admin}\n"
+                             "  - {name: gw, role: gateway, token: t-ingest}\n" + extra)
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def start(self, *, wait: bool = True) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "control", "--config",
+                                      str(self.path)], stderr=subprocess.DEVNULL)
+        if wait:
+            wait_port(self.port)
+
     def stop(self) -> None:
-        self.terminate()
-        self.wait(timeout=15)
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+            self.proc = None
 
 
 def write_config(tmp_path: Path, text: str, name: str = "gateway.yaml") -> Path:

@@ -32,6 +32,7 @@ async def test_budget_exhaustion_rejects_within_two_ship_intervals_and_raising_l
         "  svc: {per_request: 0.001}\n"
         "budgets:\n"
         "  - {name: tiny, service: svc, period: monthly, amount_cents: 1, enforce: true}\n"))
+    control.start(wait=False)
     cport = control.port
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
@@ -109,6 +110,6 @@ async def test_budget_exhaustion_rejects_within_two_ship_intervals_and_raising_l
     finally:
         if gw is not None:
             gw.stop()
-        for proc in (control, upstream):
-            proc.terminate()
-            proc.wait(timeout=15)
+        control.stop()
+        upstream.terminate()
+        upstream.wait(timeout=15)

@@ -15,8 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.harness import ControlProcess
 from tests.test_control_support import batch, series
-from tests.test_shipping_e2e import ADMIN, ControlProcess
+from tests.test_shipping_e2e import ADMIN
 
 T0 = int(time.time()) // 60 * 60   # fixed query bounds: answers compared across processes
 INGEST = {"Authorization": "Bearer t-ingest", "Content-Type": "application/json"}

@@ -52,6 +52,7 @@ async def test_retries_concurrency_limit_and_refusals_arrive_in_the_control_plan
     up = ScriptedUpstream(script)
     await up.start()
     control = ControlProcess(tmp_path)
+    control.start(wait=False)
     cport = control.port
     port, admin = free_port(), free_port()
     gw = GatewayProcess(write_config(tmp_path, gateway_config(up.urls()[0], port, admin, cport,
@@ -95,8 +96,7 @@ async def test_retries_concurrency_limit_and_refusals_arrive_in_the_control_plan
                 await asyncio.sleep(SHIP_S)
     finally:
         gw.stop()
-        control.terminate()
-        control.wait(timeout=15)
+        control.stop()
         await up.stop()
     print(f"\ncontrol plane overload block: {overload}")
     [u] = overload["upstreams"]

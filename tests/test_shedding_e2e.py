@@ -56,6 +56,7 @@ async def test_a_burning_budget_sheds_the_low_route_and_spares_the_critical_one(
         "slos:\n"
         "  - {name: svc-availability, service: svc, objective: 99.9, window: 30d,"
         " min_events: 20}\n"))
+    control.start(wait=False)
     cport = control.port
     port, admin = free_port(), free_port()
     gw = GatewayProcess(write_config(tmp_path, gateway_config(up.urls()[0], port, admin, cport,
@@ -145,6 +146,5 @@ async def test_a_burning_budget_sheds_the_low_route_and_spares_the_critical_one(
             or 'gateway_shed_requests_total{route="search",reason="shedding"}' in metrics
     finally:
         gw.stop()
-        control.terminate()
-        control.wait(timeout=15)
+        control.stop()
         await up.stop()

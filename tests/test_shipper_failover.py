@@ -16,8 +16,9 @@ from gateway.config import ControlPlaneConfig
 from gateway.errors import ConfigError
 from gateway.shipper import Shipper
 from tests.fakes import FakeClock
+from tests.harness import ControlProcess
 from tests.test_shipper import Snapshots
-from tests.test_shipping_e2e import ADMIN, ControlProcess
+from tests.test_shipping_e2e import ADMIN
 
 
 async def counted(session: aiohttp.ClientSession, control: ControlProcess) -> int:

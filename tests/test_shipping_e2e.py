@@ -47,7 +47,7 @@ async def wait_for_count(session: aiohttp.ClientSession, control: ControlProcess
 @pytest.mark.timeout(90)
 async def test_counts_are_exact_through_a_control_plane_outage(tmp_path: Path) -> None:
     control = ControlProcess(tmp_path)
-    wait_port(control.port)
+    control.start()
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
                                  f"127.0.0.1:{up_port}"], stderr=subprocess.DEVNULL)
@@ -84,8 +84,7 @@ async def test_counts_are_exact_through_a_control_plane_outage(tmp_path: Path) -
             await asyncio.sleep(3 * interval)   # ... batches are spooled meanwhile
             spooled = list((tmp_path / "spool").glob("*"))
             assert spooled, "nothing was spooled while the control plane was down"
-            control = ControlProcess(tmp_path, port=control.port)
-            wait_port(control.port)
+            control.start()
             assert await wait_for_count(session, control, n + m, within_s=15) == n + m
             await asyncio.sleep(3 * interval)   # and nothing arrives twice afterwards
             assert await request_count(session, control) == n + m

@@ -49,6 +49,7 @@ async def test_failing_upstream_pages_and_opens_an_incident(tmp_path: Path) -> N
             " min_events: 20}\n"
             "notifications:\n"
             f"  - {{name: oncall, url: '{hook_url}/hook', min_severity: page, backoff_s: 0.1}}\n"))
+        control.start(wait=False)
         cport = control.port
         dead = free_port()                                # nothing listens: 502, then 503s
         port, admin = free_port(), free_port()
@@ -99,5 +100,4 @@ async def test_failing_upstream_pages_and_opens_an_incident(tmp_path: Path) -> N
                 assert hooks[0]["alerts"][0]["labels"]["slo"] == "svc-availability"
         finally:
             gw.stop()
-            control.terminate()
-            control.wait(timeout=15)
+            control.stop()

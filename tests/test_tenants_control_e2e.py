@@ -28,6 +28,7 @@ SLACK = 0.2
 async def test_future_override_applies_within_two_intervals_and_survives_control_outage(
         tmp_path: Path) -> None:
     control = ControlProcess(tmp_path)
+    control.start(wait=False)
     cport = control.port
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway", "demo-upstream", "--listen",
@@ -78,14 +79,13 @@ async def test_future_override_applies_within_two_intervals_and_survives_control
             assert t_lift is not None, gw.logs()[-3000:]
             assert t_lift - effective <= 2 * INTERVAL + SLACK, t_lift - effective
             # the control plane goes away: the gateway keeps the last table
-            control.terminate()
-            control.wait(timeout=15)
+            control.stop()
             await asyncio.sleep(3 * INTERVAL)
             results = [await status() for _ in range(10)]
             assert results.count(200) == 10, results
             print(f"override applied {t_lift - effective:.3f}s after its effective date")
         # usage reached the control plane while it ran
-        control = ControlProcess(tmp_path, port=cport)
+        control.start(wait=False)
         wait_port(cport)
         async with aiohttp.ClientSession() as s:
             deadline = time.monotonic() + 10
@@ -103,6 +103,6 @@ async def test_future_override_applies_within_two_intervals_and_survives_control
     finally:
         if gw is not None:
             gw.stop()
-        for proc in (control, upstream):
-            proc.terminate()
-            proc.wait(timeout=15)
+        control.stop()
+        upstream.terminate()
+        upstream.wait(timeout=15)
