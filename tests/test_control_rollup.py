@@ -25,6 +25,9 @@ from tests.test_control_support import (
     signals,
     store_of,
 )
+from tests.test_control_support import (
+    hist as hist_text,
+)
 
 pytestmark = pytest.mark.usefixtures("control_backend")   # sqlite and postgresql
 
@@ -119,9 +122,10 @@ def test_check_counts_what_hdrh_decodes_and_refuses_what_it_should():
         assert histogram.check(histogram.encode(small)) == 2    # nothing left behind
 
 
-def test_add_encoded_merges_exactly_as_hdrh_does():
-    """Compaction adds stored histograms with `add_encoded` (C decoder and adder, no object per
-    histogram): the merged counts, total, maximum and percentiles must be hdrh's own `add`'s."""
+def test_counts_merge_exactly_as_hdrh_does():
+    """Ingest and compaction merge stored payloads in `Counts` (C decoder and adder, no
+    HdrHistogram per histogram, no zlib): the merged counts, total, minimum, maximum and
+    percentiles must be hdrh's own `add`'s, and a payload must read back as what was written."""
     rng = random.Random(5)
     encoded = []
     for n in (0, 1, 50, 200, 3_000):
@@ -131,17 +135,49 @@ def test_add_encoded_merges_exactly_as_hdrh_does():
         encoded.append(histogram.encode(h))
     for _ in range(4):
         rng.shuffle(encoded)
-        fast, slow = histogram.new(), histogram.new()
+        fast, slow = histogram.Counts(), histogram.new()
         for e in encoded:
-            assert histogram.add_encoded(fast, e) == histogram.decode_trusted(e).total_count
-            slow.add(histogram.decode_trusted(e))
-        assert histogram.encode(fast) == histogram.encode(slow)
-        assert (fast.total_count, fast.get_max_value()) == (slow.total_count, slow.get_max_value())
+            total, payload = histogram.validate(e)
+            assert fast.add_payload(payload) == total == histogram.decode(e).total_count
+            slow.add(histogram.decode(e))
+        merged = fast.histogram()
+        assert list(merged.counts) == list(slow.counts)
+        assert (merged.total_count, merged.get_max_value()) == \
+            (slow.total_count, slow.get_max_value())
         # (hdrh's add takes an empty histogram's minimum as 0; the true minimum is kept here)
-        assert fast.get_min_value() == min(h.get_min_value() for h in map(
-            histogram.decode_trusted, encoded) if h.total_count)
-        assert histogram.percentiles(fast, (50.0, 99.0, 100.0)) == \
-            histogram.percentiles(slow, (50.0, 99.0, 100.0))
+        assert merged.get_min_value() == min(h.get_min_value() for h in map(
+            histogram.decode, encoded) if h.total_count)
+        wanted = (50.0, 99.0, 100.0)
+        assert fast.percentiles(wanted) == histogram.percentiles(slow, wanted) == \
+            tuple(slow.get_value_at_percentile(p) for p in wanted)
+        # what the store keeps reads back the same, as Counts and as an HdrHistogram
+        stored = fast.payload()
+        again = histogram.Counts.of(stored)
+        assert (again.total, again.low, again.high) == (fast.total, fast.low, fast.high)
+        assert list(again.array) == list(fast.array)
+        assert list(histogram.decode_trusted(stored).counts) == list(slow.counts)
+        # Counts added to Counts: the same as adding the payloads one by one
+        halves = histogram.Counts(), histogram.Counts()
+        for i, e in enumerate(encoded):
+            halves[i % 2].add_payload(histogram.validate(e)[1])
+        halves[0].add(halves[1])
+        assert list(halves[0].array) == list(fast.array) and halves[0].total == fast.total
+    assert histogram.Counts().percentiles() == (None, None, None)
+    assert histogram.Counts.of(None).payload() == histogram.Counts.of(
+        histogram.Counts().payload()).payload()
+
+
+def test_rows_written_in_the_wire_form_are_still_read():
+    """Before payloads, the store kept the wire's base64 text (str from a TEXT column, bytes
+    from a BLOB): those rows read as the same histogram."""
+    h = histogram.new()
+    for v in (5, 5, 120, 7_000, 900_000):
+        h.record_value(v)
+    text = histogram.encode(h)
+    for legacy in (text, text.decode("ascii")):
+        assert histogram.stored_payload(legacy) == histogram.validate(text)[1]
+        assert list(histogram.Counts.of(legacy).array) == list(h.counts)
+        assert list(histogram.decode_trusted(legacy).counts) == list(h.counts)
 
 
 async def test_rollups_into_5m_1h_1d(tmp_path):
@@ -264,6 +300,47 @@ def test_migrations_are_versioned_and_idempotent(tmp_path):
     assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
     s2.close()
+
+
+def test_queued_wire_text_from_before_the_payload_migration_is_folded(tmp_path, monkeypatch):
+    """A database last written by a version that queued histograms as base64 text: migration 8
+    keeps the queued rows (PostgreSQL: the column becomes bytes) and compaction folds them with
+    the payloads queued after it, exactly."""
+    from gateway.control.store import core
+    from tests import test_control_support as support
+    # an empty database (not the migrated template the other tests start from)
+    path = support.NEW_DATABASE("template0") if support.NEW_DATABASE else str(tmp_path / "c.db")
+    now = DAY0 + 600
+    before = [m for m in core.MIGRATIONS if m[0] < 8]
+    monkeypatch.setattr(core, "MIGRATIONS", before)
+    old = Store(path)
+    assert old.schema_version() == 7
+    with old.transaction():
+        old.rollups._db.execute(
+            "INSERT INTO pending_hist(bucket_start, service, route, hist) VALUES (?, ?, ?, ?)",
+            (rollup.bucket_start(DAY0, 60), "svc", "r1", hist_text([50_000, 70_000])))
+    old.close()
+    monkeypatch.undo()
+    store = Store(path)
+    try:
+        assert store.schema_version() == 8
+        _ingest_direct(store, "new", DAY0, now)         # 1000 us, same minute and route
+        assert rollup.compact(store) == 2
+        for route in ("r1", "*"):
+            (row,) = store.rollups.signals(60, 0, 10 ** 11, service="svc", route=route, limit=5)
+            assert (row["p50_us"], row["p99_us"]) == histogram.percentiles(
+                _merged_reference([50_000, 70_000, 1000]), (50.0, 99.0))
+        (_b, stored), = store.rollups.sli_hists(60, "svc", "r1", 0, 10 ** 11)
+        assert histogram.decode_trusted(stored).total_count == 3
+    finally:
+        store.close()
+
+
+def _merged_reference(values: list[int]) -> HdrHistogram:
+    h = histogram.new()
+    for v in values:
+        h.record_value(v)
+    return h
 
 
 async def test_limits_are_rolled_up_per_policy(tmp_path):

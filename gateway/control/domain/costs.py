@@ -247,7 +247,7 @@ def attribute(store: Store, batch: Batch, models: dict[str, CostModel]) -> int:
             elif unit == "byte_out":
                 q = s.bytes_out
             else:
-                q = hist_sum_us(histogram.decode_trusted(s.latency_us_hdr))
+                q = hist_sum_us(histogram.decode_trusted(s.latency))
             if q:
                 sums[(s.service, s.route, unit, price)] += q
     rows = [(svc, bucket, route, UNITS[unit][0], unit, price, q)

@@ -67,8 +67,8 @@ class Series:
     count: int
     bytes_in: int
     bytes_out: int
-    latency_us_hdr: str
-    hist_total: int         # latencies recorded in latency_us_hdr
+    latency: bytes          # the validated histogram's inflated V2 payload (what the store keeps)
+    hist_total: int         # latencies recorded in it
     local: str = ""         # why the gateway answered them itself; "" for admitted requests
 
 
@@ -272,10 +272,10 @@ def parse_batch(body: bytes, *, now: float) -> Batch:
         bytes_in = v.count(v.req(item, "bytes_in", p + "."), f"{p}.bytes_in")
         bytes_out = v.count(v.req(item, "bytes_out", p + "."), f"{p}.bytes_out")
         hdr = v.req(item, "latency_us_hdr", p + ".")
-        hist_total = 0
+        hist_total, latency = 0, b""
         if hdr is not _MISSING:
             try:
-                hist_total = histogram.check(hdr)
+                hist_total, latency = histogram.validate(hdr)
             except histogram.HistogramError as exc:
                 v.err(f"{p}.latency_us_hdr", str(exc))
         local = ""
@@ -283,7 +283,7 @@ def parse_batch(body: bytes, *, now: float) -> Batch:
             local = v.string(item["local"], f"{p}.local", max_len=32) or ""
         if len(v.errors) == n0:
             series.append(Series(route, upstream, service, method, code, count,  # type: ignore[arg-type]
-                                 bytes_in, bytes_out, hdr, hist_total, local))  # type: ignore[arg-type]
+                                 bytes_in, bytes_out, latency, hist_total, local))  # type: ignore[arg-type]
 
     upstreams: list[UpstreamReport] = []
     for i, item in enumerate(v.items(doc, "upstreams", required=False)):

@@ -75,7 +75,7 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
     limit_sums: dict[tuple[int, int, str, str], int] = defaultdict(int)
     retry_sums: dict[tuple[int, int, str, str], int] = defaultdict(int)
     shed_sums: dict[tuple[int, int, str, str, str], int] = defaultdict(int)
-    pending: list[tuple[int, str, str, str]] = []
+    pending: list[tuple[int, str, str, bytes]] = []
     links: dict[tuple[str, str], float] = {}
     upstream_rows: list[tuple[str, str, str, int, int, float]] = []
     concurrency_rows: list[tuple[str, str, int | None, int, float]] = []
@@ -135,21 +135,22 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
     return stored
 
 
-def _merged(pending: list[tuple[int, str, str, str]]) -> list[tuple[int, str, str, str]]:
+def _merged(pending: list[tuple[int, str, str, bytes]]) -> list[tuple[int, str, str, bytes]]:
     """One queued histogram per (1m bucket, service, route): the series of one key (its status
     codes and methods, the group's gateways) merged here, once, instead of each queued, read
-    and folded by compaction apart. A key with one series keeps its text as it came."""
-    by_key: dict[tuple[int, str, str], list[str]] = defaultdict(list)
-    for b1m, service, route, encoded in pending:
-        by_key[(b1m, service, route)].append(encoded)
-    out: list[tuple[int, str, str, str]] = []
-    for (b1m, service, route), texts in by_key.items():
-        if len(texts) == 1:
-            out.append((b1m, service, route, texts[0]))
+    and folded by compaction apart. A key with one series keeps its payload as it came."""
+    by_key: dict[tuple[int, str, str], list[bytes]] = defaultdict(list)
+    for b1m, service, route, payload in pending:
+        by_key[(b1m, service, route)].append(payload)
+    out: list[tuple[int, str, str, bytes]] = []
+    for (b1m, service, route), payloads in by_key.items():
+        if len(payloads) == 1:
+            out.append((b1m, service, route, payloads[0]))
             continue
-        acc = histogram.new()
-        histogram.add_all_encoded(acc, texts)
-        out.append((b1m, service, route, histogram.encode(acc).decode("ascii")))
+        acc = histogram.Counts()
+        for payload in payloads:
+            acc.add_payload(payload)
+        out.append((b1m, service, route, acc.payload()))
     return out
 
 
@@ -158,7 +159,7 @@ def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
          limit_sums: dict[tuple[int, int, str, str], int],
          retry_sums: dict[tuple[int, int, str, str], int],
          shed_sums: dict[tuple[int, int, str, str, str], int],
-         pending: list[tuple[int, str, str, str]], links: dict[tuple[str, str], float]) -> None:
+         pending: list[tuple[int, str, str, bytes]], links: dict[tuple[str, str], float]) -> None:
     """Add one batch's counts to the group's sums per 1m bucket (keys start with 60, b1m):
     `_spread` adds them to the larger windows once for the whole group."""
     sat = batch.saturation
@@ -195,7 +196,7 @@ def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
                 if s.local in SHED_REASONS and key[3] != TOTAL:
                     shed_sums[(60, b1m, s.service, s.route, s.local)] += s.count
         if s.hist_total and not s.local:
-            pending.append((b1m, s.service, s.route, s.latency_us_hdr))
+            pending.append((b1m, s.service, s.route, s.latency))
         if s.upstream != "-":
             links[(s.service, s.upstream)] = max(links.get((s.service, s.upstream), 0.0),
                                                  batch.interval_end)
@@ -248,13 +249,13 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
             pending = store.rollups.pending_hists(chunk)
             if not pending:
                 return done
-            per_key: dict[tuple[int, str, str], Any] = {}
-            for _id, b1m, service, route, encoded in pending:
+            per_key: dict[tuple[int, str, str], histogram.Counts] = {}
+            for _id, b1m, service, route, stored in pending:
                 acc = per_key.get((b1m, service, route))
                 if acc is None:
-                    acc = per_key[(b1m, service, route)] = histogram.new()
-                histogram.add_encoded(acc, encoded)
-            targets: dict[HistKey, list[Any]] = defaultdict(list)
+                    acc = per_key[(b1m, service, route)] = histogram.Counts()
+                acc.add_payload(histogram.stored_payload(stored))
+            targets: dict[HistKey, list[histogram.Counts]] = defaultdict(list)
             for (b1m, service, route), h in per_key.items():
                 for win in WINDOWS.values():
                     bs = bucket_start(b1m, win)
@@ -263,11 +264,11 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
             updates = []
             stored = store.rollups.bucket_hists(list(targets))
             for key, parts in targets.items():
-                acc = histogram.decode_trusted(stored.get(key))
+                acc = histogram.Counts.of(stored.get(key))
                 for h in parts:
                     acc.add(h)
-                p50, p95, p99 = histogram.percentiles(acc)
-                updates.append((histogram.encode(acc), p50, p95, p99) + key)
+                p50, p95, p99 = acc.percentiles()
+                updates.append((acc.payload(), p50, p95, p99) + key)
             store.rollups.set_bucket_hists(updates)
             store.rollups.delete_pending([row[0] for row in pending])
         done += len(pending)

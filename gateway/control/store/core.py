@@ -10,8 +10,9 @@ Tables (migration 1):
   batches            ingested batch ids (idempotency), kept 2 days
   buckets            rollups per (win_s, service, route, bucket_start); route '*' = service total.
                      Counts and saturation maxima are added at ingest; the merged HDR histogram
-                     (`hist`, hdrh base64 encoding) and its p50/p95/p99 are folded in by compaction
-                     from `pending_hist` (see rollup.compact).
+                     (`hist`, its V2 payload; base64 wire text in rows written before version 8)
+                     and its p50/p95/p99 are folded in by compaction from `pending_hist` (see
+                     rollup.compact).
   pending_hist       the latency histograms of ingested series not yet merged into `buckets`
   limit_counts       limit decisions per (win_s, policy, decision, bucket_start)
   upstream_state     breaker state and pool use per (gateway_id, upstream), as last reported
@@ -385,6 +386,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE upstream_state ADD COLUMN concurrency_limit INTEGER",
         "ALTER TABLE upstream_state ADD COLUMN concurrency_saturated INTEGER NOT NULL DEFAULT 0",
     ]),
+    # Queued histograms are kept as bare payloads (bytes) instead of base64 text; rows already
+    # queued keep their text's bytes and are read as before (histogram.stored_payload). SQLite
+    # stores bytes as they are whatever the column's declared type.
+    (8, [
+        database.POSTGRESQL_ONLY + "ALTER TABLE pending_hist ALTER COLUMN hist TYPE BYTEA "
+        "USING convert_to(hist, 'UTF8')",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -485,7 +493,8 @@ class Store:
                     continue
                 with self.transaction():
                     for sql in statements:
-                        self._db.execute(database.ddl(sql, self.postgresql))
+                        if text := database.ddl(sql, self.postgresql):
+                            self._db.execute(text)
                     self._db.execute("INSERT INTO schema_version(version, applied_at) "
                                      "VALUES (?, ?)", (version, self.clock.time()))
                 current = max(current, version)

@@ -116,8 +116,14 @@ def to_postgresql(sql: str) -> str:
     return "".join(out)
 
 
+POSTGRESQL_ONLY = "-- PostgreSQL only\n"
+
+
 def ddl(sql: str, postgresql: bool) -> str:
-    """A migration statement for the engine (migrations are written in SQLite's dialect)."""
+    """A migration statement for the engine (migrations are written in SQLite's dialect); ""
+    for a statement marked POSTGRESQL_ONLY on SQLite (a column type SQLite does not enforce)."""
+    if sql.startswith(POSTGRESQL_ONLY):
+        return sql[len(POSTGRESQL_ONLY):] if postgresql else ""
     if not postgresql:
         return sql
     sql = re.sub(r"\bid INTEGER PRIMARY KEY( AUTOINCREMENT)?",

@@ -67,8 +67,8 @@ class RollupRepo(Repository):
             "local_4xx = buckets.local_4xx + excluded.local_4xx, "
             "local_5xx = buckets.local_5xx + excluded.local_5xx", key_sorted(rows, 0, 2, 3, 1))
 
-    def add_pending_hists(self, rows: Iterable[tuple[int, str, str, str]]) -> None:
-        """(bucket_start of the 1m bucket, service, route, encoded histogram) rows."""
+    def add_pending_hists(self, rows: Iterable[tuple[int, str, str, bytes]]) -> None:
+        """(bucket_start of the 1m bucket, service, route, histogram payload) rows."""
         self._db.executemany("INSERT INTO pending_hist(bucket_start, service, route, hist) "
                              "VALUES (?, ?, ?, ?)", rows)
 
@@ -78,7 +78,8 @@ class RollupRepo(Repository):
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(win_s, policy, decision, bucket_start) "
             "DO UPDATE SET count = limit_counts.count + excluded.count", key_sorted(rows, 0, 2, 3, 1))
 
-    def pending_hists(self, limit: int) -> list[tuple[int, int, str, str, str]]:
+    def pending_hists(self, limit: int) -> list[tuple[int, int, str, str, bytes | str]]:
+        """The oldest queued histograms: (id, bucket_start, service, route, stored histogram)."""
         with self._lock:
             return self._db.execute(
                 "SELECT id, bucket_start, service, route, hist FROM pending_hist "
