@@ -250,11 +250,11 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
             if not pending:
                 return done
             per_key: dict[tuple[int, str, str], histogram.Counts] = {}
-            for _id, b1m, service, route, stored in pending:
+            for _id, b1m, service, route, queued in pending:
                 acc = per_key.get((b1m, service, route))
                 if acc is None:
                     acc = per_key[(b1m, service, route)] = histogram.Counts()
-                acc.add_payload(histogram.stored_payload(stored))
+                acc.add_payload(histogram.stored_payload(queued))
             targets: dict[HistKey, list[histogram.Counts]] = defaultdict(list)
             for (b1m, service, route), h in per_key.items():
                 for win in WINDOWS.values():
