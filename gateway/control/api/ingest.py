@@ -80,7 +80,7 @@ def ingest_group(store: Store, batches: list[Batch], now: float,
     arrived while the previous group was being written."""
     # --- Costs and budgets: metered in the batches' transaction (a replay is never
     # billed twice); then the budgets are evaluated and the gateways' directives returned.
-    with store.transaction():
+    with store.transaction(pipelined=True):
         stored = rollup.apply_many(store, batches, now)
         for batch, ok in zip(batches, stored, strict=True):
             if ok and finops is not None:

@@ -110,9 +110,6 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
         retry_sums = _spread(retry_sums, _add_ints)
         shed_sums = _spread(shed_sums, _add_ints)
         with store.pipeline():     # the writes below read nothing back
-            store.rollups.add_buckets(rows)
-            store.rollups.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
-                                    for k, lc in local.items()])
             store.rollups.add_pending_hists(_merged(pending))
             store.rollups.add_limit_counts([(*key, n) for key, n in limit_sums.items()])
             store.fleet.report_upstreams(upstream_rows)
@@ -121,17 +118,17 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
             store.fleet.report_concurrency(concurrency_rows)
             store.fleet.link_service_upstreams([(svc, up, t) for (svc, up), t in links.items()])
             store.fleet.add_transitions(transitions)
-            for batch, ok in zip(batches, stored, strict=True):
-                if not ok:
-                    continue
-                sat = batch.saturation
-                store.fleet.report_gateway(batch.gateway_id, batch.seq, batch.interval_end,
-                                     sat.cpu_percent, sat.loop_lag_max_s * 1000.0,
-                                     sat.inflight_max, sat.rss_bytes)
-                # the interval tells the silent-gateway check (followups.py) when to worry
-                store.fleet.note_gateway_interval(batch.gateway_id,
-                                            batch.interval_end - batch.interval_start,
-                                            batch.interval_end)
+            # the interval tells the silent-gateway check (followups.py) when to worry
+            store.fleet.report_gateways([
+                (b.gateway_id, b.seq, b.interval_end, b.saturation.cpu_percent,
+                 b.saturation.loop_lag_max_s * 1000.0, b.saturation.inflight_max,
+                 b.saturation.rss_bytes, b.interval_end - b.interval_start)
+                for b, ok in zip(batches, stored, strict=True) if ok])
+            # Last: the rows every replica's groups upsert (the same minute's buckets), locked
+            # from here until COMMIT, which follows them in a pipelined transaction.
+            store.rollups.add_buckets(rows)
+            store.rollups.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
+                                            for k, lc in local.items()])
     return stored
 
 

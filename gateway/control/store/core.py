@@ -442,8 +442,12 @@ class Store:
     # Transactions and migrations
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error). Nested uses join the outer one."""
+    def transaction(self, *, pipelined: bool = False) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error). Nested uses join the outer one.
+
+        pipelined (PostgreSQL; nothing changes on SQLite, whose statements cost no round trip):
+        bulk writes (`executemany`) do not wait for their replies and leave with the COMMIT; see
+        PostgresConnection.begin. For writers that never read a bulk write's row count."""
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -452,7 +456,10 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            if isinstance(self._db, database.PostgresConnection):
+                self._db.begin(pipelined=pipelined)
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield

@@ -44,16 +44,19 @@ class FleetRepo(Repository):
             "INSERT INTO breaker_transitions(gateway_id, upstream, from_state, to_state, at, "
             "reason) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
-    def report_gateway(self, gateway_id: str, seq: int, seen: float, cpu_percent: float,
-                       loop_lag_ms: float, inflight_max: int, rss_bytes: int) -> None:
-        self._db.execute(
+    def report_gateways(self, rows: Iterable[tuple[str, int, float, float, float, int, int,
+                                                   float]]) -> None:
+        """(gateway_id, seq, seen, cpu_percent, loop_lag_ms, inflight_max, rss_bytes,
+        interval_s) per batch: a gateway's row follows its latest batch (a late batch changes
+        nothing), with that batch's ship interval (the silent-gateway check's yardstick)."""
+        self._db.executemany(
             "INSERT INTO gateways(gateway_id, last_seq, last_seen, cpu_percent, loop_lag_ms, "
-            "inflight_max, rss_bytes) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "inflight_max, rss_bytes, interval_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(gateway_id) DO UPDATE SET last_seq = excluded.last_seq, "
             "last_seen = excluded.last_seen, cpu_percent = excluded.cpu_percent, "
             "loop_lag_ms = excluded.loop_lag_ms, inflight_max = excluded.inflight_max, "
-            "rss_bytes = excluded.rss_bytes WHERE excluded.last_seen >= gateways.last_seen",
-            (gateway_id, seq, seen, cpu_percent, loop_lag_ms, inflight_max, rss_bytes))
+            "rss_bytes = excluded.rss_bytes, interval_s = excluded.interval_s "
+            "WHERE excluded.last_seen >= gateways.last_seen", key_sorted(rows, 0))
 
     def upstream_states(self) -> list[dict[str, Any]]:
         cols = ("gateway_id", "upstream", "breaker_state", "pool_in_use_max", "pool_max",
@@ -114,12 +117,6 @@ class FleetRepo(Repository):
         with self._lock:
             row = self._db.execute("SELECT MAX(id) FROM breaker_transitions").fetchone()
         return int(row[0] or 0)
-
-    def note_gateway_interval(self, gateway_id: str, interval_s: float, seen: float) -> None:
-        """The ship interval of the batch that set `last_seen` (a late batch changes nothing)."""
-        with self.transaction():
-            self._db.execute("UPDATE gateways SET interval_s = ? WHERE gateway_id = ? AND "
-                             "last_seen = ?", (interval_s, gateway_id, seen))
 
     def gateway_intervals(self) -> list[tuple[str, float, float | None]]:
         """(gateway_id, last_seen, interval_s) of every reporting gateway."""
