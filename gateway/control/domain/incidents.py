@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from gateway import validation as valid
 from gateway.control.domain.alerts import Event, fingerprint
 
 if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
@@ -70,6 +71,15 @@ def severity_of(value: Any) -> str | None:
             return v.upper()
         return ALIASES.get(v.lower())
     return None
+
+
+def parse_severity(value: Any, path: str, errs: valid.Errors) -> str | None:
+    """An incident severity (SEV-1..SEV-4 or an alias), canonical; None and an error if not."""
+    sev = severity_of(value)
+    if sev is None:
+        errs.add(path, f"must be one of {', '.join(SEVERITIES)} (or {', '.join(ALIASES)}), "
+                       f"got {value!r}")
+    return sev
 
 
 def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
