@@ -17,6 +17,15 @@ from typing import Any
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
+class Invalid(ValueError):
+    """A document with problems, raised once they are all found: `lines`, each
+    `path: message` (the control plane's API answers it as one 400 problem listing them)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(lines[0] if lines else "invalid")
+        self.lines = list(lines)
+
+
 class Errors:
     """Every problem found in one document, each as `path: message`."""
 
@@ -25,6 +34,11 @@ class Errors:
 
     def add(self, path: str, message: str) -> None:
         self.lines.append(f"{path}: {message}")
+
+    def check(self) -> None:
+        """Raise Invalid with every problem found, if there is one."""
+        if self.lines:
+            raise Invalid(self.lines)
 
 
 def mapping(value: Any, path: str, errs: Errors, allowed: set[str] | None,
@@ -72,7 +86,7 @@ def string(value: Any, path: str, errs: Errors, *, nonempty: bool = True,
     return value
 
 
-def strings(value: Any, path: str, errs: Errors) -> dict[str, str] | None:
+def string_map(value: Any, path: str, errs: Errors) -> dict[str, str] | None:
     """A mapping of strings to strings (labels, tags)."""
     if not isinstance(value, dict):
         errs.add(path, f"must be a mapping of strings to strings, got {kind(value)}")
@@ -83,6 +97,19 @@ def strings(value: Any, path: str, errs: Errors) -> dict[str, str] | None:
             errs.add(f"{path}.{k}", f"must be a string, got {kind(v)}")
             ok = False
     return value if ok else None
+
+
+def string_list(value: Any, path: str, errs: Errors) -> list[str] | None:
+    """A list of strings (each may be empty)."""
+    items = listing(value, path, errs)
+    if items is None:
+        return None
+    ok = True
+    for i, v in enumerate(items):
+        if not isinstance(v, str):
+            errs.add(f"{path}[{i}]", f"must be a string, got {kind(v)}")
+            ok = False
+    return items if ok else None
 
 
 def boolean(value: Any, path: str, errs: Errors) -> bool | None:

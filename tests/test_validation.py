@@ -29,11 +29,11 @@ def test_name_maximum():
     assert run(valid.name, "prof", maximum=3)[1] == ["a.b: must be at most 3 characters, got 4"]
 
 
-def test_strings_names_each_bad_value():
-    assert run(valid.strings, {"x": "1"}) == ({"x": "1"}, [])
-    assert run(valid.strings, {"x": 1, "y": None}) == (None, [
+def test_string_map_names_each_bad_value():
+    assert run(valid.string_map, {"x": "1"}) == ({"x": "1"}, [])
+    assert run(valid.string_map, {"x": 1, "y": None}) == (None, [
         "a.b.x: must be a string, got an integer", "a.b.y: must be a string, got null"])
-    assert run(valid.strings, [1]) == (None, ["a.b: must be a mapping of strings to strings, "
+    assert run(valid.string_map, [1]) == (None, ["a.b: must be a mapping of strings to strings, "
                                               "got a list"])
 
 
@@ -60,3 +60,20 @@ def test_instant():
     assert run(valid.instant, True) == (None, ["a.b: must be unix seconds or ISO-8601, got a "
                                                "boolean"])
     assert run(valid.instant, None)[0] is None
+
+
+def test_string_list_names_each_bad_item():
+    assert run(valid.string_list, ["a", ""]) == (["a", ""], [])
+    assert run(valid.string_list, ["a", 2]) == (None, ["a.b[1]: must be a string, got an integer"])
+    assert run(valid.string_list, "a") == (None, ["a.b: must be a list, got a string"])
+
+
+def test_errors_check_raises_every_line():
+    errs = valid.Errors()
+    errs.check()                                   # nothing found: nothing raised
+    errs.add("x", "is required")
+    errs.add("y", "unknown key")
+    with pytest.raises(valid.Invalid) as exc:
+        errs.check()
+    assert exc.value.lines == ["x: is required", "y: unknown key"]
+    assert str(exc.value) == "x: is required"

@@ -100,26 +100,11 @@ def requires(permission: str) -> Callable[[Handler], Handler]:
     return mark
 
 
-class Invalid(Exception):
-    """A request's `path: message` errors (all that were found), answered as one 400 problem:
-    the first as its detail, every one in `errors`."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__(lines[0])
-        self.lines = lines
-
-
-class BadParam(Invalid):
-    """One bad query parameter or body field."""
+class BadParam(valid.Invalid):
+    """One bad query parameter or body field (answered like every Invalid: a 400 problem)."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__([f"{name}: {message}"])
-
-
-def check(errs: valid.Errors) -> None:
-    """Raise Invalid with every error `errs` collected, if any."""
-    if errs.lines:
-        raise Invalid(errs.lines)
 
 
 # The longest `reason` a change may carry into the audit log, the same on every endpoint.
@@ -149,7 +134,7 @@ async def json_body(request: web.Request, *, required: bool = False,
     if "reason" in doc:
         errs = valid.Errors()
         valid.string(doc["reason"], "reason", errs, nonempty=False, maximum=MAX_REASON)
-        check(errs)
+        errs.check()
     return doc
 
 
@@ -165,7 +150,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         request[PRINCIPAL] = principal
     try:
         return await handler(request)
-    except Invalid as exc:
+    except valid.Invalid as exc:       # from a handler, or from domain code on the database thread
         return invalid(exc.lines)
     except UnstorableText as exc:
         return problem(400, str(exc))
@@ -209,7 +194,7 @@ def parse_time(name: str, value: str) -> float:
     """Unix seconds or ISO-8601 (naive means UTC); BadParam naming `name` otherwise."""
     errs = valid.Errors()
     t = valid.instant(value, name, errs)
-    check(errs)
+    errs.check()
     assert t is not None
     return t
 

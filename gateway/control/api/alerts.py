@@ -20,7 +20,6 @@ from gateway.control.domain.alerts import AlertError, Event
 from gateway.control.store import Store
 from gateway.control.web import (
     BadParam,
-    check,
     json_body,
     json_response,
     path_id,
@@ -96,14 +95,14 @@ async def create_alert(request: web.Request) -> web.Response:
     severity = valid.choice(body.get("severity", "ticket"), "severity", errs, alerts.SEVERITIES)
     description = valid.string(body.get("description", ""), "description", errs,
                                nonempty=False, maximum=alerts.MAX_TEXT)
-    labels = valid.strings(body.get("labels", {}), "labels", errs)
+    labels = valid.string_map(body.get("labels", {}), "labels", errs)
     inc_sev = None
     if body.get("incident_severity") is not None:
         inc_sev = incidents.parse_severity(body["incident_severity"], "incident_severity", errs)
     for key in ("dedup_key", "cause", "slo_id", "alertname"):
         if key in body:
             valid.string(body[key], key, errs)
-    check(errs)
+    errs.check()
     doc = {"title": title, "description": description, "service": service,
            "severity": severity, "labels": labels, "reason": body.get("reason", ""),
            "dedup_key": body.get("dedup_key") or f"manual:{service}:{title}",

@@ -253,7 +253,7 @@ async def set_override(request: web.Request) -> web.Response:
         expires = None if duration is None else now + duration
     else:
         errs.add("expires_at", "expires_at (a time) or duration_s (seconds, > 0) is required")
-    control_app.check(errs)
+    errs.check()
     assert cents is not None and expires is not None
 
     def run() -> web.Response:

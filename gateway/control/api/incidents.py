@@ -19,7 +19,6 @@ from gateway.control.domain.alerts import MAX_TEXT, MAX_TITLE
 from gateway.control.domain.incidents import IncidentError
 from gateway.control.web import (
     BadParam,
-    check,
     json_body,
     json_response,
     problem,
@@ -84,7 +83,7 @@ async def declare_incident(request: web.Request) -> web.Response:
         if "affected_service" in body else None
     context = valid.mapping(body.get("context", {}), "context", errs, None)
     cause = valid.string(body.get("cause", "manual"), "cause", errs)
-    check(errs)
+    errs.check()
     store, now = _store(request), _now(request)
 
     def work() -> dict[str, Any]:
@@ -117,7 +116,7 @@ async def _incident_action(request: web.Request) -> web.Response:
     if action == "escalate" and body.get("severity") is not None:
         errs = valid.Errors()
         sev = incidents.parse_severity(body["severity"], "severity", errs)
-        check(errs)
+        errs.check()
 
     def work() -> dict[str, Any]:
         if action == "acknowledge":

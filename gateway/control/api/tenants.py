@@ -101,7 +101,7 @@ async def put_tenant(request: web.Request) -> web.Response:
     errs = valid.Errors()
     valid.mapping(doc, "", errs, {"plan", "reason"}, {"plan"})
     plan = valid.name(doc["plan"], "plan", errs, maximum=MAX_PLAN) if "plan" in doc else None
-    control_app.check(errs)
+    errs.check()
     assert plan is not None
     reason = doc.get("reason", "")
     actor = request[control_app.PRINCIPAL].name
@@ -146,7 +146,7 @@ def parse_override(doc: dict[str, Any], now: float) -> dict[str, Any]:
     expires = _when(doc, "expires_at", None, errs)
     if effective is not None and expires is not None and expires <= effective:
         errs.add("expires_at", "must be after effective_date")
-    control_app.check(errs)
+    errs.check()
     out["effective_date"] = effective
     out["expires_at"] = expires
     return out
