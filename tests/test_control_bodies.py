@@ -157,3 +157,38 @@ async def test_all_field_errors_of_one_request_are_reported_together(tmp_path):
             "affected_service: may contain only letters, digits, '_', '.', ':' and '-', "
             "got 'a b'",
             "context: must be a mapping, got a list"], doc
+
+
+async def test_incident_and_action_item_fields_are_reported_together(tmp_path):
+    async with control_plane(tmp_path, FakeClock(wall=DAY0 + 600)) as (url, s, _app):
+        status, _, inc = await send(s, url, "POST", "/v1/incidents", orjson.dumps(
+            {"title": "db down", "severity": "SEV-3", "affected_service": "db"}))
+        assert status == 201, inc
+        base = f"/v1/incidents/{inc['id']}"
+        status, _, doc = await send(s, url, "POST", f"{base}/resolve", orjson.dumps(
+            {"resolution_notes": 3, "postmortem": {"lessons": "", "action_items": ["a", 1]}}))
+        assert status == 400 and doc["errors"] == [
+            "resolution_notes: must be a string, got an integer",
+            "root_cause: is required",
+            "postmortem.summary: is required",
+            "postmortem.action_items[1]: must be a string, got an integer"], doc
+        status, _, doc = await send(s, url, "POST", f"{base}/postmortem", b"{}")
+        assert status == 400 and doc["errors"] == ["postmortem.summary: is required"], doc
+        status, _, doc = await send(s, url, "POST", f"{base}/timeline",
+                                    orjson.dumps({"text": "x" * 10_001}))
+        assert doc["errors"] == ["text: must be at most 10000 characters, got 10001"], doc
+        status, _, doc = await send(s, url, "POST", f"{base}/assign",
+                                    orjson.dumps({"assigned_to": 5}))
+        assert doc["errors"] == ["assigned_to: must be a string, got an integer"], doc
+        status, _, doc = await send(s, url, "POST", f"{base}/action-items", orjson.dumps(
+            {"owner": "", "due": "soon", "priority": "asap", "colour": 1}))
+        assert status == 400 and doc["errors"] == [
+            "colour: unknown key",
+            "description: is required",
+            "owner: must not be empty",
+            "due: must be a date (YYYY-MM-DD), an ISO-8601 time or Unix seconds, got 'soon'",
+            "priority: must be one of high, medium, low, got 'asap'"], doc
+        # and a body that passes is taken: nothing of the above was stored
+        status, _, item = await send(s, url, "POST", f"{base}/action-items", orjson.dumps(
+            {"description": "add an index", "owner": "bob", "due": "2023-11-20"}))
+        assert status == 201 and item["priority"] == "medium", item
