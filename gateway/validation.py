@@ -73,9 +73,14 @@ def kind(value: Any) -> str:
 
 def string(value: Any, path: str, errs: Errors, *, nonempty: bool = True,
            maximum: int | None = None) -> str | None:
-    """A string; not blank unless `nonempty` is false; at most `maximum` characters if given."""
+    """A string; not blank unless `nonempty` is false; at most `maximum` characters if given;
+    never with a NUL character (no database stores one in text, and no name or header holds
+    one)."""
     if not isinstance(value, str):
         errs.add(path, f"must be a string, got {kind(value)}")
+        return None
+    if "\x00" in value:
+        errs.add(path, "must not contain a NUL character")
         return None
     if nonempty and not value.strip():
         errs.add(path, "must not be empty")

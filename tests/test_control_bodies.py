@@ -192,3 +192,22 @@ async def test_incident_and_action_item_fields_are_reported_together(tmp_path):
         status, _, item = await send(s, url, "POST", f"{base}/action-items", orjson.dumps(
             {"description": "add an index", "owner": "bob", "due": "2023-11-20"}))
         assert status == 201 and item["priority"] == "medium", item
+
+
+async def test_cost_records_are_checked_by_the_kit(tmp_path):
+    async with control_plane(tmp_path, FakeClock(wall=DAY0 + 600)) as (url, s, _app):
+        status, _, doc = await send(s, url, "POST", "/v1/costs", orjson.dumps([
+            {"ServiceName": "svc\x00", "ChargePeriodStart": "yesterday",
+             "ChargePeriodEnd": DAY0, "BilledCost": "1", "x_ChargeId": "", "Tags": {}},
+            "row",
+            {"ChargePeriodStart": DAY0, "ChargePeriodEnd": DAY0 + 60, "BilledCost": 1,
+             "ChargeCategory": "Gift", "BillingCurrency": "EUR"}]))
+        assert status == 400 and doc["errors"] == [
+            "records[0].ServiceName: must not contain a NUL character",
+            "records[0].ChargePeriodStart: must be unix seconds or ISO-8601, got 'yesterday'",
+            "records[0].x_ChargeId: must not be empty",
+            "records[1]: must be a mapping, got a string",
+            "records[2].ServiceName: is required",
+            "records[2].BillingCurrency: only USD is supported, got 'EUR'",
+            "records[2].ChargeCategory: must be one of Usage, Purchase, Tax, Credit, "
+            "Adjustment, got 'Gift'"], doc

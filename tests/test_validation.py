@@ -22,6 +22,7 @@ def test_string_blank_and_maximum():
     assert run(valid.string, " ") == (None, ["a.b: must not be empty"])
     assert run(valid.string, "", nonempty=False) == ("", [])
     assert run(valid.string, 3) == (None, ["a.b: must be a string, got an integer"])
+    assert run(valid.string, "a\x00b") == (None, ["a.b: must not contain a NUL character"])
 
 
 def test_name_maximum():

@@ -265,6 +265,7 @@ class BudgetSpec:
 BUDGET_KEYS = {"name", "service", "period", "amount_cents", "thresholds", "forecast_thresholds",
                "timezone", "enforce", "mode"}
 MAX_NAME = 200
+MAX_SERVICE = 256
 
 
 def _thresholds(value: Any, path: str, errs: valid.Errors) -> tuple[Decimal, ...] | None:
@@ -288,15 +289,6 @@ def _thresholds(value: Any, path: str, errs: valid.Errors) -> tuple[Decimal, ...
     return tuple(sorted(set(out)))
 
 
-def _text(value: Any, path: str, errs: valid.Errors, maximum: int) -> str | None:
-    """A non-blank string the database can store (no NUL character)."""
-    s = valid.string(value, path, errs, maximum=maximum)
-    if s is not None and "\x00" in s:
-        errs.add(path, "must not contain a NUL character")
-        return None
-    return s
-
-
 def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
                  ) -> tuple[BudgetSpec | None, list[str]]:
     """Validate a budget mapping; (spec, []) or (None, every `path.key: message`).
@@ -318,10 +310,10 @@ def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
             errs.add(p(key), "is required")
     parsed: dict[str, Any] = {}
     if "name" in doc:
-        parsed["name"] = _text(doc["name"], p("name"), errs, MAX_NAME)
+        parsed["name"] = valid.string(doc["name"], p("name"), errs, maximum=MAX_NAME)
     if "service" in doc:
         parsed["service"] = ALL_SERVICES if doc["service"] is None else \
-            _text(doc["service"], p("service"), errs, 256)
+            valid.string(doc["service"], p("service"), errs, maximum=MAX_SERVICE)
     if "period" in doc:
         parsed["period"] = valid.choice(doc["period"], p("period"), errs, PERIODS)
     if "amount_cents" in doc:
