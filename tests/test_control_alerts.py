@@ -100,7 +100,7 @@ async def test_manual_alerts_dedup_page_opens_an_incident_and_resolve_by_hand(tm
         for bad, field in (({"service": "x"}, "title"), ({"title": "t"}, "service"),
                            ({"title": "t", "service": "x", "severity": "urgent"}, "severity"),
                            ({"title": "t", "service": "x", "colour": "red"}, "colour"),
-                           ({"title": "t", "service": "x", "labels": {"a": 1}}, "labels")):
+                           ({"title": "t", "service": "x", "labels": {"a": 1}}, "labels.a")):
             status, doc = await call(s, url, "POST", "/v1/alerts", json=bad)
             assert status == 400 and doc["detail"].startswith(field + ":"), doc
         assert (await call(s, url, "GET", "/v1/alerts", status="open"))[0] == 400

@@ -203,7 +203,7 @@ def test_parse_budget_defaults_and_errors():
         "budgets[3].colour: unknown key",
         "budgets[3].name: is required",
         "budgets[3].period: must be one of daily, weekly, monthly, got 'yearly'",
-        "budgets[3].amount_cents: must be an integer number of cents, > 0, got 1.5",
+        "budgets[3].amount_cents: must be an integer, got 1.5",
         "budgets[3].thresholds[0]: must be > 0 and <= 10, got 0",
         "budgets[3].timezone: unknown time zone 'Nowhere/City' (an IANA name such as "
         "'Europe/Berlin')",

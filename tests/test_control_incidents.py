@@ -47,7 +47,7 @@ async def test_lifecycle_ids_postmortem_and_audit(tmp_path):
         assert inc["status"] == "mitigated"
         status, doc = await call(s, url, "POST", f"/v1/incidents/{iid}/resolve",
                                  json={"resolution_notes": "optimised slow queries"})
-        assert status == 400 and doc["detail"] == "root_cause: is required (a non-empty string)"
+        assert status == 400 and doc["detail"] == "root_cause: is required"
         status, doc = await call(s, url, "POST", f"/v1/incidents/{iid}/resolve",
                                  json={"root_cause": "missing index"})
         assert status == 400 and doc["detail"].startswith("resolution_notes:")

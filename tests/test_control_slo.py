@@ -224,7 +224,7 @@ async def test_slo_api_validates_like_the_config(tmp_path):
             assert status == 400 and body["detail"] == error, body
             assert body["errors"] == [error]
         status, body = await call(s, url, "POST", "/v1/slos", json=[1])
-        assert status == 400 and body["detail"] == "body: must be a JSON object"
+        assert status == 400 and body["detail"] == "body: must be a JSON object, got a list"
 
 
 # ---------------------------------------------------------------------------------------------

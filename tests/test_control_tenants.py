@@ -49,7 +49,7 @@ async def test_api_roles_audit_and_the_tenant_table(tmp_path):
         assert status == 400 and doc["detail"].startswith("daily_quota:")
         status, doc = await call(s, url, "POST", "/v1/tenants/acme/quotas",
                                  json={"qps": 50, "colour": 1})
-        assert status == 400 and doc["detail"] == "colour: unknown field"
+        assert status == 400 and doc["detail"] == "colour: unknown key"
         # an override from tomorrow: recorded, pending, not in the table yet
         status, doc = await call(s, url, "POST", "/v1/tenants/acme/quotas", json={
             "qps": 40, "burst": 80, "daily_quota": 1000, "monthly_quota": 20000,

@@ -9,14 +9,13 @@ the notifier and the evaluator are typed here by what handlers need of them.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
+from gateway import validation as valid
 from gateway.clock import Clock
 from gateway.control.auth import Authenticator, Principal, allowed
 from gateway.control.config import ControlConfig
@@ -101,25 +100,41 @@ def requires(permission: str) -> Callable[[Handler], Handler]:
     return mark
 
 
-class BadParam(Exception):
+class BadParam(valid.Invalid):
+    """One bad query parameter or body field (answered like every Invalid: a 400 problem)."""
+
     def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
+        super().__init__([f"{name}: {message}"])
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """A write request's JSON object body ({} without one), with its optional `reason` (a
-    string of at most 2000 characters, kept in the audit log) checked."""
-    if not request.can_read_body:
+# The longest `reason` a change may carry into the audit log, the same on every endpoint.
+MAX_REASON = 2000
+
+
+async def json_body(request: web.Request, *, required: bool = False,
+                    list_as: str | None = None) -> dict[str, Any]:
+    """A write request's body: a JSON object, with its optional `reason` (a string of at most
+    MAX_REASON characters, kept in the audit log) checked. Without a body: {} or, when
+    `required` (the body is the change), an error. With `list_as`, a bare JSON list is taken as
+    the object {list_as: list}. Every problem is Invalid naming `body` or `reason`, which the
+    middleware answers as a 400 problem."""
+    raw = await request.read() if request.can_read_body else b""
+    if not raw.strip():
+        if required:
+            raise BadParam("body", "is required (a JSON object)")
         return {}
     try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadParam("body", f"must be a JSON object, got invalid JSON ({exc})") from None
+    if list_as is not None and isinstance(doc, list):
+        return {list_as: doc}
     if not isinstance(doc, dict):
-        raise BadParam("body", "must be a JSON object")
-    reason = doc.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
+        raise BadParam("body", f"must be a JSON object, got {valid.kind(doc)}")
+    if "reason" in doc:
+        errs = valid.Errors()
+        valid.string(doc["reason"], "reason", errs, nonempty=False, maximum=MAX_REASON)
+        errs.check()
     return doc
 
 
@@ -135,7 +150,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         request[PRINCIPAL] = principal
     try:
         return await handler(request)
-    except (BadParam, UnstorableText) as exc:
+    except valid.Invalid as exc:       # from a handler, or from domain code on the database thread
+        return invalid(exc.lines)
+    except UnstorableText as exc:
         return problem(400, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -174,21 +191,12 @@ def json_response(doc: Any, status: int = 200) -> web.Response:
 
 
 def parse_time(name: str, value: str) -> float:
-    """Unix seconds or ISO-8601 (naive means UTC)."""
-    try:
-        t = float(value)
-    except ValueError:
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
-        except ValueError:
-            raise BadParam(name, f"must be unix seconds or ISO-8601, got {value!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return dt.timestamp()
-    if not math.isfinite(t):
-        raise BadParam(name, f"must be a finite number, got {value!r}")
+    """Unix seconds or ISO-8601 (naive means UTC); BadParam naming `name` otherwise."""
+    errs = valid.Errors()
+    t = valid.instant(value, name, errs)
+    errs.check()
+    assert t is not None
     return t
-
 
 
 def query_limit(request: web.Request, default: int, maximum: int) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from aiohttp import web
 
 from gateway.control.auth import Principal
@@ -18,8 +17,8 @@ from gateway.control.web import (
     DB,
     EVALUATOR,
     PRINCIPAL,
-    BadParam,
     held_elsewhere,
+    json_body,
     json_response,
     parse_time,
     publish,
@@ -38,19 +37,6 @@ async def audit(request: web.Request) -> web.Response:
     return json_response({"entries": rows})
 
 
-async def _reason(request: web.Request) -> str:
-    if not request.can_read_body:
-        return ""
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadParam("body", "must be JSON") from None
-    reason = doc.get("reason", "") if isinstance(doc, dict) else None
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise BadParam("reason", "must be a string of at most 2000 characters")
-    return reason
-
-
 def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[str, int]:
     deleted = rollup.run_retention(store, now)
     store.audit.record(actor, "run", "retention", reason, {"deleted": deleted}, at=now)
@@ -60,7 +46,7 @@ def _retention_sync(store: Store, now: float, actor: str, reason: str) -> dict[s
 @requires("admin:write")
 async def retention_run(request: web.Request) -> web.Response:
     principal: Principal = request[PRINCIPAL]
-    reason = await _reason(request)
+    reason = (await json_body(request)).get("reason", "")
     busy = await held_elsewhere(request, "retention")
     if busy is not None:
         return busy

@@ -28,7 +28,6 @@ from gateway.control.web import (
     query_limit,
     requires,
 )
-from gateway.control.web import invalid as _invalid
 from gateway.control.web import on_db as _db
 from gateway.control.web import query_flag as _flag
 from gateway.control.web import request_actor as _actor
@@ -81,40 +80,29 @@ def _manual_alert_sync(store: Store, body: dict[str, Any], actor: str, now: floa
         alert["id"]) or alert, incident)
 
 
+_ALERT_KEYS = {"title", "description", "service", "severity", "labels", "dedup_key", "cause",
+               "incident_severity", "slo_id", "reason", "alertname"}
+
+
 @requires("alerts:write")
 async def create_alert(request: web.Request) -> web.Response:
     body = await json_body(request)
     errs = valid.Errors()
-    allowed = {"title", "description", "service", "severity", "labels", "dedup_key", "cause",
-               "incident_severity", "slo_id", "reason", "alertname"}
-    for key in sorted(set(body) - allowed):
-        errs.add(key, "unknown key")
-    title = body.get("title")
-    if not isinstance(title, str) or not title.strip() or len(title) > 300:
-        errs.add("title", "is required (a string of 1 to 300 characters)")
+    valid.mapping(body, "", errs, _ALERT_KEYS, {"title", "service"})
+    title = valid.string(body["title"], "title", errs, maximum=alerts.MAX_TITLE) \
+        if "title" in body else None
     service = valid.name(body["service"], "service", errs) if "service" in body else None
-    if "service" not in body:
-        errs.add("service", "is required")
-    severity = body.get("severity", "ticket")
-    if severity not in alerts.SEVERITIES:
-        errs.add("severity", f"must be one of {', '.join(alerts.SEVERITIES)}, got {severity!r}")
-    description = body.get("description", "")
-    if not isinstance(description, str):
-        errs.add("description", "must be a string")
-    labels = body.get("labels", {})
-    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in labels.items()):
-        errs.add("labels", "must be a mapping of strings to strings")
+    severity = valid.choice(body.get("severity", "ticket"), "severity", errs, alerts.SEVERITIES)
+    description = valid.string(body.get("description", ""), "description", errs,
+                               nonempty=False, maximum=alerts.MAX_TEXT)
+    labels = valid.string_map(body.get("labels", {}), "labels", errs)
     inc_sev = None
     if body.get("incident_severity") is not None:
-        inc_sev = incidents.severity_of(body["incident_severity"])
-        if inc_sev is None:
-            errs.add("incident_severity", f"must be one of {', '.join(incidents.SEVERITIES)}")
+        inc_sev = incidents.parse_severity(body["incident_severity"], "incident_severity", errs)
     for key in ("dedup_key", "cause", "slo_id", "alertname"):
-        if key in body and (not isinstance(body[key], str) or not body[key].strip()):
-            errs.add(key, "must be a non-empty string")
-    if errs.lines:
-        return _invalid(errs.lines)
+        if key in body:
+            valid.string(body[key], key, errs)
+    errs.check()
     doc = {"title": title, "description": description, "service": service,
            "severity": severity, "labels": labels, "reason": body.get("reason", ""),
            "dedup_key": body.get("dedup_key") or f"manual:{service}:{title}",

@@ -7,9 +7,9 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 
+from gateway import validation as valid
 from gateway.control import web as control_app
 from gateway.control.domain import budgets as bm
 from gateway.control.domain.budgets import BudgetSpec
@@ -23,23 +23,9 @@ from gateway.control.domain.costs import (
     spec_of,
 )
 from gateway.control.store import Store
-from gateway.control.web import FINOPS, json_response, problem, requires
+from gateway.control.web import FINOPS, json_body, json_response, problem, requires
 
 T = TypeVar("T")
-
-
-async def _body(request: web.Request) -> Any:
-    try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise control_app.BadParam("body", "must be JSON") from None
-
-
-def _reason(doc: Any) -> str:
-    reason = doc.pop("reason", "") if isinstance(doc, dict) else ""
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise control_app.BadParam("reason", "must be a string of at most 2000 characters")
-    return reason
 
 
 def _ctx(request: web.Request) -> tuple[Any, Store, FinOps, float, str]:
@@ -47,6 +33,9 @@ def _ctx(request: web.Request) -> tuple[Any, Store, FinOps, float, str]:
     db = app[control_app.DB]
     return db, db.store, app[FINOPS], app[control_app.CLOCK].time(), \
         request[control_app.PRINCIPAL].name
+
+
+_MAX_OVERRIDE_S = 400 * 86_400     # an emergency override lasts at most this long
 
 
 def _budget_id(request: web.Request) -> int:
@@ -92,8 +81,8 @@ def _import_sync(store: Store, records: list[dict[str, Any]], now: float, actor:
 @requires("costs:write")
 async def post_costs(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
-    doc = await _body(request)
-    reason = _reason(doc) if isinstance(doc, dict) else ""
+    doc = await json_body(request, required=True, list_as="records")
+    reason = doc.pop("reason", "")
     records, errors = parse_charges(doc)
     if errors:
         return problem(400, errors[0], errors=errors[:50])
@@ -157,8 +146,8 @@ async def _run_and_publish(request: web.Request, db: Any, run: Callable[[], T]) 
 @requires("budgets:write")
 async def create_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
-    doc = await _body(request)
-    reason = _reason(doc)
+    doc = await json_body(request, required=True)
+    reason = doc.pop("reason", "")
     spec, errors = bm.parse_budget(doc)
     if spec is None:
         return problem(400, errors[0], errors=errors)
@@ -189,8 +178,8 @@ async def get_budget(request: web.Request) -> web.Response:
 async def update_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
-    doc = await _body(request)
-    reason = _reason(doc)
+    doc = await json_body(request, required=True)
+    reason = doc.pop("reason", "")
 
     def run() -> web.Response:
         row = store.budgets.budget(bid)
@@ -216,7 +205,7 @@ async def update_budget(request: web.Request) -> web.Response:
 async def delete_budget(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
-    reason = _reason(await _body(request)) if request.can_read_body else ""
+    reason = (await json_body(request)).get("reason", "")
 
     def run() -> bool:
         row = store.budgets.budget(bid)
@@ -240,26 +229,32 @@ async def set_override(request: web.Request) -> web.Response:
     temporary higher amount (emergency override), audited; it lapses by itself at expires_at."""
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
-    doc = await _body(request)
-    if not isinstance(doc, dict):
-        raise control_app.BadParam("body", "must be an object")
-    reason = _reason(doc)
-    cents = doc.get("amount_cents")
-    if isinstance(cents, bool) or not isinstance(cents, int) or \
-            not 0 < cents <= bm.MAX_AMOUNT_CENTS:
-        raise control_app.BadParam("amount_cents", "must be a positive integer number of cents")
-    if "expires_at" in doc:
-        expires = control_app.parse_time("expires_at", str(doc["expires_at"]))
-    elif isinstance(doc.get("duration_s"), (int, float)) and not isinstance(
-            doc.get("duration_s"), bool) and 0 < doc["duration_s"] <= 400 * 86_400:
-        expires = now + float(doc["duration_s"])
+    doc = await json_body(request, required=True)
+    errs = valid.Errors()
+    valid.mapping(doc, "", errs, {"amount_cents", "expires_at", "duration_s", "reason"})
+    reason = doc.get("reason", "")
+    if not reason.strip():
+        errs.add("reason", "is required (an emergency override needs one)")
+    cents = None
+    if "amount_cents" not in doc:
+        errs.add("amount_cents", "is required (the override's amount in cents)")
     else:
-        raise control_app.BadParam("expires_at", "expires_at (time) or duration_s "
-                                                 "(seconds, > 0) is required")
-    if expires <= now:
-        raise control_app.BadParam("expires_at", "must be in the future")
-    if not reason:
-        raise control_app.BadParam("reason", "an emergency override needs a reason")
+        cents = valid.integer(doc["amount_cents"], "amount_cents", errs, minimum=1,
+                              maximum=bm.MAX_AMOUNT_CENTS)
+    expires = None
+    if "expires_at" in doc:
+        expires = valid.instant(doc["expires_at"], "expires_at", errs)
+        if expires is not None and expires <= now:
+            errs.add("expires_at", "must be in the future")
+            expires = None
+    elif "duration_s" in doc:
+        duration = valid.number(doc["duration_s"], "duration_s", errs, minimum=0,
+                                exclusive_min=True, maximum=_MAX_OVERRIDE_S)
+        expires = None if duration is None else now + duration
+    else:
+        errs.add("expires_at", "expires_at (a time) or duration_s (seconds, > 0) is required")
+    errs.check()
+    assert cents is not None and expires is not None
 
     def run() -> web.Response:
         row = store.budgets.budget(bid)
@@ -283,7 +278,7 @@ async def set_override(request: web.Request) -> web.Response:
 async def clear_override(request: web.Request) -> web.Response:
     db, store, finops, now, actor = _ctx(request)
     bid = _budget_id(request)
-    reason = _reason(await _body(request)) if request.can_read_body else ""
+    reason = (await json_body(request)).get("reason", "")
 
     def run() -> web.Response:
         row = store.budgets.budget(bid)

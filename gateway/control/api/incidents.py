@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import validation as valid
 from gateway.control.domain import incidents
+from gateway.control.domain.alerts import MAX_TEXT, MAX_TITLE
 from gateway.control.domain.incidents import IncidentError
 from gateway.control.web import (
     BadParam,
@@ -25,7 +26,6 @@ from gateway.control.web import (
     query_limit,
     requires,
 )
-from gateway.control.web import invalid as _invalid
 from gateway.control.web import on_db as _db
 from gateway.control.web import query_flag as _flag
 from gateway.control.web import request_actor as _actor
@@ -64,41 +64,32 @@ async def get_incident(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+_DECLARE_KEYS = {"title", "description", "severity", "affected_service", "context", "reason",
+                 "cause"}
+
+
 @requires("incidents:write")
 async def declare_incident(request: web.Request) -> web.Response:
     body = await json_body(request)
     errs = valid.Errors()
-    allowed = {"title", "description", "severity", "affected_service", "context", "reason",
-               "cause"}
-    for key in sorted(set(body) - allowed):
-        errs.add(key, "unknown key")
-    title = body.get("title")
-    if not isinstance(title, str) or not title.strip() or len(title) > 300:
-        errs.add("title", "is required (a string of 1 to 300 characters)")
-    description = body.get("description", "")
-    if not isinstance(description, str) or len(description) > 10_000:
-        errs.add("description", "must be a string of at most 10000 characters")
-    severity = incidents.severity_of(body.get("severity"))
-    if severity is None:
-        errs.add("severity", f"must be one of {', '.join(incidents.SEVERITIES)} (or critical, "
-                             f"major, minor, info), got {body.get('severity')!r}")
-    service = None
-    if "affected_service" not in body:
-        errs.add("affected_service", "is required")
-    else:
-        service = valid.name(body["affected_service"], "affected_service", errs)
-    context = body.get("context", {})
-    if not isinstance(context, dict):
-        errs.add("context", "must be an object")
-    cause = body.get("cause", "manual")
-    if not isinstance(cause, str) or not cause.strip():
-        errs.add("cause", "must be a non-empty string")
-    if errs.lines or severity is None or service is None or not isinstance(title, str):
-        return _invalid(errs.lines)
+    valid.mapping(body, "", errs, _DECLARE_KEYS, {"title", "severity", "affected_service"})
+    title = valid.string(body["title"], "title", errs, maximum=MAX_TITLE) \
+        if "title" in body else None
+    description = valid.string(body.get("description", ""), "description", errs,
+                               nonempty=False, maximum=MAX_TEXT)
+    severity = incidents.parse_severity(body["severity"], "severity", errs) \
+        if "severity" in body else None
+    service = valid.name(body["affected_service"], "affected_service", errs) \
+        if "affected_service" in body else None
+    context = valid.mapping(body.get("context", {}), "context", errs, None)
+    cause = valid.string(body.get("cause", "manual"), "cause", errs)
+    errs.check()
     store, now = _store(request), _now(request)
 
     def work() -> dict[str, Any]:
-        assert severity is not None and service is not None and isinstance(title, str)
+        # check() returned: every parser succeeded
+        assert severity is not None and service is not None and title is not None
+        assert description is not None and context is not None and cause is not None
         inc = incidents.declare(store, title=title, description=description,
                                 severity=severity, affected_service=service, context=context,
                                 actor=_actor(request), reason=body.get("reason", ""), now=now,
@@ -121,6 +112,11 @@ async def _incident_action(request: web.Request) -> web.Response:
     body = await json_body(request)
     store, now, actor = _store(request), _now(request), _actor(request)
     reason = body.get("reason", "")
+    sev = None
+    if action == "escalate" and body.get("severity") is not None:
+        errs = valid.Errors()
+        sev = incidents.parse_severity(body["severity"], "severity", errs)
+        errs.check()
 
     def work() -> dict[str, Any]:
         if action == "acknowledge":
@@ -128,12 +124,6 @@ async def _incident_action(request: web.Request) -> web.Response:
         elif action == "mitigate":
             inc = incidents.mitigate(store, incident_id, actor, reason, now)
         elif action == "escalate":
-            sev = None
-            if body.get("severity") is not None:
-                sev = incidents.severity_of(body["severity"])
-                if sev is None:
-                    raise IncidentError(400, "severity: must be one of "
-                                             + ", ".join(incidents.SEVERITIES))
             inc = incidents.escalate(store, incident_id, actor, reason, now, severity=sev)
         elif action == "resolve":
             inc = incidents.resolve(store, incident_id,

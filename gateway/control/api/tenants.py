@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from gateway import validation as valid
 from gateway.control import web as control_app
-from gateway.control.domain.tenants import MAX_ID, NAME, OVERRIDE_FIELDS, active_override
+from gateway.control.domain.tenants import MAX_ID, OVERRIDE_FIELDS, active_override
 from gateway.control.store import Store
+
+MAX_PLAN = 128     # characters of a plan's name
 
 
 def _tenant_id(request: web.Request) -> str:
@@ -93,35 +94,16 @@ async def get_tenant(request: web.Request) -> web.Response:
     return control_app.json_response(doc)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise control_app.BadParam("body", "must be a JSON object") from None
-    if not isinstance(doc, dict):
-        raise control_app.BadParam("body", "must be a JSON object")
-    return doc
-
-
-def _reason(doc: dict[str, Any]) -> str:
-    r = doc.get("reason", "")
-    if not isinstance(r, str) or len(r) > 2048:
-        raise control_app.BadParam("reason", "must be a string of at most 2048 characters")
-    return r
-
-
 @control_app.requires("tenants:write")
 async def put_tenant(request: web.Request) -> web.Response:
     tenant = _tenant_id(request)
-    doc = await _body(request)
-    unknown = set(doc) - {"plan", "reason"}
-    if unknown:
-        raise control_app.BadParam(min(unknown), "unknown field")
-    plan = doc.get("plan")
-    if not isinstance(plan, str) or not NAME.match(plan) or len(plan) > 128:
-        raise control_app.BadParam("plan", "must be a plan name (letters, digits, '_', '.', "
-                                           "':', '-')")
-    reason = _reason(doc)
+    doc = await control_app.json_body(request, required=True)
+    errs = valid.Errors()
+    valid.mapping(doc, "", errs, {"plan", "reason"}, {"plan"})
+    plan = valid.name(doc["plan"], "plan", errs, maximum=MAX_PLAN) if "plan" in doc else None
+    errs.check()
+    assert plan is not None
+    reason = doc.get("reason", "")
     actor = request[control_app.PRINCIPAL].name
     now = request.app[control_app.CLOCK].time()
     db = request.app[control_app.DB]
@@ -136,51 +118,47 @@ async def put_tenant(request: web.Request) -> web.Response:
     return control_app.json_response(await db.call(run))
 
 
-def _when(doc: dict[str, Any], key: str, default: float | None) -> float | None:
+def _when(doc: dict[str, Any], key: str, default: float | None, errs: valid.Errors
+          ) -> float | None:
+    """The time at `key` (unix seconds or RFC 3339), `default` when absent or null."""
     v = doc.get(key)
-    if v is None:
-        return default
-    if isinstance(v, str):
-        return control_app.parse_time(key, v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise control_app.BadParam(key, "must be unix seconds or an RFC 3339 time")
-    return float(v)
+    return default if v is None else valid.instant(v, key, errs)
 
 
 def parse_override(doc: dict[str, Any], now: float) -> dict[str, Any]:
-    unknown = set(doc) - {*OVERRIDE_FIELDS, "effective_date", "expires_at", "reason"}
-    if unknown:
-        raise control_app.BadParam(min(unknown), "unknown field")
+    """A quota override from its request body; Invalid with every error found."""
+    errs = valid.Errors()
+    valid.mapping(doc, "", errs, {*OVERRIDE_FIELDS, "effective_date", "expires_at", "reason"})
     out: dict[str, Any] = {}
+    named = False
     for key in OVERRIDE_FIELDS:
         v = doc.get(key)
         if v is None:
             continue
-        integer = key != "qps"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v < 0 or (integer and not float(v).is_integer()) \
-                or (key != "burst" and v == 0):
-            what = "an integer" if integer else "a number"
-            raise control_app.BadParam(key, f"must be {what} > 0"
-                                            f"{' (burst: >= 0)' if key == 'burst' else ''}, "
-                                            f"got {v!r}")
-        out[key] = int(v) if integer else float(v)
-    if not out:
-        raise control_app.BadParam("body", f"name at least one of {', '.join(OVERRIDE_FIELDS)}")
-    out["effective_date"] = _when(doc, "effective_date", now)
-    out["expires_at"] = _when(doc, "expires_at", None)
-    if out["expires_at"] is not None and out["expires_at"] <= out["effective_date"]:
-        raise control_app.BadParam("expires_at", "must be after effective_date")
+        named = True
+        if key == "qps":
+            out[key] = valid.number(v, key, errs, minimum=0, exclusive_min=True)
+        else:       # a burst of 0 is allowed: no requests beyond the steady rate
+            out[key] = valid.integer(v, key, errs, minimum=0 if key == "burst" else 1)
+    if not named:
+        errs.add("body", f"name at least one of {', '.join(OVERRIDE_FIELDS)}")
+    effective = _when(doc, "effective_date", now, errs)
+    expires = _when(doc, "expires_at", None, errs)
+    if effective is not None and expires is not None and expires <= effective:
+        errs.add("expires_at", "must be after effective_date")
+    errs.check()
+    out["effective_date"] = effective
+    out["expires_at"] = expires
     return out
 
 
 @control_app.requires("tenants:write")
 async def post_quotas(request: web.Request) -> web.Response:
     tenant = _tenant_id(request)
-    doc = await _body(request)
+    doc = await control_app.json_body(request, required=True)
     now = request.app[control_app.CLOCK].time()
     o = parse_override(doc, now)
-    reason = _reason(doc)
+    reason = doc.get("reason", "")
     actor = request[control_app.PRINCIPAL].name
     db = request.app[control_app.DB]
 

@@ -11,10 +11,10 @@ resolves. Every change is audited and written to the incident's timeline.
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from gateway import validation as valid
 from gateway.control.domain import alerts
 from gateway.control.domain.alerts import Event
 from gateway.control.domain.incidents import IncidentError
@@ -25,51 +25,55 @@ if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports
 PRIORITIES = ("high", "medium", "low")
 STATUSES = ("open", "done")
 FIELDS = {"description", "owner", "due", "priority"}
+MAX_DESCRIPTION = 2000
+MAX_OWNER = 200
 
 
-def parse_due(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
+def parse_due(value: Any, path: str, errs: valid.Errors) -> float | None:
+    """A due date: YYYY-MM-DD (due at the end of that day, UTC), an ISO-8601 time or unix
+    seconds."""
+    if isinstance(value, str) and len(value.strip()) == 10:
         try:
-            if len(text) == 10:
-                day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
-                return (day + timedelta(days=1)).timestamp()
-            dt = datetime.fromisoformat(text.replace("z", "Z"))
+            day = datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
         except ValueError:
             pass
         else:
-            return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    raise IncidentError(400, f"due: must be a date (YYYY-MM-DD), an ISO-8601 time or Unix "
-                             f"seconds, got {value!r}")
+            return (day + timedelta(days=1)).timestamp()
+    scratch = valid.Errors()        # the kit's own message would not mention dates
+    t = valid.instant(value, path, scratch)
+    if t is None:
+        errs.add(path, f"must be a date (YYYY-MM-DD), an ISO-8601 time or Unix seconds, "
+                       f"got {value!r}")
+    return t
 
 
-def _text(body: dict[str, Any], key: str, limit: int) -> str:
-    v = body.get(key)
-    if not isinstance(v, str) or not v.strip() or len(v) > limit:
-        raise IncidentError(400, f"{key}: is required (a string of 1 to {limit} characters)")
-    return v.strip()
+def _text(body: dict[str, Any], key: str, limit: int, errs: valid.Errors) -> str | None:
+    if key not in body:
+        errs.add(key, "is required")
+        return None
+    v = valid.string(body[key], key, errs, maximum=limit)
+    return None if v is None else v.strip()
 
 
 def parse(body: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
-    """The fields of a new item (or, `partial`, of an update) from a request body."""
-    unknown = sorted(set(body) - FIELDS - {"reason"})
-    if unknown:
-        raise IncidentError(400, f"{unknown[0]}: unknown key")
+    """The fields of a new item (or, `partial`, of an update) from a request body;
+    valid.Invalid with every problem found."""
+    errs = valid.Errors()
+    valid.mapping(body, "", errs, FIELDS | {"reason"})
     out: dict[str, Any] = {}
     if not partial or "description" in body:
-        out["description"] = _text(body, "description", 2000)
+        out["description"] = _text(body, "description", MAX_DESCRIPTION, errs)
     if not partial or "owner" in body:
-        out["owner"] = _text(body, "owner", 200)
+        out["owner"] = _text(body, "owner", MAX_OWNER, errs)
     if not partial or "due" in body:
-        out["due_at"] = parse_due(body.get("due"))
+        if "due" in body:
+            out["due_at"] = parse_due(body["due"], "due", errs)
+        else:
+            errs.add("due", "is required (a date, YYYY-MM-DD, an ISO-8601 time or Unix seconds)")
     if not partial or "priority" in body:
-        priority = body.get("priority", "medium")
-        if priority not in PRIORITIES:
-            raise IncidentError(400, f"priority: must be one of {', '.join(PRIORITIES)}, "
-                                     f"got {priority!r}")
-        out["priority"] = priority
+        out["priority"] = valid.choice(body.get("priority", "medium"), "priority", errs,
+                                       PRIORITIES)
+    errs.check()
     return out
 
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports
 
 SEVERITIES = ("info", "ticket", "page")
 STATUSES = ("firing", "acknowledged", "resolved")
+MAX_TITLE = 300         # characters of an alert's or an incident's title
+MAX_TEXT = 10_000       # characters of a description or a note
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,8 @@ from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gateway import validation as valid
+
 MICROS_PER_DOLLAR = 1_000_000
 MICROS_PER_CENT = 10_000
 PERIODS = ("daily", "weekly", "monthly")
@@ -263,25 +265,26 @@ class BudgetSpec:
 BUDGET_KEYS = {"name", "service", "period", "amount_cents", "thresholds", "forecast_thresholds",
                "timezone", "enforce", "mode"}
 MAX_NAME = 200
+MAX_SERVICE = 256
 
 
-def _thresholds(value: Any, path: str, errors: list[str]) -> tuple[Decimal, ...] | None:
+def _thresholds(value: Any, path: str, errs: valid.Errors) -> tuple[Decimal, ...] | None:
     if not isinstance(value, list):
-        errors.append(f"{path}: must be a list of fractions such as [0.8, 0.9, 1.0]")
+        errs.add(path, "must be a list of fractions such as [0.8, 0.9, 1.0]")
         return None
     out: list[Decimal] = []
     for i, v in enumerate(value):
         try:
             d = decimal_of(v)
         except MoneyError as exc:
-            errors.append(f"{path}[{i}]: {exc}")
+            errs.add(f"{path}[{i}]", str(exc))
             continue
         if not 0 < d <= MAX_THRESHOLD:
-            errors.append(f"{path}[{i}]: must be > 0 and <= {MAX_THRESHOLD}, got {v!r}")
+            errs.add(f"{path}[{i}]", f"must be > 0 and <= {MAX_THRESHOLD}, got {v!r}")
             continue
         out.append(d.normalize())
     if len(out) > 20:
-        errors.append(f"{path}: at most 20 thresholds")
+        errs.add(path, "at most 20 thresholds")
         return None
     return tuple(sorted(set(out)))
 
@@ -292,80 +295,52 @@ def parse_budget(doc: Any, path: str = "", *, base: BudgetSpec | None = None
     With `base`, missing keys keep base's values (a PUT may send only what changes)."""
     def p(k: str) -> str:
         return f"{path}.{k}" if path else k
-    errors: list[str] = []
-    if not isinstance(doc, dict):
-        return None, [f"{path or 'body'}: must be a mapping"]
-    for key in doc:
-        if key not in BUDGET_KEYS:
-            errors.append(f"{p(str(key))}: unknown key")
+    errs = valid.Errors()
     cur: dict[str, Any] = {} if base is None else {
         "name": base.name, "service": base.service, "period": base.period,
         "amount_cents": base.amount_cents, "thresholds": base.thresholds,
         "forecast_thresholds": base.forecast_thresholds, "timezone": base.timezone,
         "enforce": base.enforce, "mode": base.mode}
+    if not isinstance(doc, dict):     # a request body has no path of its own
+        errs.add(path or "body", f"must be a mapping, got {valid.kind(doc)}")
+        return None, errs.lines
+    valid.mapping(doc, path, errs, BUDGET_KEYS)
     for key in ("name", "period", "amount_cents"):
         if key not in doc and key not in cur:
-            errors.append(f"{p(key)}: is required")
+            errs.add(p(key), "is required")
+    parsed: dict[str, Any] = {}
     if "name" in doc:
-        v = doc["name"]
-        if not isinstance(v, str) or not v.strip() or len(v) > MAX_NAME or "\x00" in v:
-            errors.append(f"{p('name')}: must be a non-empty string of at most {MAX_NAME} "
-                          "characters")
-        else:
-            cur["name"] = v
+        parsed["name"] = valid.string(doc["name"], p("name"), errs, maximum=MAX_NAME)
     if "service" in doc:
-        v = doc["service"]
-        if v is None:
-            cur["service"] = ALL_SERVICES
-        elif not isinstance(v, str) or not v or len(v) > 256 or "\x00" in v:
-            errors.append(f"{p('service')}: must be a service name, or null / '*' for all")
-        else:
-            cur["service"] = v
+        parsed["service"] = ALL_SERVICES if doc["service"] is None else \
+            valid.string(doc["service"], p("service"), errs, maximum=MAX_SERVICE)
     if "period" in doc:
-        if doc["period"] not in PERIODS:
-            errors.append(f"{p('period')}: must be one of {', '.join(PERIODS)}, "
-                          f"got {doc['period']!r}")
-        else:
-            cur["period"] = doc["period"]
+        parsed["period"] = valid.choice(doc["period"], p("period"), errs, PERIODS)
     if "amount_cents" in doc:
-        v = doc["amount_cents"]
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_AMOUNT_CENTS:
-            errors.append(f"{p('amount_cents')}: must be an integer number of cents, > 0, "
-                          f"got {v!r}")
-        else:
-            cur["amount_cents"] = v
+        parsed["amount_cents"] = valid.integer(doc["amount_cents"], p("amount_cents"), errs,
+                                               minimum=1, maximum=MAX_AMOUNT_CENTS)
     thresholds_given = "thresholds" in doc
     if thresholds_given:
-        t = _thresholds(doc["thresholds"], p("thresholds"), errors)
-        if t is not None:
-            cur["thresholds"] = t
+        parsed["thresholds"] = _thresholds(doc["thresholds"], p("thresholds"), errs)
     if "forecast_thresholds" in doc:
-        t = _thresholds(doc["forecast_thresholds"], p("forecast_thresholds"), errors)
-        if t is not None:
-            cur["forecast_thresholds"] = t
-    elif thresholds_given and "thresholds" in cur and base is None:
-        cur["forecast_thresholds"] = cur["thresholds"]     # by default, the same list
+        parsed["forecast_thresholds"] = _thresholds(doc["forecast_thresholds"],
+                                                    p("forecast_thresholds"), errs)
+    elif thresholds_given and parsed["thresholds"] is not None and base is None:
+        parsed["forecast_thresholds"] = parsed["thresholds"]     # by default, the same list
     if "timezone" in doc:
-        v = doc["timezone"]
-        if not isinstance(v, str):
-            errors.append(f"{p('timezone')}: must be an IANA time zone name, got {v!r}")
-        else:
+        tz = valid.string(doc["timezone"], p("timezone"), errs)
+        if tz is not None:
             try:
-                zone(v)
-                cur["timezone"] = v
+                zone(tz)
+                parsed["timezone"] = tz
             except ValueError as exc:
-                errors.append(f"{p('timezone')}: {exc}")
+                errs.add(p("timezone"), str(exc))
     if "enforce" in doc:
-        if not isinstance(doc["enforce"], bool):
-            errors.append(f"{p('enforce')}: must be true or false, got {doc['enforce']!r}")
-        else:
-            cur["enforce"] = doc["enforce"]
+        parsed["enforce"] = valid.boolean(doc["enforce"], p("enforce"), errs)
     if "mode" in doc:
-        if doc["mode"] not in MODES:
-            errors.append(f"{p('mode')}: must be one of {', '.join(MODES)}, got {doc['mode']!r}")
-        else:
-            cur["mode"] = doc["mode"]
-    if errors:
-        return None, errors
+        parsed["mode"] = valid.choice(doc["mode"], p("mode"), errs, MODES)
+    if errs.lines:
+        return None, errs.lines
+    cur.update(parsed)
     cur.setdefault("service", ALL_SERVICES)
     return BudgetSpec(**cur), []

@@ -65,11 +65,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from itertools import pairwise
@@ -356,79 +354,62 @@ def cost_report(store: Store, models: dict[str, CostModel], since: int, until: i
 # Imported charges (FOCUS)
 
 
-def _focus_time(value: Any, path: str, errors: list[str]) -> int | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
-        except ValueError:
-            pass
-        else:
-            if dt.tzinfo is None:
-                dt = dt.replace(tzinfo=UTC)
-            return int(dt.timestamp())
-    errors.append(f"{path}: must be ISO-8601 or unix seconds, got {value!r}")
-    return None
-
-
 def parse_charges(doc: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Validate an import body (`{"records": [...]}` or a bare list) of FOCUS-style records."""
+    """Validate an import body (`{"records": [...]}` or a bare list) of FOCUS-style records.
+    Columns this importer does not read are ignored, as FOCUS exports carry many more."""
     records = doc.get("records") if isinstance(doc, dict) else doc
     if not isinstance(records, list) or not records:
         return [], ["records: must be a non-empty list of FOCUS cost records"]
     if len(records) > MAX_RECORDS:
         return [], [f"records: at most {MAX_RECORDS} per request"]
     out: list[dict[str, Any]] = []
-    errors: list[str] = []
-    for i, r in enumerate(records):
+    errs = valid.Errors()
+    for i, item in enumerate(records):
         p = f"records[{i}]"
-        if not isinstance(r, dict):
-            errors.append(f"{p}: must be an object")
+        n0 = len(errs.lines)
+        r = valid.mapping(item, p, errs, None,
+                          {"ServiceName", "ChargePeriodStart", "ChargePeriodEnd", "BilledCost"})
+        if r is None:
             continue
-        n0 = len(errors)
-        svc = r.get("ServiceName")
-        if not isinstance(svc, str) or not svc or len(svc) > 256 or "\x00" in svc:
-            errors.append(f"{p}.ServiceName: is required (a service name)")
-        start = _focus_time(r.get("ChargePeriodStart"), f"{p}.ChargePeriodStart", errors)
-        end = _focus_time(r.get("ChargePeriodEnd"), f"{p}.ChargePeriodEnd", errors)
+        svc = valid.string(r["ServiceName"], f"{p}.ServiceName", errs,
+                           maximum=bm.MAX_SERVICE) if "ServiceName" in r else None
+        start = valid.instant(r["ChargePeriodStart"], f"{p}.ChargePeriodStart", errs) \
+            if "ChargePeriodStart" in r else None
+        end = valid.instant(r["ChargePeriodEnd"], f"{p}.ChargePeriodEnd", errs) \
+            if "ChargePeriodEnd" in r else None
         if start is not None and end is not None and not 0 <= end - start <= MAX_SPAN_S:
-            errors.append(f"{p}.ChargePeriodEnd: must be after ChargePeriodStart, by at most "
-                          f"{MAX_SPAN_S // 86_400} days")
+            errs.add(f"{p}.ChargePeriodEnd", f"must be after ChargePeriodStart, by at most "
+                                             f"{MAX_SPAN_S // 86_400} days")
         micros = None
-        if "BilledCost" not in r:
-            errors.append(f"{p}.BilledCost: is required (USD)")
-        else:
+        if "BilledCost" in r:
             try:
                 micros = bm.micros_of_dollars(r["BilledCost"])
                 if abs(micros) > bm.MAX_AMOUNT_CENTS * bm.MICROS_PER_CENT:
                     raise bm.MoneyError("is too large")
             except bm.MoneyError as exc:
-                errors.append(f"{p}.BilledCost: {exc}")
+                errs.add(f"{p}.BilledCost", str(exc))
         currency = r.get("BillingCurrency", "USD")
         if currency != "USD":
-            errors.append(f"{p}.BillingCurrency: only USD is supported, got {currency!r}")
-        category = r.get("ChargeCategory", "Usage")
-        if category not in FOCUS_CATEGORIES:
-            errors.append(f"{p}.ChargeCategory: must be one of {', '.join(FOCUS_CATEGORIES)}")
+            errs.add(f"{p}.BillingCurrency", f"only USD is supported, got {currency!r}")
+        category = valid.choice(r.get("ChargeCategory", "Usage"), f"{p}.ChargeCategory", errs,
+                                FOCUS_CATEGORIES)
         cost_type = r.get("x_CostType")
         if cost_type is None:
             sc = r.get("ServiceCategory")
             cost_type = SERVICE_CATEGORY_TYPES.get(sc.lower(), "other") \
                 if isinstance(sc, str) else "other"
-        if cost_type not in COST_TYPES:
-            errors.append(f"{p}.x_CostType: must be one of {', '.join(COST_TYPES)}")
+        cost_type = valid.choice(cost_type, f"{p}.x_CostType", errs, COST_TYPES)
         key = r.get("x_ChargeId")
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
-            errors.append(f"{p}.x_ChargeId: must be a non-empty string")
-        desc = r.get("ChargeDescription", "")
-        if not isinstance(desc, str) or len(desc) > 2000:
-            errors.append(f"{p}.ChargeDescription: must be a string (<= 2000 characters)")
-        if len(errors) == n0:
+        if key is not None:
+            key = valid.string(key, f"{p}.x_ChargeId", errs, maximum=256)
+        desc = valid.string(r.get("ChargeDescription", ""), f"{p}.ChargeDescription", errs,
+                            nonempty=False, maximum=2000)
+        if len(errs.lines) == n0:
+            assert start is not None and end is not None
             out.append({"key": key, "service": svc, "cost_type": cost_type,
-                        "category": category, "start": start, "end": end, "micros": micros,
-                        "description": desc})
-    return out, errors
+                        "category": category, "start": int(start), "end": int(end),
+                        "micros": micros, "description": desc})
+    return out, errs.lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from gateway.control.domain.alerts import Event, fingerprint
+from gateway import validation as valid
+from gateway.control.domain.alerts import MAX_TEXT, Event, fingerprint
 
 if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
     from gateway.control.store import Store
@@ -33,6 +34,7 @@ RESPONSE_S = {"SEV-1": 15 * 60, "SEV-2": 3_600, "SEV-3": 4 * 3_600}   # SEV-4: 1
 POSTMORTEM_REQUIRED = ("SEV-1", "SEV-2")
 POSTMORTEM_DUE_S = 48 * 3_600
 MAX_ESCALATION = 10
+MAX_ASSIGNEE = 200                # characters of the name an incident is assigned to
 BREAKER_LOOKBACK_S = 900          # breaker openings this long before declaration join too
 
 
@@ -70,6 +72,15 @@ def severity_of(value: Any) -> str | None:
             return v.upper()
         return ALIASES.get(v.lower())
     return None
+
+
+def parse_severity(value: Any, path: str, errs: valid.Errors) -> str | None:
+    """An incident severity (SEV-1..SEV-4 or an alias), canonical; None and an error if not."""
+    sev = severity_of(value)
+    if sev is None:
+        errs.add(path, f"must be one of {', '.join(SEVERITIES)} (or {', '.join(ALIASES)}), "
+                       f"got {value!r}")
+    return sev
 
 
 def doc(store: Store, inc: dict[str, Any], now: float, *, timeline: bool = False
@@ -149,33 +160,42 @@ def mitigate(store: Store, incident_id: str, actor: str, reason: str, now: float
                        actor, reason, now, action="mitigate")
 
 
-def parse_postmortem(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise IncidentError(400, "postmortem: must be an object")
-    summary_ = value.get("summary")
-    if not isinstance(summary_, str) or not summary_.strip():
-        raise IncidentError(400, "postmortem.summary: is required (a non-empty string)")
-    items = value.get("action_items", [])
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise IncidentError(400, "postmortem.action_items: must be a list of strings")
-    lessons = value.get("lessons", "")
-    if not isinstance(lessons, str):
-        raise IncidentError(400, "postmortem.lessons: must be a string")
-    return {"summary": summary_, "lessons": lessons, "action_items": items}
+def parse_postmortem(value: Any, errs: valid.Errors) -> dict[str, Any] | None:
+    """A post-mortem {summary, lessons, action_items}; None and errors at `postmortem.*`."""
+    m = valid.mapping(value, "postmortem", errs, None, {"summary"})
+    if m is None:
+        return None
+    n = len(errs.lines)
+    out = {"summary": valid.string(m["summary"], "postmortem.summary", errs, maximum=MAX_TEXT)
+           if "summary" in m else None,
+           "lessons": valid.string(m.get("lessons", ""), "postmortem.lessons", errs,
+                                   nonempty=False, maximum=MAX_TEXT),
+           "action_items": valid.string_list(m.get("action_items", []),
+                                             "postmortem.action_items", errs)}
+    return out if len(errs.lines) == n else None
+
+
+def _required_text(value: Any, path: str, errs: valid.Errors) -> str | None:
+    if value is None:
+        errs.add(path, "is required")
+        return None
+    return valid.string(value, path, errs, maximum=MAX_TEXT)
 
 
 def resolve(store: Store, incident_id: str, *, resolution_notes: Any, root_cause: Any,
             postmortem: Any, actor: str, reason: str, now: float) -> dict[str, Any]:
-    for name, value in (("resolution_notes", resolution_notes), ("root_cause", root_cause)):
-        if not isinstance(value, str) or not value.strip():
-            raise IncidentError(400, f"{name}: is required (a non-empty string)")
+    """Resolve the incident; valid.Invalid with every problem of the fields first."""
+    errs = valid.Errors()
+    _required_text(resolution_notes, "resolution_notes", errs)
+    _required_text(root_cause, "root_cause", errs)
+    pm = parse_postmortem(postmortem, errs) if postmortem is not None else None
+    errs.check()
     inc = _get(store, incident_id)
     required = inc["severity"] in POSTMORTEM_REQUIRED
     record: dict[str, Any] | None = None
-    if postmortem is not None:
+    if pm is not None:
         record = {"required": required, "status": "completed", "due_at": now + POSTMORTEM_DUE_S
-                  if required else None, "completed_at": now, "completed_by": actor,
-                  **parse_postmortem(postmortem)}
+                  if required else None, "completed_at": now, "completed_by": actor, **pm}
     elif required:
         record = {"required": True, "status": "pending", "due_at": now + POSTMORTEM_DUE_S}
     return _transition(store, incident_id, "resolved",
@@ -186,7 +206,10 @@ def resolve(store: Store, incident_id: str, *, resolution_notes: Any, root_cause
 
 def record_postmortem(store: Store, incident_id: str, body: Any, actor: str, reason: str,
                       now: float) -> dict[str, Any]:
-    pm = parse_postmortem(body)
+    errs = valid.Errors()
+    pm = parse_postmortem(body, errs)
+    errs.check()
+    assert pm is not None
     with store.transaction():
         inc = _get(store, incident_id)
         old = inc["postmortem"] or {}
@@ -242,9 +265,9 @@ def raise_severity(store: Store, incident_id: str, severity: str, why: str, now:
 
 def add_note(store: Store, incident_id: str, text: Any, actor: str, now: float
              ) -> dict[str, Any]:
-    if not isinstance(text, str) or not text.strip() or len(text) > 10_000:
-        raise IncidentError(400, "text: is required (a non-empty string of at most 10000 "
-                                 "characters)")
+    errs = valid.Errors()
+    _required_text(text, "text", errs)
+    errs.check()
     with store.transaction():
         _get(store, incident_id)
         store.incidents.add_timeline(incident_id, now, "note", actor, text)
@@ -348,11 +371,13 @@ def event(kind: str, inc: dict[str, Any]) -> Event:
 def assign(store: Store, incident_id: str, assigned_to: Any, actor: str, reason: str,
            now: float) -> dict[str, Any]:
     """Set (a name) or clear (None) who owns the incident; audited and on the timeline."""
-    if assigned_to is not None and (not isinstance(assigned_to, str) or not assigned_to.strip()
-                                    or len(assigned_to) > 200):
-        raise IncidentError(400, "assigned_to: must be a non-empty string of at most 200 "
-                                 "characters, or null to unassign")
-    who = assigned_to.strip() if isinstance(assigned_to, str) else None
+    who = None
+    if assigned_to is not None:
+        errs = valid.Errors()
+        who = valid.string(assigned_to, "assigned_to", errs, maximum=MAX_ASSIGNEE)
+        errs.check()
+        assert who is not None
+        who = who.strip()
     with store.transaction():
         inc = _get(store, incident_id)
         before = inc.get("assigned_to")
