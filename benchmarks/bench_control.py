@@ -69,9 +69,14 @@ def make_batch(gw: int, seq: int, t: float, hists: list[str], rng: random.Random
 
 
 async def bench_http(n: int, concurrency: int, workdir: Path, database: str | None = None,
-                     replicas: int = 1, label: str = "SQLite") -> float:
+                     replicas: int = 1, label: str = "SQLite", rate: float = 0.0) -> float:
     """POST n batches to `replicas` control-plane processes on one database (each client worker
-    sticks to one replica, as a gateway does); returns batches/s."""
+    sticks to one replica, as a gateway does); returns batches/s.
+
+    rate = 0: closed loop, `concurrency` clients each sending its next batch when the last is
+    answered. rate > 0: open loop, as a fleet sends (gateways do not wait for each other): batch
+    i leaves at i / rate s whatever is still in flight, spread over the replicas; the answer is
+    the rate the control plane completed them at, which equals `rate` when it keeps up."""
     database = database or f"{workdir}/http-{time.monotonic_ns()}.db"
     procs: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
@@ -98,21 +103,42 @@ async def bench_http(n: int, concurrency: int, workdir: Path, database: str | No
                    "Content-Type": "application/json"}
         latencies: list[float] = []
         queue = list(reversed(bodies))
-        async with aiohttp.ClientSession() as s:
+        in_flight = peak = 0
+        connector = aiohttp.TCPConnector(limit=0 if rate else 100)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            async def post(url: str, body: bytes) -> None:
+                nonlocal in_flight, peak
+                in_flight += 1
+                peak = max(peak, in_flight)
+                t0 = time.perf_counter()
+                async with s.post(f"{url}/v1/ingest", data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        logs = "".join(p.read_text()[-3000:] for p in
+                                       workdir.glob("control-*.log"))
+                        raise AssertionError(f"ingest answered {r.status}; logs:\n{logs}")
+                latencies.append(time.perf_counter() - t0)
+                in_flight -= 1
+
             async def worker(url: str) -> None:
                 while queue:
-                    body = queue.pop()
-                    t0 = time.perf_counter()
-                    async with s.post(f"{url}/v1/ingest", data=body, headers=headers) as r:
-                        await r.read()
-                        if r.status != 200:
-                            logs = "".join(p.read_text()[-3000:] for p in
-                                           workdir.glob("control-*.log"))
-                            raise AssertionError(f"ingest answered {r.status}; logs:\n{logs}")
-                    latencies.append(time.perf_counter() - t0)
+                    await post(url, queue.pop())
+
+            async def fleet() -> None:
+                start = time.perf_counter()
+                tasks = []
+                for i, body in enumerate(bodies):
+                    delay = start + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.ensure_future(post(urls[i % replicas], body)))
+                await asyncio.gather(*tasks)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker(urls[i % replicas]) for i in range(concurrency)))
+            if rate:
+                await fleet()
+            else:
+                await asyncio.gather(*(worker(urls[i % replicas]) for i in range(concurrency)))
             elapsed = time.perf_counter() - t0
             t1 = time.perf_counter()
             async with s.get(f"{urls[0]}/v1/signals", params={"window": "1m"},
@@ -121,8 +147,10 @@ async def bench_http(n: int, concurrency: int, workdir: Path, database: str | No
             catch_up = time.perf_counter() - t1
         latencies.sort()
         counted = sum(r["request_count"] for r in rows)
+        load = (f"open loop at {rate:.0f}/s (peak {peak} in flight)" if rate
+                else f"concurrency {concurrency}")
         print(f"HTTP ingest, {label}, {replicas} replica(s): {n} batches x 50 series, "
-              f"concurrency {concurrency}: {n / elapsed:.0f} batches/s ({elapsed:.1f} s); "
+              f"{load}: {n / elapsed:.0f} batches/s ({elapsed:.1f} s); "
               f"request p50 {statistics.median(latencies) * 1000:.1f} ms, p99 "
               f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms; compaction backlog "
               f"folded by the next /v1/signals in {catch_up * 1000:.0f} ms "
@@ -243,6 +271,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="open loop: send batches at this rate (batches/s) whatever is in "
+                         "flight, as a fleet of gateways does, instead of --concurrency clients")
     ap.add_argument("--postgresql", action="store_true",
                     help="also PostgreSQL (a private cluster, as the tests start it): ingest "
                          "with 1 and 2 replicas in rounds alternating with SQLite (the anchor)")
@@ -253,7 +284,7 @@ def main() -> None:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
         if not args.postgresql:
             bench_inprocess(min(args.batches, 500), work)
-            asyncio.run(bench_http(args.batches, args.concurrency, work))
+            asyncio.run(bench_http(args.batches, args.concurrency, work, rate=args.rate))
             asyncio.run(bench_signals(work))
             return
         from tests.postgres import PostgresCluster
@@ -263,11 +294,14 @@ def main() -> None:
             ratios = []
             for r in range(args.rounds):    # alternating A/B rounds: load drifts on a shared box
                 print(f"-- round {r + 1}")
-                lite = asyncio.run(bench_http(args.batches, args.concurrency, work))
+                lite = asyncio.run(bench_http(args.batches, args.concurrency, work,
+                                              rate=args.rate))
                 pg2 = asyncio.run(bench_http(args.batches, args.concurrency, work,
-                                             cluster.create_database(), 2, "PostgreSQL"))
+                                             cluster.create_database(), 2, "PostgreSQL",
+                                             args.rate))
                 pg1 = asyncio.run(bench_http(args.batches, args.concurrency, work,
-                                             cluster.create_database(), 1, "PostgreSQL"))
+                                             cluster.create_database(), 1, "PostgreSQL",
+                                             args.rate))
                 ratios.append((pg2 / lite, pg1 / lite))
                 print(f"   PostgreSQL 2 replicas / SQLite = {pg2 / lite:.2f}x, "
                       f"1 replica / SQLite = {pg1 / lite:.2f}x")
