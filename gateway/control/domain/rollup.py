@@ -28,7 +28,7 @@ from gateway.control.domain import histogram
 from gateway.control.domain.ingest import Batch
 
 if TYPE_CHECKING:   # the store is handed in: domain code never opens or imports it
-    from gateway.control.store import BucketRow, HistKey, Store
+    from gateway.control.store import HistKey, MinuteRow, Store
 
 log = logging.getLogger("gateway.control.rollup")
 
@@ -77,8 +77,7 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
     shed_sums: dict[tuple[int, int, str, str, str], int] = defaultdict(int)
     pending: list[tuple[int, str, str, bytes]] = []
     links: dict[tuple[str, str], float] = {}
-    upstream_rows: list[tuple[str, str, str, int, int, float]] = []
-    concurrency_rows: list[tuple[str, str, int | None, int, float]] = []
+    upstream_rows: list[tuple[str, str, str, int, int, int | None, int, float]] = []
     transitions: list[tuple[str, str, str, str, float, str]] = []
     with store.transaction():
         first: dict[str, int] = {}          # a replay within the group is a replay too
@@ -92,20 +91,16 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
             if ok:
                 _add(batch, sums, local, limit_sums, retry_sums, shed_sums, pending, links)
                 upstream_rows += [(batch.gateway_id, u.upstream, u.breaker_state,
-                                   u.pool_in_use_max, u.pool_max, batch.interval_end)
+                                   u.pool_in_use_max, u.pool_max, u.concurrency_limit,
+                                   int(u.concurrency_saturated), batch.interval_end)
                                   for u in batch.upstreams]
-                concurrency_rows += [(batch.gateway_id, u.upstream, u.concurrency_limit,
-                                      int(u.concurrency_saturated), batch.interval_end)
-                                     for u in batch.upstreams]
                 transitions += [(batch.gateway_id, t.upstream, t.from_state, t.to_state, t.at,
                                  t.reason) for t in batch.breaker_transitions]
         if not any(stored):
             return stored
-        rows: list[BucketRow] = [
-            (k[0], k[1], k[2], k[3], int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]),
-             int(a[5]), a[6], a[7], int(a[8]), int(a[9]))
-            for k, a in _spread(sums, _add_rows).items()]
-        local = _spread(local, _add_lists)
+        minutes: list[MinuteRow] = [
+            (k[1], k[2], k[3], int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]),
+             int(a[5]), a[6], a[7], int(a[8]), int(a[9])) for k, a in sums.items()]
         limit_sums = _spread(limit_sums, _add_ints)
         retry_sums = _spread(retry_sums, _add_ints)
         shed_sums = _spread(shed_sums, _add_ints)
@@ -115,7 +110,6 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
             store.fleet.report_upstreams(upstream_rows)
             store.overload.add_retry_counts([(*key, n) for key, n in retry_sums.items()])
             store.overload.add_shed_counts([(*key, n) for key, n in shed_sums.items()])
-            store.fleet.report_concurrency(concurrency_rows)
             store.fleet.link_service_upstreams([(svc, up, t) for (svc, up), t in links.items()])
             store.fleet.add_transitions(transitions)
             # the interval tells the silent-gateway check (followups.py) when to worry
@@ -126,9 +120,10 @@ def apply_many(store: Store, batches: list[Batch], received_at: float) -> list[b
                 for b, ok in zip(batches, stored, strict=True) if ok])
             # Last: the rows every replica's groups upsert (the same minute's buckets), locked
             # from here until COMMIT, which follows them in a pipelined transaction.
-            store.rollups.add_buckets(rows)
-            store.rollups.add_local_counts([(k[0], k[1], k[2], k[3], lc[0], lc[1], lc[2])
-                                            for k, lc in local.items()])
+            windows = tuple(WINDOWS.values())
+            store.rollups.add_minutes(minutes, windows)
+            store.rollups.add_local_minutes([(k[1], k[2], k[3], lc[0], lc[1], lc[2])
+                                             for k, lc in local.items()], windows)
     return stored
 
 
@@ -157,8 +152,9 @@ def _add(batch: Batch, sums: dict[tuple[int, int, str, str], list[float]],
          retry_sums: dict[tuple[int, int, str, str], int],
          shed_sums: dict[tuple[int, int, str, str, str], int],
          pending: list[tuple[int, str, str, bytes]], links: dict[tuple[str, str], float]) -> None:
-    """Add one batch's counts to the group's sums per 1m bucket (keys start with 60, b1m):
-    `_spread` adds them to the larger windows once for the whole group."""
+    """Add one batch's counts to the group's sums per 1m bucket (keys start with 60, b1m): the
+    store (bucket counts) or `_spread` (the other counts) adds them to the larger windows once
+    for the whole group."""
     sat = batch.saturation
     lag_ms = sat.loop_lag_max_s * 1000.0
     b1m = bucket_start(batch.interval_start, 60)
@@ -216,15 +212,6 @@ def _spread(minutes: dict[Any, Any], merge: Callable[[Any, Any], Any]) -> dict[A
             have = out.get(wkey)
             out[wkey] = value if have is None else merge(have, value)
     return out
-
-
-def _add_rows(a: list[Any], b: list[Any]) -> list[Any]:
-    return [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5],
-            max(a[6], b[6]), max(a[7], b[7]), max(a[8], b[8]), max(a[9], b[9])]
-
-
-def _add_lists(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def _add_ints(a: int, b: int) -> int:

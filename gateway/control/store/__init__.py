@@ -9,7 +9,7 @@ Imports nothing else of the control plane: handlers and jobs depend on it, never
 """
 
 from gateway.control.store.core import MIGRATIONS, SCHEMA_VERSION, Store
-from gateway.control.store.rollups import BucketRow, HistKey
+from gateway.control.store.rollups import BucketRow, HistKey, MinuteRow
 from gateway.control.store.worker import Database
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "BucketRow", "Database", "HistKey", "Store"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "BucketRow", "Database", "HistKey", "MinuteRow", "Store"]

@@ -232,6 +232,7 @@ class PostgresConnection:
         self._identity = identity
         self._sql: dict[str, tuple[str, bool]] = {}
         self._multi: dict[str, _MultiRow | None] = {}
+        self._numbered: dict[str, str] = {}
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, timeout=timeout_s,
                                     kwargs={"autocommit": True}, open=False,
                                     name="gateway-control")
@@ -338,6 +339,19 @@ class PostgresConnection:
                 yield
         except self._psycopg.Error as exc:
             raise self._wrap(exc) from exc
+
+    def write(self, sql: str, parameters: Sequence[Any]) -> None:
+        """A statement whose result nobody reads: in a pipelined transaction it leaves with the
+        next flush instead of waiting for its reply. Sent with numbered placeholders (psycopg
+        does not parse a long text for `%s`)."""
+        text = self._numbered.get(sql)
+        if text is None:
+            count = itertools.count(1)
+            text = _PERCENT.sub("%", _QMARK.sub(lambda _m: f"${next(count)}",
+                                                to_postgresql(sql)))
+            if len(self._numbered) < 4096:
+                self._numbered[sql] = text
+        self._execute_raw(text, list(parameters))
 
     def _execute_raw(self, text: str, parameters: list[Any]) -> int:
         """One statement with server-side `$n` placeholders (a RawCursor: psycopg does not parse

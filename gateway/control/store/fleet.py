@@ -13,25 +13,21 @@ class FleetRepo(Repository):
     """What the gateways report of themselves and their upstreams: gateways, breaker states and
     transitions, service-upstream links, concurrency limits, report intervals."""
 
-    def report_upstreams(self, rows: Iterable[tuple[str, str, str, int, int, float]]) -> None:
-        """(gateway_id, upstream, breaker_state, pool_in_use_max, pool_max, reported_at);
-        an older (late) report never overwrites a newer one."""
+    def report_upstreams(self, rows: Iterable[tuple[str, str, str, int, int, int | None, int,
+                                                    float]]) -> None:
+        """(gateway_id, upstream, breaker_state, pool_in_use_max, pool_max, concurrency_limit,
+        concurrency_saturated 0|1, reported_at); an older (late) report never overwrites a
+        newer one."""
         self._db.executemany(
             "INSERT INTO upstream_state(gateway_id, upstream, breaker_state, pool_in_use_max, "
-            "pool_max, reported_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "pool_max, concurrency_limit, concurrency_saturated, reported_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(gateway_id, upstream) DO UPDATE SET "
             "breaker_state = excluded.breaker_state, pool_in_use_max = excluded.pool_in_use_max, "
-            "pool_max = excluded.pool_max, reported_at = excluded.reported_at "
+            "pool_max = excluded.pool_max, concurrency_limit = excluded.concurrency_limit, "
+            "concurrency_saturated = excluded.concurrency_saturated, "
+            "reported_at = excluded.reported_at "
             "WHERE excluded.reported_at >= upstream_state.reported_at", key_sorted(rows, 0, 1))
-
-    def report_concurrency(self, rows: Iterable[tuple[str, str, int | None, int, float]]
-                           ) -> None:
-        """(gateway_id, upstream, concurrency_limit, saturated 0|1, reported_at), after
-        report_upstreams wrote the same report (a late report changes nothing)."""
-        self._db.executemany(
-            "UPDATE upstream_state SET concurrency_limit = ?, concurrency_saturated = ? "
-            "WHERE gateway_id = ? AND upstream = ? AND reported_at <= ?",
-            [(lim, sat, gw, up, at) for gw, up, lim, sat, at in key_sorted(rows, 0, 1)])
 
     def link_service_upstreams(self, rows: Iterable[tuple[str, str, float]]) -> None:
         self._db.executemany(

@@ -4,7 +4,7 @@ and transactions; and the SQL helpers they share."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,15 @@ class Repository:
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._store.transaction()
+
+    def _write(self, sql: str, parameters: Sequence[Any]) -> None:
+        """A write whose result is not read (on PostgreSQL it does not wait for its reply in a
+        pipelined transaction)."""
+        db = self._db
+        if isinstance(db, database.PostgresConnection):
+            db.write(sql, parameters)
+        else:
+            db.execute(sql, parameters)
 
     def _update_row(self, table: str, allowed: tuple[str, ...], json_cols: Any, row_id: Any,
                     fields: dict[str, Any]) -> bool:
