@@ -230,7 +230,7 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
         chunks += 1
         with store.transaction():
             store.rollups.lock_compaction()     # replicas: one folds a chunk at a time, never twice
-            pending = store.rollups.pending_hists(chunk)
+            pending = store.rollups.take_pending(chunk)
             if not pending:
                 return done
             per_key: dict[tuple[int, str, str], histogram.Counts] = {}
@@ -254,7 +254,6 @@ def compact(store: Store, *, chunk: int = CHUNK, max_chunks: int | None = None) 
                 p50, p95, p99 = acc.percentiles()
                 updates.append((acc.payload(), p50, p95, p99) + key)
             store.rollups.set_bucket_hists(updates)
-            store.rollups.delete_pending([row[0] for row in pending])
         done += len(pending)
         if len(pending) < chunk:
             break

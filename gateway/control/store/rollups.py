@@ -128,24 +128,18 @@ class RollupRepo(Repository):
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(win_s, policy, decision, bucket_start) "
             "DO UPDATE SET count = limit_counts.count + excluded.count", key_sorted(rows, 0, 2, 3, 1))
 
-    def pending_hists(self, limit: int) -> list[tuple[int, int, str, str, bytes | str]]:
-        """The oldest queued histograms: (id, bucket_start, service, route, stored histogram)."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT id, bucket_start, service, route, hist FROM pending_hist "
-                "ORDER BY id LIMIT ?", (limit,)).fetchall()
+    def take_pending(self, limit: int) -> list[tuple[int, int, str, str, bytes | str]]:
+        """Inside a transaction: remove and return the oldest `limit` queued histograms (id,
+        bucket_start, service, route, stored histogram), in no particular order. One statement
+        reads and deletes exactly the rows it returns: a row another replica's ingest commits
+        meanwhile (with a smaller id: ids are taken at insert, not at commit) stays queued."""
+        return self._db.execute(
+            "DELETE FROM pending_hist WHERE id IN (SELECT id FROM pending_hist ORDER BY id "
+            "LIMIT ?) RETURNING id, bucket_start, service, route, hist", (limit,)).fetchall()
 
     def pending_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM pending_hist").fetchone()[0])
-
-    def delete_pending(self, ids: list[int]) -> None:
-        """Delete exactly the folded rows: on PostgreSQL a replica's ingest may commit a row
-        with a smaller id after the chunk was read (ids are taken at insert, not at commit)."""
-        for i in range(0, len(ids), 500):
-            part = ids[i:i + 500]
-            self._db.execute("DELETE FROM pending_hist WHERE id IN (" +
-                             ", ".join("?" * len(part)) + ")", part)
 
     def lock_compaction(self) -> None:
         """Inside a transaction: wait until no other replica compacts (PostgreSQL; SQLite's
