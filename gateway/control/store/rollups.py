@@ -22,6 +22,19 @@ BucketRow = tuple[int, int, str, str, int, int, int, int, int, int, float, float
 HistKey = tuple[int, int, str, str]   # win_s, bucket_start, service, route
 # A row for `add_minutes`: bucket_start of the 1m bucket, service, route, then as BucketRow
 MinuteRow = tuple[int, str, str, int, int, int, int, int, int, float, float, int, int]
+# A bucket upsert adds the counts and keeps the saturation maxima
+_ADD_COUNTS = (
+    "request_count = buckets.request_count + excluded.request_count, "
+    "error_count_4xx = buckets.error_count_4xx + excluded.error_count_4xx, "
+    "error_count_5xx = buckets.error_count_5xx + excluded.error_count_5xx, "
+    "rate_limited = buckets.rate_limited + excluded.rate_limited, "
+    "bytes_in = buckets.bytes_in + excluded.bytes_in, "
+    "bytes_out = buckets.bytes_out + excluded.bytes_out, "
+    "cpu_percent = max(buckets.cpu_percent, excluded.cpu_percent), "
+    "loop_lag_ms = max(buckets.loop_lag_ms, excluded.loop_lag_ms), "
+    "inflight_max = max(buckets.inflight_max, excluded.inflight_max), "
+    "rss_bytes = max(buckets.rss_bytes, excluded.rss_bytes)"
+)
 _SPREAD_ROWS = 1_000       # minutes per statement (14 parameters each: within both engines' limits)
 
 
@@ -47,17 +60,8 @@ class RollupRepo(Repository):
             "INSERT INTO buckets(win_s, bucket_start, service, route, request_count, "
             "error_count_4xx, error_count_5xx, rate_limited, bytes_in, bytes_out, cpu_percent, "
             "loop_lag_ms, inflight_max, rss_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET "
-            "request_count = buckets.request_count + excluded.request_count, "
-            "error_count_4xx = buckets.error_count_4xx + excluded.error_count_4xx, "
-            "error_count_5xx = buckets.error_count_5xx + excluded.error_count_5xx, "
-            "rate_limited = buckets.rate_limited + excluded.rate_limited, "
-            "bytes_in = buckets.bytes_in + excluded.bytes_in, "
-            "bytes_out = buckets.bytes_out + excluded.bytes_out, "
-            "cpu_percent = max(buckets.cpu_percent, excluded.cpu_percent), "
-            "loop_lag_ms = max(buckets.loop_lag_ms, excluded.loop_lag_ms), "
-            "inflight_max = max(buckets.inflight_max, excluded.inflight_max), "
-            "rss_bytes = max(buckets.rss_bytes, excluded.rss_bytes)", key_sorted(rows, 0, 2, 3, 1))
+            "ON CONFLICT(win_s, service, route, bucket_start) DO UPDATE SET " + _ADD_COUNTS,
+            key_sorted(rows, 0, 2, 3, 1))
 
     def add_minutes(self, rows: Sequence[MinuteRow], windows: Sequence[int]) -> None:
         """Add per-minute sums (bucket_start of the 1m bucket, service, route, request_count,
@@ -74,16 +78,7 @@ class RollupRepo(Repository):
             "SUM(m.column4), SUM(m.column5), SUM(m.column6), SUM(m.column7), SUM(m.column8), "
             "SUM(m.column9), MAX(m.column10), MAX(m.column11), MAX(m.column12), "
             "MAX(m.column13)",
-            "request_count = buckets.request_count + excluded.request_count, "
-            "error_count_4xx = buckets.error_count_4xx + excluded.error_count_4xx, "
-            "error_count_5xx = buckets.error_count_5xx + excluded.error_count_5xx, "
-            "rate_limited = buckets.rate_limited + excluded.rate_limited, "
-            "bytes_in = buckets.bytes_in + excluded.bytes_in, "
-            "bytes_out = buckets.bytes_out + excluded.bytes_out, "
-            "cpu_percent = max(buckets.cpu_percent, excluded.cpu_percent), "
-            "loop_lag_ms = max(buckets.loop_lag_ms, excluded.loop_lag_ms), "
-            "inflight_max = max(buckets.inflight_max, excluded.inflight_max), "
-            "rss_bytes = max(buckets.rss_bytes, excluded.rss_bytes)")
+            _ADD_COUNTS)
 
     def add_local_minutes(self, rows: Sequence[tuple[int, str, str, int, int, int]],
                           windows: Sequence[int]) -> None:
