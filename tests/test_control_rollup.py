@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import struct
 import zlib
 
+import aiohttp
 import pytest
 from hdrh.histogram import HdrHistogram
 
@@ -341,6 +343,29 @@ def _merged_reference(values: list[int]) -> HdrHistogram:
     for v in values:
         h.record_value(v)
     return h
+
+
+async def test_the_periodic_job_folds_the_queue_by_itself(tmp_path):
+    """Compaction runs every compact_interval_s without a reader asking (on PostgreSQL on a
+    connection and thread of its own, beside ingest's): the queue empties and the buckets get
+    their percentiles; the app stops cleanly with it."""
+    from gateway.control.app import create_app
+    from tests.test_control_support import control_config, running
+    clock = FakeClock(wall=DAY0 + 600)
+    app = create_app(control_config(tmp_path), clock=clock, compact_interval_s=0.05,
+                     retention_interval_s=3600)
+    async with running(app) as url, aiohttp.ClientSession() as s:
+        doc = batch("b1", DAY0, [series("r1", "svc", 200, latencies_us=[2_000, 4_000])])
+        assert (await ingest(s, url, doc))[0] == 200
+        store = store_of(app)
+        for _ in range(200):
+            if store.table_counts()["pending_hist"] == 0:
+                break
+            await asyncio.sleep(0.025)
+        assert store.table_counts()["pending_hist"] == 0
+        (row,) = store.rollups.signals(60, 0, 10 ** 11, service="svc", route="r1", limit=5)
+        assert row["p99_us"] == histogram.percentiles(_merged_reference([2_000, 4_000]),
+                                                      (99.0,))[0]
 
 
 async def test_limits_are_rolled_up_per_policy(tmp_path):
