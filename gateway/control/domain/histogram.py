@@ -137,9 +137,10 @@ def _inflate(encoded: str | bytes) -> tuple[bytes, bytes]:
 
 
 def _scratch() -> ctypes.Array[ctypes.c_ulonglong]:
-    """This thread's counts array for `check` and `add_all_encoded` (ingest parses in a thread
-    pool). All zeros between calls: each clears what its decode wrote (up to the highest
-    non-zero index), or all of it after an error."""
+    """This thread's counts array for `validate` and `Counts.add_payload` (ingest validates on
+    the event loop, merges and compacts on database threads). All zeros between calls: each
+    clears what its decode wrote (up to the highest non-zero index), or all of it after an
+    error."""
     arr: ctypes.Array[ctypes.c_ulonglong] | None = getattr(_LOCAL, "counts", None)
     if arr is None:
         arr = _LOCAL.counts = (ctypes.c_ulonglong * _COUNTS_LEN)()
