@@ -175,6 +175,13 @@ _PERCENT = re.compile(r"%%")
 _CONFLICT = re.compile(r"ON\s+CONFLICT\s*\(([^)]*)\)\s*DO\s+UPDATE", re.IGNORECASE)
 
 
+def numbered(text: str) -> str:
+    """A translated statement (`%s` placeholders, `%%` for a literal `%`) with server-side
+    placeholders `$1, $2, ...` instead, for a RawCursor."""
+    count = itertools.count(1)
+    return _PERCENT.sub("%", _QMARK.sub(lambda _m: f"${next(count)}", text))
+
+
 class _MultiRow:
     """An `INSERT ... VALUES (row) [ON CONFLICT ...]` sent as one multi-row statement per up to
     `per_statement` rows instead of one execution per row: the ingest of a batch upserts ~300
@@ -216,10 +223,7 @@ class _MultiRow:
         """The statement for n rows, numbered placeholders ($1, $2, ...)."""
         text = self._sql.get(n)
         if text is None:
-            count = itertools.count(1)
-            rows = ", ".join(_QMARK.sub(lambda _m: f"${next(count)}", self._row)
-                             for _ in range(n))
-            text = self._sql[n] = self._head + rows + _PERCENT.sub("%", self._tail)
+            text = self._sql[n] = numbered(self._head + ", ".join([self._row] * n) + self._tail)
         return text
 
 
@@ -346,9 +350,7 @@ class PostgresConnection:
         does not parse a long text for `%s`)."""
         text = self._numbered.get(sql)
         if text is None:
-            count = itertools.count(1)
-            text = _PERCENT.sub("%", _QMARK.sub(lambda _m: f"${next(count)}",
-                                                to_postgresql(sql)))
+            text = numbered(to_postgresql(sql))
             if len(self._numbered) < 4096:
                 self._numbered[sql] = text
         self._execute_raw(text, list(parameters))
